@@ -1,0 +1,33 @@
+"""Per-step schedules, precomputed as arrays (DINO's way): learning rate, weight decay, momentum.
+
+A schedule is a float64 tensor with one value per optimisation step, so resuming at step k
+reads ``schedule[k]`` and a plot of the schedule is a plot of the tensor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["cosine_schedule"]
+
+
+def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0,
+                    warmup_start: float = 0.0) -> Tensor:
+    """(total_steps,) values: linear warm-up warmup_start -> base, then cosine base -> final.
+
+    Used for the learning rate (final ~ 0), weight decay (e.g. 0.04 -> 0.4) and EMA momentum
+    (e.g. 0.996 -> 1.0).
+    """
+    if not isinstance(total_steps, int) or total_steps <= 0:
+        raise ValueError(f"total_steps={total_steps!r} must be a positive int")
+    if not isinstance(warmup_steps, int) or not 0 <= warmup_steps <= total_steps:
+        raise ValueError(f"warmup_steps={warmup_steps!r} must be an int in [0, total_steps={total_steps}]")
+    warm = torch.linspace(warmup_start, base, warmup_steps + 1, dtype=torch.float64)[:-1] if warmup_steps else \
+        torch.empty(0, dtype=torch.float64)
+    n = total_steps - warmup_steps
+    t = torch.arange(n, dtype=torch.float64) / max(n, 1)
+    cos = final + 0.5 * (base - final) * (1 + torch.cos(math.pi * t))
+    return torch.cat([warm, cos])

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["cosine_schedule"]
+__all__ = ["cosine_schedule", "cosine_momentum"]
 
 
 def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0,
@@ -31,3 +31,15 @@ def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: i
     t = torch.arange(n, dtype=torch.float64) / max(n, 1)
     cos = final + 0.5 * (base - final) * (1 + torch.cos(math.pi * t))
     return torch.cat([warm, cos])
+
+
+def cosine_momentum(base: float, step: int, max_steps: int) -> float:
+    """EMA momentum after ``step`` of ``max_steps``: m_t = 1 - (1 - base) (cos(pi t / T) + 1) / 2.
+
+    base at t = 0, 1.0 at t = T (BYOL, MoCo v3, DINO).
+    """
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps <= 0:
+        raise ValueError(f"max_steps={max_steps!r} must be a positive int")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= max_steps:
+        raise ValueError(f"step={step!r} must be an int in [0, max_steps={max_steps}]")
+    return 1.0 - (1.0 - base) * (math.cos(math.pi * step / max_steps) + 1.0) / 2.0

@@ -1,0 +1,217 @@
+"""Tests for vitssl_core.contrastive: SimCLR and MoCo v3 on real Fashion-MNIST views with a tiny ViT."""
+
+import math
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from vitssl_core import data
+from vitssl_core.augment import TwoViews, asymmetric_augment, simclr_augment
+from vitssl_core.contrastive import MoCoV3, SimCLR, mlp_head
+from vitssl_core.schedules import cosine_momentum
+from vitssl_core.vit import ViT
+
+MEAN, STD = data.NORMALIZE["fashion_mnist"]["mean"], data.NORMALIZE["fashion_mnist"]["std"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster than two fighting on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_vit(**kw):
+    return ViT(img_size=28, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2, **kw)
+
+
+@pytest.fixture(scope="module")
+def fmnist():
+    try:
+        return data.FashionMNIST(train=False, download=False)
+    except data.DatasetNotFoundError as err:  # pragma: no cover
+        pytest.skip(f"Fashion-MNIST not available: {err}")
+
+
+@pytest.fixture(scope="module")
+def batch(fmnist):
+    """One batch ([v1, v2], labels) of 16 real images, as the trainer's DataLoader yields it."""
+    torch.manual_seed(0)
+    ds = TwoViews(fmnist, *asymmetric_augment(28, grayscale=True, mean=MEAN, std=STD))
+    return next(iter(DataLoader(ds, batch_size=16, shuffle=True)))
+
+
+def make(name):
+    torch.manual_seed(0)
+    if name == "simclr":
+        return SimCLR(tiny_vit(), proj_dim=16, hidden_dim=64, temperature=0.2)
+    return MoCoV3(tiny_vit(), proj_dim=16, hidden_dim=64, temperature=0.2, momentum=0.9)
+
+
+def trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("name", ["simclr", "moco"])
+def test_training_step_returns_finite_loss_and_logs(batch, name):
+    model = make(name)
+    loss, logs = model.training_step(batch)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    assert logs["loss"] == pytest.approx(loss.item())
+    assert all(isinstance(v, float) and math.isfinite(v) for v in logs.values())
+    assert model.backbone is not None and isinstance(model.backbone, ViT)
+    loss2, _ = model(batch)  # forward is training_step
+    assert loss2.item() == pytest.approx(loss.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["simclr", "moco"])
+def test_bf16_autocast_step_is_close_to_fp32(batch, name):
+    # The trainer runs training_step under bf16 autocast; the loss itself is computed in float32.
+    model = make(name)
+    ref = model.training_step(batch)[0].item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = model.training_step(batch)
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(ref, rel=5e-2)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in trainable(model) if p.grad is not None)
+
+
+@pytest.mark.parametrize("name", ["simclr", "moco"])
+def test_every_trainable_parameter_gets_a_gradient(batch, name):
+    model = make(name)
+    model.training_step(batch)[0].backward()
+    missing = [n for n, p in model.named_parameters()
+               if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
+    assert missing == []
+
+
+@pytest.mark.parametrize("name", ["simclr", "moco"])
+def test_loss_falls_on_a_fixed_batch(batch, name):
+    model = make(name)
+    opt = torch.optim.AdamW(trainable(model), lr=1e-3, weight_decay=0.0)
+    losses = []
+    steps = 25
+    for step in range(steps):
+        loss, _ = model.training_step(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if hasattr(model, "on_step_end"):
+            model.on_step_end(step, steps)
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:3]) / 3, losses
+
+
+def test_simclr_loss_starts_near_chance(batch):
+    # Untrained projections are nearly random, so the loss starts near log(2B - 1) and not below it.
+    model = make("simclr")
+    loss, _ = model.training_step(batch)
+    assert 0.7 * math.log(31) < loss.item() < 1.5 * math.log(31)
+
+
+def test_moco_momentum_encoder_is_frozen_and_a_copy():
+    model = make("moco")
+    mom = list(model.momentum_backbone.parameters()) + list(model.momentum_projector.parameters())
+    assert all(not p.requires_grad for p in mom)
+    ids = {id(p) for p in trainable(model)}
+    assert not any(id(p) in ids for p in mom)  # never handed to the optimizer
+    for (n, p), q in zip(model.backbone.named_parameters(), model.momentum_backbone.parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_moco_ema_update_is_exact(batch):
+    model = make("moco")
+    opt = torch.optim.AdamW(trainable(model), lr=1e-2)
+    model.training_step(batch)[0].backward()
+    opt.step()  # the online encoder now differs from the momentum encoder
+    online = [p.detach().clone() for p in list(model.backbone.parameters()) + list(model.projector.parameters())]
+    old = [p.detach().clone() for p in
+           list(model.momentum_backbone.parameters()) + list(model.momentum_projector.parameters())]
+    assert any(not torch.equal(a, b) for a, b in zip(online, old))
+    model.on_step_end(3, 10)
+    m = 1 - (1 - 0.9) * (math.cos(math.pi * 3 / 10) + 1) / 2
+    assert model.momentum == pytest.approx(m)
+    new = list(model.momentum_backbone.parameters()) + list(model.momentum_projector.parameters())
+    for o, t_old, t_new in zip(online, old, new):
+        torch.testing.assert_close(t_new, m * t_old + (1 - m) * o, atol=1e-7, rtol=1e-6)
+
+
+def test_cosine_momentum_endpoints():
+    assert cosine_momentum(0.99, 0, 100) == pytest.approx(0.99)
+    assert cosine_momentum(0.99, 50, 100) == pytest.approx(0.995)
+    assert cosine_momentum(0.99, 100, 100) == pytest.approx(1.0)
+    values = [cosine_momentum(0.99, t, 100) for t in range(101)]
+    assert all(a <= b for a, b in zip(values, values[1:]))  # rises monotonically
+    with pytest.raises(ValueError, match="step=101"):
+        cosine_momentum(0.99, 101, 100)
+    with pytest.raises(ValueError, match="max_steps=0"):
+        cosine_momentum(0.99, 0, 0)
+
+
+def test_moco_freeze_patch_embed(batch):
+    torch.manual_seed(0)
+    model = MoCoV3(tiny_vit(), proj_dim=16, hidden_dim=64, freeze_patch_embed=True)
+    frozen = list(model.backbone.patch_embed.parameters())
+    assert all(not p.requires_grad for p in frozen)
+    before = [p.detach().clone() for p in frozen]
+    opt = torch.optim.AdamW(trainable(model), lr=1e-2)
+    model.training_step(batch)[0].backward()
+    opt.step()
+    assert all(p.grad is None for p in frozen)
+    assert all(torch.equal(p, b) for p, b in zip(frozen, before))
+    assert model.backbone.cls_token.grad is not None
+
+
+@pytest.mark.parametrize("name", ["simclr", "moco"])
+def test_state_dict_round_trip(batch, name):
+    model = make(name)
+    opt = torch.optim.AdamW(trainable(model), lr=1e-2)
+    model.training_step(batch)[0].backward()
+    opt.step()
+    if name == "moco":
+        model.on_step_end(0, 10)
+    clone = MoCoV3(tiny_vit(), proj_dim=16, hidden_dim=64, temperature=0.2, momentum=0.9) if name == "moco" \
+        else SimCLR(tiny_vit(), proj_dim=16, hidden_dim=64, temperature=0.2)
+    clone.load_state_dict(model.state_dict(), strict=True)
+    if name == "moco":
+        assert any(k.startswith("momentum_backbone.") for k in model.state_dict())
+    with torch.no_grad():
+        assert clone.training_step(batch)[0].item() == pytest.approx(model.training_step(batch)[0].item(), abs=1e-6)
+
+
+def test_simclr_with_per_sample_augmented_loader(fmnist):
+    # A consumer test: TwoViews + simclr_augment + DataLoader straight into SimCLR.
+    torch.manual_seed(1)
+    loader = DataLoader(TwoViews(fmnist, simclr_augment(28, grayscale=True, mean=MEAN, std=STD)), batch_size=8)
+    loss, logs = make("simclr").training_step(next(iter(loader)))
+    assert torch.isfinite(loss) and -1.0 <= logs["neg_cos"] <= 1.0 and -1.0 <= logs["pos_cos"] <= 1.0
+
+
+def test_mlp_head_shapes():
+    head = mlp_head(3, 32, 64, 16)
+    assert head(torch.randn(4, 32)).shape == (4, 16)
+    assert isinstance(head[-1], torch.nn.BatchNorm1d) and not head[-1].affine
+    pred = mlp_head(2, 16, 64, 16, last_bn=False)
+    assert isinstance(pred[-1], torch.nn.Linear)
+    with pytest.raises(ValueError, match="hidden_dim=0"):
+        mlp_head(2, 16, 0, 16)
+
+
+def test_input_errors(batch):
+    with pytest.raises(TypeError, match="backbone must be a vitssl_core.ViT"):
+        SimCLR(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="temperature=0"):
+        SimCLR(tiny_vit(), temperature=0)
+    with pytest.raises(ValueError, match="momentum=1.5"):
+        MoCoV3(tiny_vit(), momentum=1.5)
+    model = make("simclr")
+    (v1, v2), labels = batch
+    with pytest.raises(ValueError, match="two"):
+        model.training_step(([v1], labels))
+    with pytest.raises(ValueError, match="one shape"):
+        model.training_step(([v1, v2[:8]], labels))
+    with pytest.raises(ValueError, match="batch size 1"):
+        model.training_step(([v1[:1], v2[:1]], labels[:1]))

@@ -1,0 +1,243 @@
+"""DINO: self-distillation with no labels (Caron et al., 2021), for the ViT.
+
+A student (backbone + ``DINOHead``) sees every crop of an image, two global and K local ones;
+a teacher, an exponential moving average (EMA) of the student with no gradient, sees only the
+two global crops. The student is trained to predict, from each crop, the teacher's output on
+the *other* global crops (cross-entropy, ``losses.dino_cross_entropy``). Two tricks keep the
+teacher from collapsing: *centring* (subtract an EMA ``center`` of the teacher's outputs, which
+stops one dimension from dominating) and *sharpening* (a low teacher temperature, which stops
+the output from becoming uniform). Collapse is visible in two numbers logged every step: the
+teacher's entropy (near 0: one dimension dominates; near log K: uniform) and KL(teacher ||
+student) (near 0 in either collapse, since nothing is left to learn).
+
+Defaults are the paper's (ViT-S/16 on ImageNet: ``out_dim=65536``, teacher 0.04, student 0.1,
+centre momentum 0.9, EMA 0.996 -> 1 on a cosine, 8 local crops). For small data (Fashion-MNIST,
+a few thousand steps) use ``out_dim`` 1024-4096 (65536 prototypes for 60000 images is more
+than one per image and slow on a CPU), ``hidden_dim`` 512-1024, and a teacher temperature
+warm-up 0.04 -> 0.07 over the first ~10 % of steps; local crops of 12 or 16 px for 28 px images.
+
+Local crops are smaller than the model's ``img_size``, so the backbone must be built with
+``dynamic_img_size=True`` (the positional embedding is interpolated per resolution); DINO
+checks this and raises otherwise. Every collective goes through ``vitssl_core.distributed``, so
+DINO runs unchanged on one CPU with no process group (the reference code does not).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import weight_norm
+
+from .distributed import all_reduce_sum, get_world_size
+from .losses import dino_cross_entropy, sharpen
+from .schedules import cosine_momentum
+from .vit import ViT
+
+__all__ = ["DINOHead", "DINO"]
+
+
+def _check_positive_int(name: str, v) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ValueError(f"{name}={v!r} must be a positive int")
+
+
+def _check_positive_float(name: str, v) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):
+        raise ValueError(f"{name}={v!r} must be a finite float > 0")
+
+
+def _check_unit(name: str, v) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+        raise ValueError(f"{name}={v!r} must be in [0, 1]")
+
+
+# --------------------------------------------------------------------------- the head
+class DINOHead(nn.Module):
+    """MLP (nlayers, GELU) -> bottleneck -> L2-normalise -> weight-normalised linear to out_dim.
+
+    (B, in_dim) -> (B, out_dim) logits ("prototype scores"). The last layer's norm ``g`` is fixed
+    to 1 when ``norm_last_layer`` (the paper's default, more stable), so every prototype is a
+    unit vector and a logit is a cosine. ``freeze_last_layer``: the last layer still runs but
+    its parameters get zero gradient (DINO keeps it fixed during the first epoch).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+                 nlayers: int = 3, use_bn: bool = False, norm_last_layer: bool = True):
+        super().__init__()
+        for name, v in (("in_dim", in_dim), ("out_dim", out_dim), ("hidden_dim", hidden_dim),
+                        ("bottleneck_dim", bottleneck_dim), ("nlayers", nlayers)):
+            _check_positive_int(name, v)
+        if nlayers == 1:
+            self.mlp = nn.Linear(in_dim, bottleneck_dim)
+        else:
+            layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim)]
+            for _ in range(nlayers - 2):
+                layers += [nn.BatchNorm1d(hidden_dim)] if use_bn else []
+                layers += [nn.GELU(), nn.Linear(hidden_dim, hidden_dim)]
+            layers += [nn.BatchNorm1d(hidden_dim)] if use_bn else []
+            layers += [nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim)]
+            self.mlp = nn.Sequential(*layers)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        # W = g * v / ||v|| row by row; parametrizations.weight_norm stores g as original0 (out_dim, 1)
+        # and v as original1 (out_dim, bottleneck_dim).
+        self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        g = self.last_layer.parametrizations.weight.original0
+        with torch.no_grad():
+            g.fill_(1.0)
+        g.requires_grad = not norm_last_layer
+        self.norm_last_layer = norm_last_layer
+        self.freeze_last_layer = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.normalize(self.mlp(x), dim=-1)  # (B, bottleneck_dim) on the unit sphere
+        w = self.last_layer.weight  # (out_dim, bottleneck_dim), rows of norm g
+        if self.freeze_last_layer:
+            w = w.detach() + 0.0 * w  # same value, zero gradient (not None, so DDP still reduces it)
+        return F.linear(x, w)
+
+
+# --------------------------------------------------------------------------- the method
+class DINO(nn.Module):
+    """DINO: a student (``backbone``, ``head``) and an EMA teacher (``teacher_backbone``, ``teacher_head``).
+
+    ``training_step(([g1, g2, l1, ..., lK], labels))``: global crops (B, C, H, W), local crops
+    (B, C, h, w). Logs ``loss``, ``teacher_entropy``, ``kl`` (teacher || student, mean over
+    pairs), ``center_norm``, ``teacher_temp``, ``momentum``. ``on_step_end`` moves the teacher
+    (EMA, momentum cosine from ``momentum`` to 1) and the step counter of the temperature
+    warm-up and last-layer freeze.
+    """
+
+    def __init__(self, backbone: ViT, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+                 n_local_crops: int = 8, teacher_temp: float = 0.04, warmup_teacher_temp: float = 0.04,
+                 warmup_teacher_temp_steps: int = 0, student_temp: float = 0.1, center_momentum: float = 0.9,
+                 momentum: float = 0.996, norm_last_layer: bool = True, use_bn_in_head: bool = False,
+                 freeze_last_layer_steps: int = 0):
+        super().__init__()
+        if not isinstance(backbone, ViT):
+            raise TypeError(f"backbone must be a vitssl_core.ViT, got {type(backbone).__name__}")
+        if isinstance(n_local_crops, bool) or not isinstance(n_local_crops, int) or n_local_crops < 0:
+            raise ValueError(f"n_local_crops={n_local_crops!r} must be an int >= 0")
+        if n_local_crops > 0 and not backbone.dynamic_img_size:
+            raise ValueError(
+                f"n_local_crops={n_local_crops} needs a backbone built with dynamic_img_size=True: local crops are "
+                f"smaller than img_size={backbone.img_size[0]} and the positional embedding must be interpolated; "
+                f"build it e.g. as vit_tiny_28(dynamic_img_size=True), or pass n_local_crops=0")
+        for name, v in (("teacher_temp", teacher_temp), ("warmup_teacher_temp", warmup_teacher_temp),
+                        ("student_temp", student_temp)):
+            _check_positive_float(name, v)
+        for name, v in (("warmup_teacher_temp_steps", warmup_teacher_temp_steps),
+                        ("freeze_last_layer_steps", freeze_last_layer_steps)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name}={v!r} must be an int >= 0")
+        _check_unit("center_momentum", center_momentum)
+        _check_unit("momentum", momentum)
+
+        self.backbone = backbone
+        self.head = DINOHead(backbone.embed_dim, out_dim, hidden_dim, bottleneck_dim, use_bn=use_bn_in_head,
+                             norm_last_layer=norm_last_layer)
+        # The teacher starts as an exact copy and is never optimised: requires_grad False keeps it
+        # out of the optimizer, which only sees trainable parameters.
+        self.teacher_backbone = copy.deepcopy(backbone)
+        self.teacher_head = copy.deepcopy(self.head)
+        for p in self._teacher_params():
+            p.requires_grad = False
+        self.register_buffer("center", torch.zeros(1, out_dim))  # (1, K), EMA of the teacher's outputs
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))  # drives the temperature warm-up
+        self.n_local_crops = n_local_crops
+        self.teacher_temp, self.warmup_teacher_temp = float(teacher_temp), float(warmup_teacher_temp)
+        self.warmup_teacher_temp_steps = warmup_teacher_temp_steps
+        self.student_temp = float(student_temp)
+        self.center_momentum = float(center_momentum)
+        self.base_momentum = float(momentum)
+        self.momentum = float(momentum)  # the value used by the last on_step_end
+        self.freeze_last_layer_steps = freeze_last_layer_steps
+        self.head.freeze_last_layer = freeze_last_layer_steps > 0
+
+    def _student_params(self) -> list[nn.Parameter]:
+        return list(self.backbone.parameters()) + list(self.head.parameters())
+
+    def _teacher_params(self) -> list[nn.Parameter]:
+        return list(self.teacher_backbone.parameters()) + list(self.teacher_head.parameters())
+
+    # ------------------------------------------------------------------ schedules
+    def teacher_temp_at(self, step: int) -> float:
+        """Teacher temperature at ``step``: linear warm-up warmup_teacher_temp -> teacher_temp, then constant."""
+        if step >= self.warmup_teacher_temp_steps:
+            return self.teacher_temp
+        return self.warmup_teacher_temp + (self.teacher_temp - self.warmup_teacher_temp) * step / \
+            self.warmup_teacher_temp_steps
+
+    # ------------------------------------------------------------------ forward pieces
+    def _crops(self, batch) -> list[Tensor]:
+        crops = batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 and \
+            isinstance(batch[0], (tuple, list)) else batch
+        expected = 2 + self.n_local_crops
+        if not isinstance(crops, (tuple, list)) or not all(isinstance(c, Tensor) and c.ndim == 4 for c in crops):
+            raise ValueError("batch must be ([global1, global2, local1, ...], labels) with (B, C, H, W) tensors, "
+                             "as augment.MultiCrop yields")
+        if len(crops) != expected:
+            raise ValueError(f"got {len(crops)} crops; this DINO expects 2 global + n_local_crops="
+                             f"{self.n_local_crops} = {expected}")
+        if crops[0].shape != crops[1].shape:
+            raise ValueError(f"the two global crops differ in shape: {tuple(crops[0].shape)} and "
+                             f"{tuple(crops[1].shape)}")
+        if any(c.shape[0] != crops[0].shape[0] for c in crops):
+            raise ValueError(f"every crop must hold the same batch size, got {[c.shape[0] for c in crops]}")
+        return list(crops)
+
+    def _features(self, backbone: ViT, crops: list[Tensor]) -> Tensor:
+        """Crops -> (V*B, D) pooled features; consecutive crops of one resolution share a forward pass."""
+        feats, i = [], 0
+        while i < len(crops):
+            j = i
+            while j < len(crops) and crops[j].shape[-2:] == crops[i].shape[-2:]:
+                j += 1
+            x = torch.cat(crops[i:j])  # ((j-i)*B, C, H, W)
+            feats.append(backbone.forward_head(backbone.forward_features(x), pre_logits=True))
+            i = j
+        return torch.cat(feats)
+
+    @torch.no_grad()
+    def update_center(self, teacher_out: Tensor) -> None:
+        """center <- m center + (1 - m) mean over every rank's rows of teacher_out (n, K)."""
+        batch_sum = all_reduce_sum(teacher_out.float().sum(dim=0, keepdim=True))  # (1, K)
+        batch_mean = batch_sum / (teacher_out.shape[0] * get_world_size())
+        self.center.mul_(self.center_momentum).add_(batch_mean, alpha=1.0 - self.center_momentum)
+
+    def training_step(self, batch) -> tuple[Tensor, dict[str, float]]:
+        crops = self._crops(batch)
+        V = len(crops)
+        student_out = self.head(self._features(self.backbone, crops)).chunk(V)  # V x (B, K)
+        with torch.no_grad():
+            teacher_out = self.teacher_head(self._features(self.teacher_backbone, crops[:2]))  # (2B, K)
+        temp = self.teacher_temp_at(int(self.steps_done))
+        teacher_probs = sharpen(teacher_out, self.center, temp).chunk(2)  # 2 x (B, K), centred and sharpened
+        loss = dino_cross_entropy(list(student_out), list(teacher_probs), self.student_temp)
+        with torch.no_grad():
+            entropy = torch.special.entr(torch.cat(teacher_probs)).sum(dim=-1).mean()
+            kl = loss.detach() - entropy  # KL = CE - H(teacher), averaged over the same pairs
+            center_norm = self.center.norm()  # the centre the loss used, before this step's update
+        self.update_center(teacher_out)
+        logs = {"loss": float(loss.detach()), "teacher_entropy": float(entropy), "kl": float(kl),
+                "center_norm": float(center_norm), "teacher_temp": temp, "momentum": self.momentum}
+        return loss, logs
+
+    def forward(self, batch) -> tuple[Tensor, dict[str, float]]:
+        return self.training_step(batch)
+
+    @torch.no_grad()
+    def on_step_end(self, step: int, max_steps: int) -> None:
+        """teacher <- m teacher + (1 - m) student, m = cosine_momentum(momentum, step, max_steps); advance the step."""
+        m = cosine_momentum(self.base_momentum, step, max_steps)
+        for s, t in zip(self._student_params(), self._teacher_params()):
+            t.mul_(m).add_(s.detach(), alpha=1.0 - m)
+        self.momentum = m
+        self.steps_done.fill_(step + 1)
+        self.head.freeze_last_layer = step + 1 < self.freeze_last_layer_steps

@@ -1,0 +1,245 @@
+"""Tests for vitssl_core.masked: the masked-token cross-entropy, SimMIM, the k-means tokenizer, BEiT."""
+
+import math
+
+import pytest
+import torch
+
+from vitssl_core.data import NORMALIZE, load_fashion_mnist_tensors
+from vitssl_core.masked import BEiT, PatchTokenizer, SimMIM, masked_token_cross_entropy
+from vitssl_core.vit import ViT
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models are all overhead: on a shared 2-core machine one thread is many times faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def fmnist_uint8():
+    images, _ = load_fashion_mnist_tensors(train=False)
+    return images.unsqueeze(1)  # (10000, 1, 28, 28) uint8
+
+
+@pytest.fixture(scope="module")
+def fmnist(fmnist_uint8):
+    """16 real Fashion-MNIST test images, normalised like the training data: (16, 1, 28, 28)."""
+    x = fmnist_uint8[:16].float().div(255)
+    return (x - NORMALIZE["fashion_mnist"]["mean"][0]) / NORMALIZE["fashion_mnist"]["std"][0]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(fmnist_uint8):
+    x = fmnist_uint8[1000:1600].float().div(255)
+    x = (x - NORMALIZE["fashion_mnist"]["mean"][0]) / NORMALIZE["fashion_mnist"]["std"][0]
+    return PatchTokenizer.fit(x, patch_size=4, vocab_size=32, iters=10, seed=0)
+
+
+def tiny_encoder(img_size=28, in_chans=1):
+    torch.manual_seed(0)
+    return ViT(img_size=img_size, patch_size=4, in_chans=in_chans, embed_dim=32, depth=2, num_heads=2)
+
+
+def train_steps(model, batch, steps, lr=3e-3):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.05)
+    for _ in range(steps):
+        loss, _ = model.training_step((batch, None))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def assert_all_trainable_get_grads(model, batch):
+    loss, logs = model.training_step((batch, torch.zeros(len(batch))))
+    assert torch.isfinite(loss) and all(isinstance(v, float) and math.isfinite(v) for v in logs.values())
+    loss.backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    return logs
+
+
+# --------------------------------------------------------------------------- the article's loss
+def test_article_example_16_patches_4_masked():
+    """Section 4.2.2: 16 patches, 4 hidden, L = -(y1 log y^1 + ... + y4 log y^4) with one-hot y."""
+    g = torch.Generator().manual_seed(0)
+    K = 8
+    logits = torch.randn(1, 16, K, generator=g, dtype=torch.float64)
+    target = torch.randint(0, K, (1, 16), generator=g)
+    hidden = [2, 5, 11, 14]
+    mask = torch.zeros(1, 16)
+    mask[0, hidden] = 1
+    hand = 0.0
+    for i in hidden:
+        row = logits[0, i].tolist()
+        p_true = math.exp(row[target[0, i]]) / sum(math.exp(v) for v in row)  # softmax, by hand
+        hand += -math.log(p_true)
+    assert abs(masked_token_cross_entropy(logits, target, mask, reduction="sum").item() - hand) < 1e-6
+    assert abs(masked_token_cross_entropy(logits, target, mask, reduction="mean").item() - hand / 4) < 1e-6
+    f32 = masked_token_cross_entropy(logits.float(), target, mask, reduction="sum").item()
+    assert abs(f32 - hand) < 1e-5 * hand
+    # visible patches do not count, whatever is predicted there
+    wrecked = logits.clone()
+    wrecked[0, [0, 1, 3]] = 50.0 * torch.randn(3, K, dtype=torch.float64)
+    assert abs(masked_token_cross_entropy(wrecked, target, mask, reduction="sum").item() - hand) < 1e-6
+
+
+def test_cross_entropy_errors():
+    with pytest.raises(ValueError, match="reduction='none' must be 'sum' or 'mean'"):
+        masked_token_cross_entropy(torch.zeros(1, 4, 3), torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4), "none")
+    with pytest.raises(ValueError, match="must both be"):
+        masked_token_cross_entropy(torch.zeros(1, 4, 3), torch.zeros(1, 5, dtype=torch.long), torch.ones(1, 4))
+
+
+# --------------------------------------------------------------------------- SimMIM
+def test_simmim_loss_is_l1_on_hidden_patches(fmnist):
+    model = SimMIM(tiny_encoder())
+    loss, pred, mask = model(fmnist[:4])
+    assert pred.shape == (4, 49, 16) and mask.shape == (4, 49)
+    assert torch.equal(mask.sum(1), torch.full((4,), 49.0 - int(49 * 0.4)))
+    target = torch.nn.functional.unfold(fmnist[:4], 4, stride=4).transpose(1, 2)  # (4, 49, 16), 1 channel
+    hand = sum((pred[b, i] - target[b, i]).abs().mean() for b in range(4) for i in range(49) if mask[b, i])
+    assert torch.allclose(loss, hand / mask.sum(), atol=1e-6)
+
+
+def test_simmim_encoder_sees_mask_token_at_hidden_patches(fmnist):
+    model = SimMIM(tiny_encoder())
+    mask = torch.zeros(2, 49)
+    mask[:, :10] = 1
+    seen = {}
+    h = model.backbone.blocks[0].register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    model(fmnist[:2], mask=mask)
+    h.remove()
+    x = seen["x"]  # (2, 1+49, D): every token, hidden ones replaced by mask_token + position
+    assert x.shape == (2, 50, 32)
+    pos = model.backbone.pos_embed[0, 1:11]
+    assert torch.allclose(x[:, 1:11], (model.mask_token[0] + pos).expand(2, -1, -1), atol=1e-6)
+
+
+def test_simmim_mask_patch_size_hides_whole_squares():
+    model = SimMIM(tiny_encoder(img_size=32, in_chans=3), mask_ratio=0.5, mask_patch_size=16)
+    mask = model.random_mask(3).view(3, 8, 8)
+    blocks = mask.unfold(1, 4, 4).unfold(2, 4, 4)  # (3, 2, 2, 4, 4): one 16-pixel square each
+    assert torch.equal(blocks.amax(dim=(-1, -2)), blocks.amin(dim=(-1, -2)))  # constant per square
+    assert torch.equal(mask.sum(dim=(1, 2)), torch.full((3,), 2 * 16.0))  # 2 of 4 squares hidden
+    with pytest.raises(ValueError, match="mask_patch_size=8 must be a multiple of patch_size=4 that divides img_size=28"):
+        SimMIM(tiny_encoder(), mask_patch_size=8)
+
+
+def test_simmim_gradients_and_loss_falls(fmnist):
+    model = SimMIM(tiny_encoder())
+    assert_all_trainable_get_grads(model, fmnist[:8])
+    model.zero_grad()
+    torch.manual_seed(1)
+    fixed = model.random_mask(16)
+    with torch.no_grad():
+        before = model(fmnist, mask=fixed)[0].item()
+    train_steps(model, fmnist, 20)
+    with torch.no_grad():
+        after = model(fmnist, mask=fixed)[0].item()
+    assert after < 0.85 * before, (before, after)
+
+
+# --------------------------------------------------------------------------- the tokenizer
+def test_tokenizer_shapes_and_round_trip(tokenizer, fmnist):
+    ids = tokenizer.encode(fmnist[:5])
+    assert ids.shape == (5, 49) and ids.dtype == torch.long
+    assert 0 <= int(ids.min()) and int(ids.max()) < 32
+    dec = tokenizer.decode(ids)
+    assert dec.shape == (5, 1, 28, 28)
+    # normalize="patch" decodes to the normalised pattern of each code
+    patches = torch.nn.functional.unfold(dec, 4, stride=4).transpose(1, 2)  # (5, 49, 16)
+    assert torch.equal(patches, tokenizer.codebook[ids])
+    assert tokenizer.code_usage(fmnist) > 0.5
+    # normalize="global" decodes to pixels, and a decoded code encodes back to itself
+    glob = PatchTokenizer.fit(fmnist, 4, vocab_size=16, iters=5, normalize="global")
+    ids = glob.encode(fmnist[:5])
+    assert torch.equal(glob.encode(glob.decode(ids)), ids)
+
+
+def test_kmeans_reduces_distortion_against_random_codes(fmnist_uint8):
+    x = fmnist_uint8[2000:2400]
+    held_out = fmnist_uint8[3000:3200].float().div(255)
+    for normalize in ("patch", "global"):
+        fitted = PatchTokenizer.fit(x, 4, vocab_size=32, iters=10, seed=0, normalize=normalize)
+        random_codes = PatchTokenizer.fit(x, 4, vocab_size=32, iters=0, seed=0, normalize=normalize, init="random")
+        assert fitted.distortion(held_out) < 0.8 * random_codes.distortion(held_out), normalize
+    # "global" decodes to images: the codes reconstruct held-out images better than their mean does
+    recon = fitted.decode(fitted.encode(held_out))
+    assert ((recon - held_out) ** 2).mean() < 0.5 * ((held_out - held_out.mean()) ** 2).mean()
+
+
+def test_tokenizer_fit_is_deterministic(fmnist_uint8):
+    x = fmnist_uint8[:200]
+    a = PatchTokenizer.fit(x, 4, vocab_size=16, iters=3, seed=7)
+    b = PatchTokenizer.fit(x, 4, vocab_size=16, iters=3, seed=7)
+    assert torch.equal(a.codebook, b.codebook)
+
+
+def test_tokenizer_save_load_round_trip(tokenizer, fmnist, tmp_path):
+    path = tmp_path / "tok.pt"
+    tokenizer.save(path)
+    loaded = PatchTokenizer.load(path)
+    assert loaded.config() == tokenizer.config()
+    assert torch.equal(loaded.codebook, tokenizer.codebook)
+    assert torch.equal(loaded.encode(fmnist), tokenizer.encode(fmnist))
+
+
+def test_tokenizer_errors(fmnist):
+    with pytest.raises(ValueError, match="normalize='pixel' is not one of"):
+        PatchTokenizer(4, 16, normalize="pixel")
+    with pytest.raises(ValueError, match="vocab_size=1000 is larger than the"):
+        PatchTokenizer.fit(fmnist[:2], 4, vocab_size=1000)
+    with pytest.raises(ValueError, match=r"imgs must be \(B, C=3"):
+        PatchTokenizer(4, 16, in_chans=3).encode(fmnist)
+    with pytest.raises(ValueError, match="ids must lie in"):
+        PatchTokenizer(4, 16).decode(torch.full((1, 49), 16))
+
+
+# --------------------------------------------------------------------------- BEiT
+def test_beit_loss_and_accuracy_on_hidden_patches(tokenizer, fmnist):
+    model = BEiT(tiny_encoder(), tokenizer, num_masked=20)
+    loss, logits, mask = model(fmnist[:4])
+    assert logits.shape == (4, 49, 32)
+    assert torch.equal(mask.sum(1), torch.full((4,), 20.0))
+    target = tokenizer.encode(fmnist[:4])
+    assert torch.allclose(loss, masked_token_cross_entropy(logits, target, mask, "sum") / 80, atol=1e-6)
+    logs = assert_all_trainable_get_grads(model, fmnist[:8])
+    assert set(logs) == {"loss", "token_acc"} and 0.0 <= logs["token_acc"] <= 1.0
+    assert not any(p.requires_grad for p in model.tokenizer.parameters())
+
+
+def test_beit_loss_falls(tokenizer, fmnist):
+    model = BEiT(tiny_encoder(), tokenizer)  # mask_ratio 0.4: 20 of 49
+    assert model.num_masked == 20
+    torch.manual_seed(2)
+    from vitssl_core.masking import block_masking
+    fixed = block_masking(16, 7, model.num_masked)
+    with torch.no_grad():
+        before = model(fmnist, mask=fixed)[0].item()
+    train_steps(model, fmnist, 20)
+    with torch.no_grad():
+        after = model(fmnist, mask=fixed)[0].item()
+    assert after < 0.85 * before, (before, after)
+
+
+def test_beit_checkpoint_carries_the_tokenizer(tokenizer, fmnist):
+    model = BEiT(tiny_encoder(), tokenizer)
+    state = model.state_dict()
+    assert torch.equal(state["tokenizer.codebook"], tokenizer.codebook)
+    fresh = BEiT(tiny_encoder(), PatchTokenizer(**tokenizer.config()))
+    fresh.load_state_dict(state, strict=True)
+    assert torch.equal(fresh.tokenizer.encode(fmnist), tokenizer.encode(fmnist))
+
+
+def test_beit_errors(tokenizer):
+    with pytest.raises(ValueError, match="does not match the encoder"):
+        BEiT(ViT(img_size=32, patch_size=8, in_chans=1, embed_dim=32, depth=1, num_heads=2), tokenizer)
+    with pytest.raises(ValueError, match="num_masked=49"):
+        BEiT(tiny_encoder(), tokenizer, num_masked=49)
+    with pytest.raises(TypeError, match="tokenizer must be a PatchTokenizer"):
+        BEiT(tiny_encoder(), object())

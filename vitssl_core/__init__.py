@@ -1,9 +1,50 @@
 """vitssl_core: self-supervised Vision Transformers, small and tested.
 
-The public API the book and users import. Modules, bottom-up:
-``vit`` (the backbone), ``data`` (datasets and normalisation).
+The public API the book and users import, bottom-up (dependencies point down this list):
+
+1. ``vit``: the backbone (timm parameter names), presets, positional embeddings.
+2. ``data`` (+ ``scenes``), ``augment``, ``masking``, ``losses``, ``schedules``,
+   ``distributed``: pure pieces.
+3. Methods: ``contrastive`` (SimCLR, MoCo v3), ``dino`` (DINO), ``mae`` (MAE),
+   ``masked`` (SimMIM, BEiT), ``supervised`` (the labelled baseline).
+4. ``train`` and ``checkpoint``: one loop for every method, checkpoints that survive a crash.
+5. ``evaluate`` and ``dense``: kNN, linear probe, fine-tuning, attention maps; detection and
+   segmentation heads.
+6. ``python -m vitssl_core`` (the ``vitssl`` command) wires them together.
 """
 
+from . import data
+from .augment import MultiCrop, TwoViews, asymmetric_augment, dino_augment, local_crop_augment, simclr_augment
+from .contrastive import MoCoV3, SimCLR
+from .dense import (
+    DetectionHead,
+    SegmentationHead,
+    detection_map,
+    evaluate_detection,
+    evaluate_segmentation,
+    mean_iou,
+    train_dense,
+)
+from .dino import DINO, DINOHead
+from .evaluate import (
+    attention_distance,
+    attention_maps,
+    class_balanced_subset,
+    extract_features,
+    finetune,
+    knn_accuracy,
+    knn_classify,
+    label_efficiency,
+    linear_probe,
+    pca_rgb,
+    pixel_features,
+    run_protocol,
+)
+from .losses import info_nce, info_nce_article, moco_infonce
+from .mae import MAE
+from .masked import BEiT, PatchTokenizer, SimMIM, masked_token_cross_entropy
+from .masking import block_masking, patchify, random_masking, unpatchify
+from .schedules import cosine_momentum, cosine_schedule
 from .vit import (
     ViT,
     resample_pos_embed,

@@ -15,6 +15,7 @@ The public API the book and users import, bottom-up (dependencies point down thi
 
 from . import data
 from .augment import MultiCrop, TwoViews, asymmetric_augment, dino_augment, local_crop_augment, simclr_augment
+from .checkpoint import load_backbone, load_checkpoint, save_backbone
 from .contrastive import MoCoV3, SimCLR
 from .dense import (
     DetectionHead,
@@ -45,6 +46,8 @@ from .mae import MAE
 from .masked import BEiT, PatchTokenizer, SimMIM, masked_token_cross_entropy
 from .masking import block_masking, patchify, random_masking, unpatchify
 from .schedules import cosine_momentum, cosine_schedule
+from .supervised import Supervised
+from .train import TrainConfig, train
 from .vit import (
     ViT,
     resample_pos_embed,

@@ -1,0 +1,226 @@
+"""Tests for vitssl_core.checkpoint: atomic files, crash consistency, safe loading, backbone export.
+
+The headline test kills a real training process with SIGKILL right after its checkpoint at step
+k, resumes it, and checks that the weights equal (bit for bit) those of a run that never stopped.
+"""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vitssl_core import ViT
+from vitssl_core.checkpoint import (
+    UnsafeCheckpointError,
+    atomic_write_bytes,
+    latest_checkpoint,
+    load_backbone,
+    load_checkpoint,
+    save_backbone,
+    save_checkpoint,
+)
+from vitssl_core.supervised import Supervised
+from vitssl_core.train import TrainConfig, train
+
+TINY = dict(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=2, num_heads=2)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_state(seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    return Supervised(ViT(**TINY), num_classes=10).state_dict()
+
+
+# --------------------------------------------------------------------------- atomic files and layout
+def test_atomic_write_replaces_and_leaves_no_temp_file(tmp_path):
+    target = tmp_path / "x.json"
+    atomic_write_bytes(target, b"old")
+    atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"new"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+    with pytest.raises(TypeError, match="bytes"):
+        atomic_write_bytes(target, "text")
+
+
+def test_save_load_round_trip_and_pointer(tmp_path):
+    root = tmp_path / "checkpoints"
+    state = {"step": 2, "rng": [torch.get_rng_state()], "config": {"betas": (0.9, 0.95), "out_dir": None}}
+    save_checkpoint(root, 1, tiny_state(1), {**state, "step": 1})
+    save_checkpoint(root, 2, tiny_state(2), state)
+    assert json.loads((root / "last.json").read_text()) == {"step": 2, "dir": "step_00000002"}
+    assert sorted(p.name for p in root.iterdir()) == ["last.json", "step_00000002"]  # older one pruned
+    weights, loaded = load_checkpoint(tmp_path)  # the run folder works as well as root
+    expected = tiny_state(2)
+    assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in expected)
+    assert loaded["step"] == 2 and loaded["config"]["betas"] == (0.9, 0.95)
+    assert torch.equal(loaded["rng"][0], state["rng"][0])
+
+
+def test_a_crash_mid_write_leaves_the_last_committed_checkpoint(tmp_path):
+    root = tmp_path / "checkpoints"
+    save_checkpoint(root, 2, tiny_state(), {"step": 2})
+    (root / "step_00000003.tmp").mkdir()  # died while writing step 3 ...
+    (root / "step_00000003.tmp" / "model.safetensors").write_bytes(b"half a fi")
+    (root / "step_00000004").mkdir()  # ... or after the rename, before last.json
+    assert latest_checkpoint(root) == root / "step_00000002"
+    assert load_checkpoint(root)[1]["step"] == 2
+    save_checkpoint(root, 3, tiny_state(), {"step": 3})  # the next save cleans up, stale step 4 too
+    assert sorted(p.name for p in root.iterdir()) == ["last.json", "step_00000003"]
+    with pytest.raises(ValueError, match="never overwritten"):
+        save_checkpoint(root, 3, tiny_state(1), {"step": 3})
+    save_checkpoint(root, 4, tiny_state(), {"step": 4}, keep=2)
+    assert sorted(p.name for p in root.iterdir()) == ["last.json", "step_00000003", "step_00000004"]
+
+
+def test_missing_checkpoint_and_unreadable_state_are_explained(tmp_path):
+    assert latest_checkpoint(tmp_path) is None
+    with pytest.raises(FileNotFoundError, match="no checkpoint under"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(TypeError, match="weights_only"):
+        save_checkpoint(tmp_path, 1, tiny_state(), {"step": 1, "odd": object()})
+    assert latest_checkpoint(tmp_path) is None  # nothing was written
+
+
+class Payload:
+    """Unpickling this runs ``touch <marker>``: the classic malicious checkpoint."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
+    root = tmp_path / "run" / "checkpoints"
+    save_checkpoint(root, 1, tiny_state(), {"step": 1})
+    marker = tmp_path / "pwned"
+    buffer = io.BytesIO()
+    torch.save({"step": 1, "optimizer": Payload(marker)}, buffer)  # plain pickle, as an attacker would
+    (root / "step_00000001" / "state.pt").write_bytes(buffer.getvalue())
+    with pytest.raises(UnsafeCheckpointError, match="refusing to load .*state.pt.*posix.system"):
+        load_checkpoint(root)
+    data = torch.utils.data.TensorDataset(torch.rand(32, 1, 28, 28), torch.zeros(32, dtype=torch.long))
+    config = TrainConfig(max_steps=2, batch_size=16, out_dir=str(tmp_path / "run"), resume=True, progress=False)
+    with pytest.raises(UnsafeCheckpointError):  # resuming refuses it too
+        train(Supervised(ViT(**TINY), num_classes=10), data, config)
+    assert not marker.exists()
+
+
+# --------------------------------------------------------------------------- backbone export
+def test_backbone_export_has_timm_keys_and_loads_into_timm(tmp_path):
+    timm_vit = pytest.importorskip("timm.models.vision_transformer")
+    torch.manual_seed(0)
+    backbone = ViT(**TINY)
+    save_backbone(backbone, tmp_path / "b.safetensors")
+    state = load_backbone(tmp_path / "b.safetensors")
+    assert state.keys() == backbone.state_dict().keys()
+    assert "blocks.0.attn.qkv.weight" in state and not any(k.startswith("backbone.") for k in state)
+    ours = ViT(**TINY)
+    ours.load_state_dict(state, strict=True)
+    theirs = timm_vit.VisionTransformer(**TINY, num_classes=0)
+    theirs.load_state_dict(state, strict=True)
+    x = torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.forward_features(x), backbone.forward_features(x))
+        torch.testing.assert_close(ours.forward_features(x), backbone.forward_features(x))
+
+
+def test_backbone_export_in_float16_and_from_a_training_checkpoint(tmp_path):
+    backbone = ViT(**TINY)
+    save_backbone(backbone, tmp_path / "full.safetensors")
+    save_backbone(backbone, tmp_path / "half.safetensors", dtype=torch.float16)
+    half = load_backbone(tmp_path / "half.safetensors")
+    assert all(v.dtype == torch.float16 for v in half.values())
+    assert (tmp_path / "half.safetensors").stat().st_size < 0.6 * (tmp_path / "full.safetensors").stat().st_size
+    torch.testing.assert_close(half["pos_embed"].float(), backbone.pos_embed.detach(), atol=1e-3, rtol=1e-3)
+    method_state = Supervised(backbone, num_classes=10).state_dict()
+    step_dir = save_checkpoint(tmp_path / "ck", 1, method_state, {"step": 1})
+    from_ckpt = load_backbone(step_dir / "model.safetensors")  # backbone.* keys, prefix stripped
+    assert from_ckpt.keys() == backbone.state_dict().keys()
+    with pytest.raises(ValueError, match="dtype=torch.int8"):
+        save_backbone(backbone, tmp_path / "x.safetensors", dtype=torch.int8)
+    with pytest.raises(FileNotFoundError, match="not a file"):
+        load_backbone(tmp_path / "missing.safetensors")
+
+
+# --------------------------------------------------------------------------- SIGKILL, then resume
+SCRIPT = textwrap.dedent('''
+    import sys, time
+    import torch
+    torch.set_num_threads(1)
+    from torch.utils.data import Subset
+    from torchvision.transforms import v2
+    from vitssl_core import ViT
+    from vitssl_core.data import FashionMNIST
+    from vitssl_core.supervised import Supervised
+    from vitssl_core.train import TrainConfig, train
+
+    out, resume, pause, k = sys.argv[1], sys.argv[2] == "1", float(sys.argv[3]), int(sys.argv[4])
+    torch.manual_seed(0)
+    augment = v2.Compose([v2.RandomCrop(28, padding=3), v2.RandomHorizontalFlip()])  # global torch RNG
+    data = Subset(FashionMNIST(train=False, transform=augment), range(256))  # 16 steps per epoch
+    method = Supervised(ViT(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=2, num_heads=2,
+                            drop_path_rate=0.1), num_classes=10)
+    config = TrainConfig(max_steps=2 * k, batch_size=16, blr=2e-3, warmup_steps=3, weight_decay_end=0.2,
+                         grad_clip=1.0, precision="fp32", num_workers=0, seed=1, out_dir=out,
+                         checkpoint_every=k, log_every=1, progress=False, resume=resume)
+    # after step k, slow down so the killer strikes between checkpoints
+    train(method, data, config, callback=lambda row: time.sleep(pause) if row["step"] >= k else None)
+''')
+
+
+def test_sigkill_then_resume_gives_bit_identical_weights(tmp_path):
+    """2k steps straight == k steps, SIGKILL, resume for the rest (CPU, fp32, num_workers=0)."""
+    k = 10  # checkpoint at 10 (mid-epoch 0), end at 20 (epoch 1): resume crosses an epoch boundary
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+    def start(out, resume, pause):
+        return subprocess.Popen([sys.executable, str(script), str(tmp_path / out), resume, str(pause), str(k)],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    reference, victim = start("ref", "0", 0.0), start("run", "0", 2.0)  # both at once: 2 cores
+    pointer = tmp_path / "run" / "checkpoints" / "last.json"
+    deadline = time.monotonic() + 240
+    while not (pointer.is_file() and json.loads(pointer.read_text())["step"] == k):
+        assert victim.poll() is None, f"the run ended before it was killed:\n{victim.communicate()[1][-3000:]}"
+        assert time.monotonic() < deadline, "no checkpoint at step k within 240 s"
+        time.sleep(0.05)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.communicate()
+    assert victim.returncode == -signal.SIGKILL
+    assert json.loads(pointer.read_text())["step"] == k  # killed before the next checkpoint
+    killed_rows = len((tmp_path / "run" / "history.jsonl").read_text().splitlines())
+    assert k <= killed_rows < 2 * k
+
+    resumed = start("run", "1", 0.0)
+    for proc in (reference, resumed):
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err[-3000:]
+
+    def final(out):
+        step_dir = latest_checkpoint(tmp_path / out)
+        assert step_dir.name == f"step_{2 * k:08d}"
+        return load_file(step_dir / "model.safetensors")
+
+    ref_w, run_w = final("ref"), final("run")
+    assert ref_w.keys() == run_w.keys()
+    for name in ref_w:
+        assert torch.equal(ref_w[name], run_w[name]), name
+    drop = lambda text: [{k: v for k, v in json.loads(line).items() if k != "img_per_s"}  # noqa: E731
+                         for line in text.splitlines()]
+    ref_rows = drop((tmp_path / "ref" / "history.jsonl").read_text())
+    run_rows = drop((tmp_path / "run" / "history.jsonl").read_text())
+    assert [r["step"] for r in run_rows] == list(range(1, 2 * k + 1))  # rows after the checkpoint re-done once
+    assert run_rows == ref_rows

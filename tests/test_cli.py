@@ -1,0 +1,222 @@
+"""Tests for the ``vitssl`` command line (vitssl_core/__main__.py)."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from vitssl_core import ViT
+from vitssl_core import __main__ as cli
+from vitssl_core.checkpoint import load_backbone, load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_ARGS = ["--model-arg", "depth=2", "--model-arg", "embed_dim=32", "--model-arg", "num_heads=2",
+             "--model-arg", "patch_size=7"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def smoke(out, *extra):
+    return ["pretrain", "--method", "supervised", "--steps", "4", "--subset", "128", "--batch-size", "16",
+            "--log-every", "2", "--no-progress", "--precision", "fp32", "--out", str(out), *TINY_ARGS, *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One CLI pre-training run of 4 steps, shared by the tests that read its outputs."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = cli.main(smoke(out, "--method-arg", "label_smoothing=0.1"))
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    return out
+
+
+# --------------------------------------------------------------------------- help and bad arguments
+def test_console_script_help_teaches():
+    done = subprocess.run([sys.executable, "-m", "vitssl_core", "pretrain", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "examples:" in done.stdout and "torchrun --nproc_per_node=2" in done.stdout
+    assert "--resume" in done.stdout and "batch of 256" in done.stdout
+
+
+def test_top_level_and_evaluate_help(capsys):
+    for argv in (["--help"], ["evaluate", "--help"]):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(argv)
+        assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "pretrain" in out and "vitssl evaluate --checkpoint" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["pretrain", "--method", "nope", "--steps", "2", "--out", "x"], "--method 'nope' is unknown"),
+    (["pretrain", "--method", "supervised", "--steps", "2", "--epochs", "1", "--out", "x"], "not allowed with"),
+    (["pretrain", "--method", "supervised", "--steps", "two", "--out", "x"], "'two' is not an integer"),
+    (["pretrain", "--method", "supervised", "--steps", "2"], "--out DIR is required"),
+    (["pretrain", "--method", "supervised", "--out", "x"], "give --epochs N or --steps N"),
+    (["pretrain", "--steps", "2", "--out", "x"], "--method is required"),
+    (["pretrain", "--method", "supervised", "--steps", "2", "--out", "x", "--dataset", "mnist"], "'mnist' is not"),
+    (["pretrain", "--method", "supervised", "--steps", "2", "--out", "x", "--precision", "fp16"], "invalid choice"),
+    (["pretrain", "--method", "supervised", "--steps", "2", "--out", "x", "--model-arg", "depth"], "KEY=VALUE"),
+    (["pretrain", "--method", "supervised", "--steps", "2", "--out", "x", "--lr", "-1"], "blr=-1.0"),
+    (["pretrain", "--method", "supervised", "--steps", "2", "--out", "x", "--model-arg", "depht=2"], "depht"),
+    (["pretrain", "--method", "supervised", "--steps", "2", "--out", "x", "--method-arg", "smooth=1"], "smooth"),
+    (["pretrain", "--method", "supervised", "--steps", "2", "--out", "x", "--model", "vit_tiny_32"], "3x32x32"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_arguments_give_one_line_and_exit_code_2(capsys, tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and captured.err.startswith("vitssl: error: "), captured.err
+    assert message in captured.err
+    assert not (tmp_path / "x").exists()  # nothing was trained or written
+
+
+# --------------------------------------------------------------------------- config files
+def test_config_file_under_the_command_line(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "method": "supervised", "steps": 50, "batch-size": 32, "lr": "1e-3", "warmup_steps": 5,
+        "betas": [0.9, 0.95], "progress": False, "out": "runs/a",
+        "model_args": {"depth": 2, "drop_path_rate": 0.1}, "method_args": {"label_smoothing": 0.1},
+    }))
+    argv = ["pretrain", "--config", str(config), "--epochs", "3", "--batch-size", "64", "--model-arg", "depth=4",
+            "--print-config"]
+    assert cli.main(argv) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["epochs"] == 3 and shown["steps"] is None  # --epochs beats the file's steps
+    assert shown["batch_size"] == 64 and shown["lr"] == 1e-3 and shown["warmup_steps"] == 5
+    assert shown["betas"] == [0.9, 0.95] and shown["progress"] is False and shown["out"] == "runs/a"
+    assert shown["model_args"] == {"depth": 4, "drop_path_rate": 0.1}
+    assert shown["method_args"] == {"label_smoothing": 0.1}
+    assert shown["weight_decay"] == cli.PRETRAIN_DEFAULTS["weight_decay"]  # defaults fill the rest
+
+
+@pytest.mark.parametrize("content, message", [
+    ("batch_sise: 3\n", "unknown key 'batch_sise'"),
+    ("steps: many\n", "--config .*'many' is not an integer"),
+    ("- 1\n- 2\n", "expected a mapping"),
+    ("progress: 3\n", "progress must be true or false"),
+])
+def test_bad_config_files_are_one_line_errors(tmp_path, capsys, content, message):
+    config = tmp_path / "bad.yaml"
+    config.write_text(content)
+    assert cli.main(["pretrain", "--config", str(config), "--method", "supervised", "--out", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(config) in err
+    assert re.search(message, err), err
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_configs_are_accepted(path, capsys):
+    assert cli.main(["pretrain", "--config", str(path), "--print-config"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["method"] in cli.METHODS and shown["out"]
+
+
+# --------------------------------------------------------------------------- pretrain end to end
+def test_pretrain_writes_checkpoint_history_and_backbone_card(trained, capsys):
+    card = json.loads((trained / "backbone.json").read_text())
+    assert card["method"] == "supervised" and card["model"] == "vit_tiny_28" and card["steps"] == 4
+    assert card["method_args"] == {"label_smoothing": 0.1} and card["normalize"]["mean"] == [0.286]
+    backbone = ViT(**card["architecture"])
+    state = load_backbone(trained / "backbone.safetensors")
+    backbone.load_state_dict(state, strict=True)  # timm keys, no prefix
+    weights, train_state = load_checkpoint(trained)
+    assert train_state["step"] == 4
+    assert torch.equal(weights["backbone.pos_embed"], state["pos_embed"])
+    rows = [json.loads(line) for line in (trained / "history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4] and "acc" in rows[0]
+    assert card["final_loss"] == rows[-1]["loss"]
+
+
+def test_rerun_needs_resume_and_resume_of_a_finished_run_is_a_no_op(trained, capsys):
+    assert cli.main(smoke(trained)) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already holds a checkpoint" in err
+    before = (trained / "backbone.safetensors").read_bytes()
+    assert cli.main(smoke(trained, "--resume")) == 0
+    assert (trained / "backbone.safetensors").read_bytes() == before
+
+
+# --------------------------------------------------------------------------- evaluate
+def test_evaluate_hands_the_backbone_to_run_protocol(trained, monkeypatch, capsys):
+    calls = []
+
+    def run_protocol(protocol, backbone, **kwargs):
+        calls.append((protocol, backbone, kwargs))
+        return {"protocol": protocol, "top1": 12.5}
+
+    monkeypatch.setattr(cli, "run_protocol", run_protocol)
+    out_file = trained.parent / "metrics.json"
+    assert cli.main(["evaluate", "--checkpoint", str(trained), "--protocol", "linear", "--max-test", "50",
+                     "--device", "cpu", "--out", str(out_file)]) == 0
+    protocol, backbone, kwargs = calls[0]
+    assert protocol == "linear" and isinstance(backbone, ViT) and not backbone.training
+    assert kwargs["dataset"] == "fashion_mnist" and kwargs["max_test"] == 50
+    assert kwargs["normalize"] == {"mean": [0.286], "std": [0.353]}
+    expected = load_backbone(trained / "backbone.safetensors")
+    assert all(torch.equal(v, expected[k]) for k, v in backbone.state_dict().items())
+    assert json.loads(capsys.readouterr().out)["top1"] == 12.5
+    assert json.loads(out_file.read_text())["top1"] == 12.5
+
+
+def test_evaluate_knn_end_to_end_on_real_data(trained, capsys):
+    assert cli.main(["evaluate", "--checkpoint", str(trained), "--protocol", "knn", "--max-train", "500",
+                     "--max-test", "200", "--device", "cpu"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["n_train"] == 500 and metrics["n_test"] == 200
+    assert 10.0 < metrics["top1"] <= 100.0  # well above chance even for a 4-step backbone on real images
+
+
+def test_evaluate_unknown_protocol_is_one_line(trained, capsys):
+    assert cli.main(["evaluate", "--checkpoint", str(trained), "--protocol", "nope", "--max-train", "50",
+                     "--max-test", "20"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nope" in err
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("simclr", []),
+    ("mocov3", []),
+    ("dino", ["--method-arg", "n_local_crops=2", "--method-arg", "out_dim=64", "--method-arg", "hidden_dim=32"]),
+    ("mae", ["--method-arg", "decoder_embed_dim=32", "--method-arg", "decoder_depth=1",
+             "--method-arg", "decoder_num_heads=2"]),
+    ("simmim", []),
+    ("beit", ["--method-arg", "vocab_size=16", "--method-arg", "tokenizer_images=64"]),
+])
+def test_every_method_pretrains_from_the_cli(method, extra, tmp_path, capsys):
+    out = tmp_path / method
+    argv = ["pretrain", "--method", method, "--steps", "3", "--subset", "64", "--batch-size", "16",
+            "--log-every", "1", "--no-progress", "--precision", "fp32", "--out", str(out),
+            "--model-arg", "depth=1", "--model-arg", "embed_dim=32", "--model-arg", "num_heads=2",
+            "--model-arg", "patch_size=4", *extra]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history][-1] == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    card = json.loads((out / "backbone.json").read_text())
+    assert card["method"] == method
+    backbone = ViT(**card["architecture"])
+    backbone.load_state_dict(load_backbone(out / "backbone.safetensors"), strict=True)
+
+
+def test_evaluate_without_a_backbone_says_what_is_missing(tmp_path, capsys):
+    assert cli.main(["evaluate", "--checkpoint", str(tmp_path)]) == 1
+    assert "backbone.json" in capsys.readouterr().err

@@ -1,0 +1,586 @@
+"""The ``vitssl`` command line: pre-train a ViT with one method, then evaluate its backbone.
+
+``vitssl pretrain`` builds a backbone from a preset (``vitssl_core.vit``), a method from
+``METHODS``, a data set from ``vitssl_core.data``, and runs ``vitssl_core.train.train``; at the
+end it writes ``backbone.safetensors`` (timm keys) and a ``backbone.json`` card next to the
+checkpoints. ``vitssl evaluate`` reads that pair back and hands the backbone to
+``vitssl_core.evaluate.run_protocol``. The same command runs under ``torchrun``.
+
+This module is the only place that parses arguments; the library takes keyword arguments.
+Exit codes: 0 done, 1 failed while running, 2 bad arguments (one line on stderr), 130 stopped
+by Ctrl-C or SIGTERM (a checkpoint was saved; ``--resume`` continues).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, NoReturn, Sequence
+
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import Dataset, Subset
+from torchvision.transforms import v2
+
+from . import data, vit
+from .augment import MultiCrop, TwoViews, asymmetric_augment, dino_augment, simclr_augment
+from .checkpoint import atomic_write_json, load_backbone, save_backbone
+from .contrastive import MoCoV3, SimCLR
+from .dino import DINO
+from .evaluate import run_protocol
+from .mae import MAE
+from .masked import BEiT, PatchTokenizer, SimMIM
+from .supervised import Supervised
+from .vit import ViT
+from .train import TrainConfig, cleanup_distributed, resolve_device, seed_everything, setup_distributed, train
+
+PRESETS: dict[str, Callable[..., vit.ViT]] = {
+    "vit_tiny_28": vit.vit_tiny_28,
+    "vit_small_28": vit.vit_small_28,
+    "vit_tiny_32": vit.vit_tiny_32,
+    "vit_small_32": vit.vit_small_32,
+    "vit_tiny": vit.vit_tiny,
+    "vit_small": vit.vit_small,
+    "vit_base": vit.vit_base,
+}
+
+
+# --------------------------------------------------------------------------- methods
+@dataclasses.dataclass(frozen=True)
+class DataInfo:
+    """What a method's data recipe may need to know about the images."""
+
+    name: str  # "fashion_mnist", "cifar10" or "folder:PATH"
+    img_size: int
+    in_chans: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_classes: int
+
+    @property
+    def grayscale(self) -> bool:
+        return self.in_chans == 1
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodEntry:
+    """How the CLI builds one method.
+
+    ``build(backbone, **method_args) -> method``; with ``num_classes=True`` it also receives
+    ``num_classes=`` from the data set. ``data(dataset, info, method) -> dataset`` turns a data set
+    of (float image (C, H, W) in [0, 1], label) into what the method's ``training_step`` expects,
+    e.g. ``TwoViews(dataset, simclr_augment(...))`` or ``_Transformed(dataset, transform)``.
+    """
+
+    build: Callable[..., nn.Module]
+    data: Callable[[Dataset, DataInfo, nn.Module], Dataset]
+    num_classes: bool = False
+    needs_dataset: bool = False  # build() also receives dataset= (e.g. to fit BEiT's tokenizer)
+
+
+class _Transformed(Dataset):
+    """A data set of (image, label) with ``transform`` applied to every image."""
+
+    def __init__(self, dataset: Dataset, transform: Callable[[torch.Tensor], Any]):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image, label = self.dataset[index]
+        return self.transform(image), label
+
+
+def _supervised_data(dataset: Dataset, info: DataInfo, method: nn.Module) -> Dataset:
+    """DeiT-style light augmentation for small images: padded random crop, flip, normalise."""
+    return _Transformed(dataset, v2.Compose([
+        v2.RandomCrop(info.img_size, padding=info.img_size // 8),
+        v2.RandomHorizontalFlip(),
+        v2.Normalize(mean=list(info.mean), std=list(info.std)),
+    ]))
+
+
+def _masked_data(scale: tuple[float, float]) -> Callable[[Dataset, DataInfo, nn.Module], Dataset]:
+    """MAE/SimMIM/BEiT recipe: one random resized crop (area fraction ``scale``), flip, normalise."""
+    def recipe(dataset: Dataset, info: DataInfo, method: nn.Module) -> Dataset:
+        return _Transformed(dataset, v2.Compose([
+            v2.RandomResizedCrop(info.img_size, scale=scale, antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.Normalize(mean=list(info.mean), std=list(info.std)),
+        ]))
+    return recipe
+
+
+def _simclr_data(dataset: Dataset, info: DataInfo, method: nn.Module) -> Dataset:
+    return TwoViews(dataset, simclr_augment(info.img_size, info.grayscale, mean=info.mean, std=info.std))
+
+
+def _mocov3_data(dataset: Dataset, info: DataInfo, method: nn.Module) -> Dataset:
+    return TwoViews(dataset, *asymmetric_augment(info.img_size, info.grayscale, mean=info.mean, std=info.std))
+
+
+def _dino_local_size(img_size: int, patch_size: int) -> int:
+    """Local crops of about 3/7 of the image side, rounded to whole patches (12 px for 28/4)."""
+    return max(patch_size, round(img_size * 3 / 7 / patch_size) * patch_size)
+
+
+def _dino_data(dataset: Dataset, info: DataInfo, method: nn.Module) -> Dataset:
+    local = _dino_local_size(info.img_size, method.backbone.patch_size)
+    crops = dino_augment(info.img_size, local, info.grayscale, mean=info.mean, std=info.std)
+    return MultiCrop(dataset, *crops, n_local=method.n_local_crops)
+
+
+# Small-image defaults: the papers' heads (2048-65536 wide) are sized for ImageNet; these fit
+# Fashion-MNIST/CIFAR and a CPU. Every value can be overridden with --method-arg KEY=VALUE.
+def _simclr(backbone: ViT, **kw: Any) -> nn.Module:
+    return SimCLR(backbone, **{"hidden_dim": 512, "temperature": 0.2, **kw})
+
+
+def _mocov3(backbone: ViT, **kw: Any) -> nn.Module:
+    return MoCoV3(backbone, **{"hidden_dim": 1024, **kw})
+
+
+def _dino(backbone: ViT, **kw: Any) -> nn.Module:
+    kw = {"out_dim": 4096, "hidden_dim": 1024, "n_local_crops": 6, "warmup_teacher_temp": 0.04,
+          "teacher_temp": 0.07, **kw}
+    if kw["n_local_crops"] > 0:
+        backbone.dynamic_img_size = True  # local crops are smaller than the global ones
+    return DINO(backbone, **kw)
+
+
+def _mae(backbone: ViT, **kw: Any) -> nn.Module:
+    return MAE(backbone, **{"decoder_embed_dim": 128, "decoder_depth": 4, "decoder_num_heads": 4, **kw})
+
+
+def _beit(backbone: ViT, dataset: Dataset, vocab_size: int = 256, tokenizer_images: int = 10000,
+          **kw: Any) -> nn.Module:
+    """Fit the k-means patch tokenizer on the first ``tokenizer_images`` training images, then build BEiT."""
+    n = min(len(dataset), tokenizer_images)
+    images = torch.stack([dataset[i][0] for i in range(n)])  # (n, C, H, W) in [0, 1]
+    tokenizer = PatchTokenizer.fit(images, patch_size=backbone.patch_size, vocab_size=vocab_size, seed=0)
+    return BEiT(backbone, tokenizer, **kw)
+
+
+# One entry per method name. To add one: MethodEntry(build=<class or function>, data=<recipe>).
+METHODS: dict[str, MethodEntry] = {
+    "supervised": MethodEntry(build=Supervised, data=_supervised_data, num_classes=True),
+    "simclr": MethodEntry(build=_simclr, data=_simclr_data),
+    "mocov3": MethodEntry(build=_mocov3, data=_mocov3_data),
+    "dino": MethodEntry(build=_dino, data=_dino_data),
+    "mae": MethodEntry(build=_mae, data=_masked_data((0.2, 1.0))),
+    "simmim": MethodEntry(build=SimMIM, data=_masked_data((0.67, 1.0))),
+    "beit": MethodEntry(build=_beit, data=_masked_data((0.35, 1.0)), needs_dataset=True),
+}
+
+
+# --------------------------------------------------------------------------- argument parsing
+class _CliError(Exception):
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage dump) and exceptions, not exits."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _CliError(f"{message} (see '{self.prog} --help')")
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    """'depth=2' -> ('depth', 2): the value is read as YAML (2, 0.75, true, null, [1, 2], 1e-3)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE with KEY a Python name (e.g. depth=2)")
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError as err:
+        raise argparse.ArgumentTypeError(f"the value of {text!r} is not valid YAML ({err.problem})") from err
+    if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return key, value
+
+
+def _dataset_spec(text: str) -> str:
+    if text in ("fashion_mnist", "cifar10") or (text.startswith("folder:") and len(text) > len("folder:")):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not fashion_mnist, cifar10 or folder:PATH")
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+PRETRAIN_DEFAULTS: dict[str, Any] = {
+    "dataset": "fashion_mnist", "model": "vit_tiny_28", "batch_size": 128, "lr": 5e-4, "min_lr": 1e-6,
+    "weight_decay": 0.05, "betas": [0.9, 0.999], "accum_steps": 1, "precision": "auto", "compile": False,
+    "seed": 0, "num_workers": 0, "device": "auto", "resume": False, "checkpoint_every": 1000, "log_every": 10,
+    "progress": True, "model_args": [], "method_args": [],
+}
+
+PRETRAIN_EPILOG = """\
+examples:
+  # supervised ViT-Tiny on Fashion-MNIST, 30 epochs (lr is the base lr for a batch of 256)
+  vitssl pretrain --method supervised --epochs 30 --batch-size 256 --lr 1e-3 --out runs/sup
+  # the same from a YAML file; command-line flags override the file
+  vitssl pretrain --config configs/supervised_fashion_mnist.yaml --epochs 5
+  # a 20-step smoke test with a 2-block ViT on 512 images
+  vitssl pretrain --method supervised --steps 20 --subset 512 --batch-size 32 \\
+      --model-arg depth=2 --model-arg embed_dim=64 --model-arg num_heads=2 --out runs/smoke
+  # continue after a crash, Ctrl-C or preemption (exactly, with --num-workers 0)
+  vitssl pretrain --config configs/supervised_fashion_mnist.yaml --resume
+  # 2 processes on one machine (gloo on CPU, NCCL on GPU); --batch-size is per process
+  torchrun --nproc_per_node=2 -m vitssl_core pretrain --method supervised --epochs 30 --out runs/ddp
+
+the learning rate after warm-up is lr * batch_size * accum_steps * processes / 256.
+outputs in --out: checkpoints/ (resumable), history.jsonl, config.json, and at the end
+backbone.safetensors (timm parameter names) with its backbone.json card.
+"""
+
+EVALUATE_EPILOG = """\
+examples:
+  vitssl evaluate --checkpoint runs/sup --protocol knn
+  vitssl evaluate --checkpoint runs/sup/backbone.safetensors --protocol linear --max-train 10000
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``vitssl`` parser with its ``pretrain`` and ``evaluate`` subcommands."""
+    return _build_parsers()[0]
+
+
+def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """(the ``vitssl`` parser, its ``pretrain`` subparser)."""
+    parser = _Parser(prog="vitssl", description="Self-supervised Vision Transformers: pre-train and evaluate.",
+                     epilog="run 'vitssl pretrain --help' or 'vitssl evaluate --help' for examples.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{pretrain,evaluate}", parser_class=_Parser)
+    d = PRETRAIN_DEFAULTS
+    p = sub.add_parser("pretrain", help="pre-train a backbone with one method", epilog=PRETRAIN_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Pre-train a ViT backbone with a self-supervised (or supervised) method.")
+    # Every default is None here, so that a value given on the command line can be told apart
+    # from one in --config; the real defaults (PRETRAIN_DEFAULTS) are filled in afterwards.
+    p.add_argument("--config", metavar="FILE", help="YAML or JSON file whose keys are these option names "
+                   "(batch_size or batch-size; model_args / method_args as mappings); flags override it")
+    what = p.add_argument_group("what to train")
+    what.add_argument("--method", help=f"one of: {', '.join(METHODS)}")
+    what.add_argument("--dataset", type=_dataset_spec, help=f"fashion_mnist, cifar10 or folder:PATH "
+                      f"(PATH/<class>/<image>) (default: {d['dataset']})")
+    what.add_argument("--data-root", metavar="DIR", help="folder of the data set files (cifar10: the one "
+                      "holding cifar-10-batches-py; fashion_mnist: searched as vitssl_core.data explains)")
+    what.add_argument("--subset", type=_positive_int, metavar="N", help="train on the first N images only")
+    what.add_argument("--model", help=f"backbone preset: {', '.join(PRESETS)} (default: {d['model']})")
+    what.add_argument("--model-arg", dest="model_args", action="append", type=_key_value, metavar="KEY=VALUE",
+                      help="override a ViT keyword, e.g. depth=6 or drop_path_rate=0.1 (repeatable)")
+    what.add_argument("--method-arg", dest="method_args", action="append", type=_key_value, metavar="KEY=VALUE",
+                      help="keyword for the method, e.g. label_smoothing=0.1 (repeatable)")
+    how = p.add_argument_group("schedule and optimiser")
+    length = how.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=_positive_int, metavar="N", help="passes over the data")
+    length.add_argument("--steps", type=_positive_int, metavar="N", help="optimizer steps (instead of --epochs)")
+    how.add_argument("--batch-size", type=_positive_int, metavar="N",
+                     help=f"images per step per process (default: {d['batch_size']})")
+    how.add_argument("--lr", type=_float, metavar="BLR",
+                     help=f"base learning rate for a batch of 256 (default: {d['lr']})")
+    how.add_argument("--min-lr", type=_float, help=f"final learning rate of the cosine (default: {d['min_lr']})")
+    warm = how.add_mutually_exclusive_group()
+    warm.add_argument("--warmup-epochs", type=_float, help="linear warm-up length in epochs (default: none)")
+    warm.add_argument("--warmup-steps", type=_non_negative_int, help="linear warm-up length in steps")
+    how.add_argument("--weight-decay", type=_float, help=f"AdamW weight decay (default: {d['weight_decay']})")
+    how.add_argument("--weight-decay-end", type=_float,
+                     help="final weight decay of a cosine schedule (default: constant)")
+    how.add_argument("--betas", type=_float, nargs=2, metavar=("B1", "B2"), help="AdamW betas (default: 0.9 0.999)")
+    how.add_argument("--grad-clip", type=_float, metavar="NORM", help="clip the gradient norm (default: off)")
+    how.add_argument("--accum-steps", type=_positive_int, metavar="N",
+                     help="micro-batches per optimizer step (default: 1)")
+    run = p.add_argument_group("how to run")
+    run.add_argument("--precision", choices=("auto", "bf16", "fp32"), help="bf16 autocast or fp32; auto: bf16 on "
+                     "GPUs with bf16 and AVX-512 CPUs (default: auto)")
+    run.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the training step")
+    run.add_argument("--seed", type=_non_negative_int, metavar="N", help="seed of every RNG (default: 0)")
+    run.add_argument("--num-workers", type=_non_negative_int, metavar="N",
+                     help="DataLoader worker processes; 0 makes a resumed "
+                     "run bit-identical (default: 0)")
+    run.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto = the GPU if there is one)")
+    run.add_argument("--out", metavar="DIR", help="folder for checkpoints, history.jsonl and the backbone (required)")
+    run.add_argument("--resume", action=argparse.BooleanOptionalAction, help="continue the checkpoint in --out")
+    run.add_argument("--checkpoint-every", type=_positive_int, metavar="STEPS", help="default: 1000 (and at the end)")
+    run.add_argument("--log-every", type=_positive_int, metavar="STEPS", help="history row every STEPS (default: 10)")
+    run.add_argument("--progress", action=argparse.BooleanOptionalAction, help="progress bar (default: on)")
+    run.add_argument("--print-config", action="store_true", default=None,
+                     help="print the resolved options as YAML and exit")
+
+    e = sub.add_parser("evaluate", help="evaluate a pre-trained backbone", epilog=EVALUATE_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Evaluate the backbone that 'vitssl pretrain' wrote, with one protocol.")
+    e.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="a pretrain --out folder, or a backbone.safetensors with its backbone.json beside it")
+    e.add_argument("--protocol", default="knn", help="knn, linear, finetune or label_efficiency (default: knn)")
+    e.add_argument("--dataset", type=_dataset_spec, help="default: the data set the backbone was trained on")
+    e.add_argument("--data-root", metavar="DIR", help="folder of the data set files")
+    e.add_argument("--max-train", type=_positive_int, metavar="N", help="use the first N training images")
+    e.add_argument("--max-test", type=_positive_int, metavar="N", help="use the first N test images")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    e.add_argument("--seed", type=_non_negative_int, default=0, help="default: 0")
+    e.add_argument("--out", metavar="FILE", help="also write the metrics to this JSON file")
+    return parser, p
+
+
+def _config_argv(path: str, sub: argparse.ArgumentParser, given: argparse.Namespace) -> list[str]:
+    """The options in a YAML/JSON file as command-line words (so they are checked exactly like flags)."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())  # JSON is YAML too
+    except OSError as err:
+        raise _CliError(f"--config {path}: cannot read it ({err.strerror})") from err
+    except yaml.YAMLError as err:
+        raise _CliError(f"--config {path}: not valid YAML/JSON ({getattr(err, 'problem', err)})") from err
+    if not isinstance(loaded, dict):
+        raise _CliError(f"--config {path}: expected a mapping of option names to values, got {type(loaded).__name__}")
+    actions = {a.dest: a for a in sub._actions if a.option_strings and a.dest not in ("help", "config")}
+    exclusive = {"epochs": "steps", "steps": "epochs", "warmup_epochs": "warmup_steps", "warmup_steps": "warmup_epochs"}
+    argv: list[str] = []
+    for raw_key, value in loaded.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in actions:
+            raise _CliError(f"--config {path}: unknown key {raw_key!r}; allowed: {', '.join(sorted(actions))}")
+        action, flag = actions[key], actions[key].option_strings[0]
+        rival = exclusive.get(key)
+        if value is None or (rival is not None and getattr(given, rival) is not None):
+            continue  # null means "the default"; a flag on the command line beats its rival in the file
+        if action.nargs == 0:  # a switch: --resume / --no-resume, --print-config
+            if not isinstance(value, bool):
+                raise _CliError(f"--config {path}: {raw_key} must be true or false, got {value!r}")
+            if value or isinstance(action, argparse.BooleanOptionalAction):
+                argv.append(flag if value else f"--no-{flag[2:]}")
+        elif key in ("model_args", "method_args"):
+            if not isinstance(value, dict):
+                raise _CliError(f"--config {path}: {raw_key} must be a mapping such as {{depth: 2}}, got {value!r}")
+            for k, v in value.items():
+                argv += [flag, f"{k}={json.dumps(v)}"]
+        elif action.nargs == 2:
+            if not isinstance(value, (list, tuple)) or len(value) != 2:
+                raise _CliError(f"--config {path}: {raw_key} must be a list of two numbers, got {value!r}")
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse ``vitssl`` arguments, merging ``--config FILE`` under the command line; defaults filled in."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, pretrain = _build_parsers()
+    args = parser.parse_args(argv)
+    if args.command != "pretrain":
+        return args
+    if args.config is not None:
+        file_argv = _config_argv(args.config, pretrain, args)
+        at = argv.index("pretrain") + 1
+        try:
+            parser.parse_args(argv[:at] + file_argv)  # the file alone: its errors name the file
+        except _CliError as err:
+            raise _CliError(f"--config {args.config}: {err}") from None
+        args = parser.parse_args(argv[:at] + file_argv + argv[at:])
+    for key, value in PRETRAIN_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.model_args, args.method_args = dict(args.model_args), dict(args.method_args)
+    if args.method is None:
+        raise _CliError(f"--method is required; one of: {', '.join(METHODS)}")
+    if args.method not in METHODS:
+        raise _CliError(f"--method {args.method!r} is unknown; one of: {', '.join(METHODS)}")
+    if args.model not in PRESETS:
+        raise _CliError(f"--model {args.model!r} is unknown; one of: {', '.join(PRESETS)}")
+    if args.epochs is None and args.steps is None:
+        raise _CliError("give --epochs N or --steps N")
+    if args.out is None and not args.print_config:
+        raise _CliError("--out DIR is required: the folder for checkpoints, history.jsonl and the backbone")
+    return args
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    try:
+        return TrainConfig(
+            epochs=args.epochs, max_steps=args.steps, batch_size=args.batch_size, blr=args.lr, min_lr=args.min_lr,
+            warmup_steps=args.warmup_steps, warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay,
+            weight_decay_end=args.weight_decay_end, betas=tuple(args.betas), grad_clip=args.grad_clip,
+            accum_steps=args.accum_steps, precision=args.precision, compile=args.compile, seed=args.seed,
+            num_workers=args.num_workers, out_dir=args.out, checkpoint_every=args.checkpoint_every,
+            log_every=args.log_every, progress=args.progress, resume=args.resume, device=args.device)
+    except ValueError as err:
+        raise _CliError(str(err)) from None
+
+
+# --------------------------------------------------------------------------- pretrain
+def _load_dataset(spec: str, data_root: str | None, img_size: int) -> tuple[Dataset, str, int]:
+    """(data set of (float image in [0, 1], label), NORMALIZE key, number of classes)."""
+    try:
+        if spec == "fashion_mnist":
+            return data.FashionMNIST(root=data_root, train=True), "fashion_mnist", 10
+        if spec == "cifar10":
+            root = data_root or os.environ.get(data.ENV_VAR) or str(Path.home() / ".cache" / "vitssl" / "cifar10")
+            return data.cifar10(root, train=True), "cifar10", 10
+        folder = data.image_folder(spec[len("folder:"):], img_size=img_size)
+        return folder, "imagenet", len(folder.classes)
+    except data.DatasetNotFoundError as err:
+        raise _CliError(str(err), code=1) from None
+
+
+def _architecture(backbone: vit.ViT) -> dict[str, Any]:
+    """ViT keyword arguments that rebuild ``backbone``'s structure (also valid for timm's VisionTransformer,
+    except pos_embed)."""
+    block = backbone.blocks[0]
+    return {
+        "img_size": backbone.img_size[0], "patch_size": backbone.patch_size, "in_chans": backbone.in_chans,
+        "num_classes": 0, "global_pool": backbone.global_pool, "embed_dim": backbone.embed_dim,
+        "depth": len(backbone.blocks), "num_heads": backbone.num_heads,
+        "mlp_ratio": block.mlp.fc1.out_features / backbone.embed_dim, "qkv_bias": block.attn.qkv.bias is not None,
+        "init_values": 1e-5 if isinstance(block.ls1, vit.LayerScale) else None,  # structure only; weights hold values
+        "fc_norm": isinstance(backbone.fc_norm, nn.LayerNorm), "pos_embed": backbone.pos_embed_type,
+        "dynamic_img_size": backbone.dynamic_img_size,
+    }
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    config = _train_config(args)
+    if args.print_config:
+        shown = {k: v for k, v in sorted(vars(args).items()) if k not in ("command", "config", "print_config")}
+        print(yaml.safe_dump(shown, sort_keys=False), end="")
+        return 0
+    entry = METHODS[args.method]
+    info = setup_distributed()
+    try:
+        seed_everything(args.seed)  # the same initial weights in every process and every rerun
+        try:
+            backbone = PRESETS[args.model](**args.model_args)
+        except (TypeError, ValueError) as err:
+            raise _CliError(f"--model {args.model} with --model-arg {args.model_args}: {err}") from None
+        base, norm_key, num_classes = _load_dataset(args.dataset, args.data_root, backbone.img_size[0])
+        if args.subset is not None:
+            base = Subset(base, range(min(args.subset, len(base))))
+        shape = tuple(base[0][0].shape)
+        want = (backbone.in_chans, *backbone.img_size)
+        if shape[0] != want[0] or (shape[1:] != want[1:] and not backbone.dynamic_img_size):
+            raise _CliError(f"--model {args.model} takes {'x'.join(map(str, want))} images but "
+                            f"--dataset {args.dataset} "
+                            f"gives {'x'.join(map(str, shape))}; choose a matching preset or set --model-arg "
+                            "img_size=.. / in_chans=..")
+        stats = data.NORMALIZE[norm_key]
+        data_info = DataInfo(args.dataset, backbone.img_size[0], backbone.in_chans, tuple(stats["mean"]),
+                             tuple(stats["std"]), num_classes)
+        kwargs = dict(args.method_args)
+        if entry.num_classes:
+            kwargs.setdefault("num_classes", num_classes)
+        if entry.needs_dataset:
+            kwargs["dataset"] = base
+        try:
+            method = entry.build(backbone, **kwargs)
+        except (TypeError, ValueError) as err:
+            raise _CliError(f"--method {args.method} with --method-arg {args.method_args}: {err}") from None
+        dataset = entry.data(base, data_info, method)
+
+        try:
+            history = train(method, dataset, config)
+        except KeyboardInterrupt as err:
+            raise _CliError(f"stopped ({err}); continue with the same command and --resume", code=130) from None
+        except (FloatingPointError, FileExistsError) as err:
+            raise _CliError(str(err), code=1) from None
+
+        if info.rank == 0:
+            out = Path(args.out)
+            save_backbone(method.backbone, out / "backbone.safetensors")
+            card = {
+                "format": "vitssl-backbone/1", "weights": "backbone.safetensors", "model": args.model,
+                "model_args": args.model_args, "architecture": _architecture(method.backbone),
+                "method": args.method, "method_args": args.method_args, "dataset": args.dataset,
+                "normalize": {"mean": list(stats["mean"]), "std": list(stats["std"])},
+                "steps": history[-1]["step"] if history else 0, "final_loss": history[-1]["loss"] if history else None,
+                "train_config": dataclasses.asdict(config), "world_size": info.world_size,
+                "torch_version": str(torch.__version__),
+            }
+            atomic_write_json(out / "backbone.json", card)
+            loss = f", final loss {card['final_loss']:.4f}" if history else ""
+            print(f"vitssl: trained {card['steps']} steps{loss}; backbone in {out / 'backbone.safetensors'}")
+        return 0
+    finally:
+        cleanup_distributed()
+
+
+# --------------------------------------------------------------------------- evaluate
+def _find_backbone(path: str) -> tuple[Path, dict[str, Any]]:
+    """(backbone.safetensors, its card) from an --out folder or the weights file itself."""
+    p = Path(path)
+    weights = p / "backbone.safetensors" if p.is_dir() else p
+    card_path = weights.with_name("backbone.json")
+    if not weights.is_file() or not card_path.is_file():
+        raise _CliError(f"--checkpoint {path}: expected backbone.safetensors and backbone.json (written by "
+                        "'vitssl pretrain' when training ends)", code=1)
+    return weights, json.loads(card_path.read_text())
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    weights, card = _find_backbone(args.checkpoint)
+    seed_everything(args.seed)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        raise _CliError(str(err)) from None
+    backbone = vit.ViT(**card["architecture"])
+    backbone.load_state_dict(load_backbone(weights))
+    backbone.to(device).eval()
+    kwargs = {k: v for k, v in (("data_root", args.data_root), ("max_train", args.max_train),
+                                ("max_test", args.max_test)) if v is not None}
+    try:
+        metrics = run_protocol(args.protocol, backbone, normalize=card.get("normalize"),
+                               dataset=args.dataset or card.get("dataset", "fashion_mnist"), **kwargs)
+    except ValueError as err:
+        raise _CliError(str(err)) from None
+    text = json.dumps(metrics, indent=2, default=float)
+    if args.out:
+        atomic_write_json(args.out, json.loads(text))
+    print(text)
+    return 0
+
+
+# --------------------------------------------------------------------------- entry point
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``vitssl``; returns the exit code (``--help`` exits through SystemExit(0))."""
+    try:
+        args = parse_args(argv)
+        return _pretrain(args) if args.command == "pretrain" else _evaluate(args)
+    except _CliError as err:
+        print(f"vitssl: error: {err}", file=sys.stderr)
+        return err.code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

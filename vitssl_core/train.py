@@ -1,0 +1,655 @@
+"""The training loop every method shares: AdamW, cosine schedules, accumulation, bf16, DDP, checkpoints.
+
+It follows the engines of MAE (He et al., 2022) and DINO (Caron et al., 2021): AdamW
+(Loshchilov and Hutter, 2019) without weight decay on biases, norms and tokens; learning rate
+and weight decay precomputed per optimisation step (linear warm-up, then cosine); the base
+learning rate scaled linearly with the batch (Goyal et al., 2017):
+
+    lr = blr * batch_size * accum_steps * world_size / 256
+
+where ``batch_size`` is per process. The loop knows nothing of any method. It relies on the
+method protocol only: an ``nn.Module`` with a ``backbone`` attribute, a
+``training_step(batch) -> (loss, logs)`` and optionally ``on_step_end(step, max_steps)``, called
+after every optimizer step with the index (0 .. max_steps - 1) of the step just taken.
+
+What a user can count on:
+- Deterministic: fixed seeds, a sampler whose order depends only on (seed, epoch), a DataLoader
+  with a seeded generator and ``drop_last=True``. With ``num_workers=0`` and fp32 on a CPU, a
+  run stopped at any step (even by SIGKILL) and resumed with ``resume=True`` ends with the very
+  same weights as one that never stopped.
+- Nothing trained is lost: checkpoints every ``checkpoint_every`` steps and at the end; on
+  Ctrl-C or SIGTERM the current step finishes, a checkpoint is saved and ``KeyboardInterrupt``
+  is raised (a second Ctrl-C stops at once); on any other exception the last completed step
+  is saved before re-raising. A non-finite loss raises ``FloatingPointError`` naming the step,
+  before the weights are touched, and leaves the last good checkpoint as it is.
+- Distributed: under ``torchrun`` the method is wrapped in DDP (gloo on CPU, NCCL on GPU);
+  only rank 0 writes files or shows progress.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm.auto import tqdm
+
+from .checkpoint import (
+    atomic_write_bytes,
+    atomic_write_json,
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .distributed import all_reduce_sum, get_rank, get_world_size, is_distributed
+from .schedules import cosine_schedule
+
+__all__ = [
+    "TrainConfig",
+    "DistInfo",
+    "train",
+    "setup_distributed",
+    "cleanup_distributed",
+    "resolve_device",
+    "resolve_precision",
+    "param_groups",
+    "steps_per_epoch",
+    "make_schedules",
+    "seed_everything",
+]
+
+PRECISIONS = ("auto", "bf16", "fp32")
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token")  # any parameter whose name contains one
+HISTORY_FILE = "history.jsonl"
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+# --------------------------------------------------------------------------- configuration
+@dataclass
+class TrainConfig:
+    """Everything the loop needs; a run is given by exactly one of ``epochs`` or ``max_steps``.
+
+    ``batch_size`` is per process; the peak learning rate is
+    ``blr * batch_size * accum_steps * world_size / 256`` (``peak_lr``). ``min_lr`` is absolute.
+    ``precision="auto"`` means bf16 autocast on a CUDA GPU that supports it and on a CPU with
+    AVX-512, fp32 elsewhere. ``out_dir=None`` writes nothing (no checkpoints, no history file).
+    ``resume=True`` continues the newest checkpoint in ``out_dir`` (or starts fresh if there is
+    none); without it an ``out_dir`` that already holds a checkpoint is refused.
+    """
+
+    epochs: int | None = None
+    max_steps: int | None = None
+    batch_size: int = 64
+    blr: float = 5e-4
+    min_lr: float = 0.0
+    warmup_steps: int | None = None
+    warmup_epochs: float | None = None
+    weight_decay: float = 0.05
+    weight_decay_end: float | None = None
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = None
+    accum_steps: int = 1
+    precision: str = "auto"
+    compile: bool = False
+    seed: int = 0
+    num_workers: int = 0
+    out_dir: str | None = None
+    checkpoint_every: int | None = 1000
+    log_every: int = 10
+    progress: bool = True
+    resume: bool = False
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if (self.epochs is None) == (self.max_steps is None):
+            raise ValueError(f"give exactly one of epochs={self.epochs!r} and max_steps={self.max_steps!r}")
+        if self.warmup_steps is not None and self.warmup_epochs is not None:
+            raise ValueError(f"give at most one of warmup_steps={self.warmup_steps!r} and "
+                             f"warmup_epochs={self.warmup_epochs!r}")
+        # name: (whole numbers only, 0 allowed, None allowed)
+        rules = {"epochs": (True, False, True), "max_steps": (True, False, True),
+                 "batch_size": (True, False, False), "accum_steps": (True, False, False),
+                 "log_every": (True, False, False), "checkpoint_every": (True, False, True),
+                 "warmup_steps": (True, True, True), "seed": (True, True, False), "num_workers": (True, True, False),
+                 "blr": (False, False, False), "min_lr": (False, True, False), "warmup_epochs": (False, True, True),
+                 "weight_decay": (False, True, False), "weight_decay_end": (False, True, True),
+                 "grad_clip": (False, False, True)}
+        for name, (integer, zero, optional) in rules.items():
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            kinds = int if integer else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kinds) or not (value >= 0 if zero else value > 0):
+                raise ValueError(f"{name}={value!r} must be {'an int' if integer else 'a number'} "
+                                 f"{'>=' if zero else '>'} 0{' or None' if optional else ''}")
+        betas = tuple(self.betas) if isinstance(self.betas, (list, tuple)) else None
+        if betas is None or len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas={self.betas!r} must be two numbers in [0, 1), e.g. (0.9, 0.999)")
+        self.betas = (float(betas[0]), float(betas[1]))
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is not one of {PRECISIONS}")
+        for name in ("compile", "progress", "resume"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
+        if self.out_dir is not None and not isinstance(self.out_dir, (str, os.PathLike)):
+            raise ValueError(f"out_dir={self.out_dir!r} must be a path or None")
+        if self.out_dir is not None:
+            self.out_dir = os.fspath(self.out_dir)
+        if self.resume and self.out_dir is None:
+            raise ValueError("resume=True needs out_dir, the folder whose checkpoint to continue")
+        resolve_device(self.device)  # validates
+
+    def peak_lr(self, world_size: int = 1) -> float:
+        """The learning rate after warm-up: ``blr * batch_size * accum_steps * world_size / 256``."""
+        return self.blr * self.batch_size * self.accum_steps * world_size / 256
+
+
+# --------------------------------------------------------------------------- processes and devices
+class DistInfo(NamedTuple):
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def setup_distributed() -> DistInfo:
+    """Join the process group that ``torchrun`` describes in RANK / WORLD_SIZE / LOCAL_RANK.
+
+    A no-op without those variables (one process) or when a group already exists. The backend is
+    gloo for CPU tensors and NCCL for CUDA tensors; on a GPU machine each process takes the GPU
+    ``LOCAL_RANK``.
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(get_rank(), get_world_size(), local_rank)
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return DistInfo(0, 1, 0)
+    if not dist.is_available():
+        raise RuntimeError("RANK and WORLD_SIZE are set but this torch build has no torch.distributed")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        backend = "cpu:gloo,cuda:nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend=backend, init_method="env://")
+    return DistInfo(get_rank(), get_world_size(), local_rank)
+
+
+def cleanup_distributed() -> None:
+    """Leave the process group, if there is one (call once, at the end of the program)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"``: the GPU ``LOCAL_RANK`` if CUDA is available, else the CPU; otherwise ``torch.device(device)``."""
+    if isinstance(device, torch.device):
+        return device
+    if not isinstance(device, str):
+        raise ValueError(f"device={device!r} must be 'auto' or a torch device string such as 'cpu' or 'cuda:0'")
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device={device!r} is not a torch device; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from err
+
+
+def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str:
+    """``"bf16"`` or ``"fp32"``; ``"auto"`` picks bf16 where it is fast (CUDA with bf16, CPU with AVX-512)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not one of {PRECISIONS}")
+    if precision != "auto":
+        return precision
+    device = resolve_device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        # AVX-512 (and AMX) CPUs run oneDNN's bf16 kernels natively; on AVX2 bf16 is emulated and slower.
+        return "bf16" if "AVX512" in torch.backends.cpu.get_cpu_capability() else "fp32"
+    return "fp32"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's global generator and torch (CPU and every GPU)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- optimizer and schedules
+def param_groups(method: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups: decayed weights, and undecayed biases / 1-D params / tokens.
+
+    No decay for names ending in ``bias``, parameters with one dimension (norms, LayerScale),
+    names containing ``pos_embed``, ``cls_token`` or ``mask_token``, and the names returned by
+    ``no_weight_decay()`` of the method or of its backbone. Frozen parameters
+    (``requires_grad=False``, e.g. an EMA teacher) are left out. Each group lists its ``names``.
+    """
+    if not isinstance(method, nn.Module):
+        raise TypeError(f"method must be an nn.Module, got {type(method).__name__}")
+    skip: set[str] = set()
+    for module in (method, getattr(method, "backbone", None)):
+        if module is not None and callable(getattr(module, "no_weight_decay", None)):
+            skip |= set(module.no_weight_decay())
+    decay: tuple[list, list] = ([], [])
+    no_decay: tuple[list, list] = ([], [])
+    for name, p in method.named_parameters():
+        if not p.requires_grad:
+            continue
+        exempt = (p.ndim <= 1 or name.endswith("bias") or any(t in name for t in NO_DECAY_NAMES)
+                  or any(name == s or name.endswith("." + s) for s in skip))
+        group = no_decay if exempt else decay
+        group[0].append(name)
+        group[1].append(p)
+    if not decay[1] and not no_decay[1]:
+        raise ValueError("method has no trainable parameters (every requires_grad is False)")
+    return [
+        {"params": decay[1], "names": decay[0], "weight_decay": weight_decay, "apply_wd": True},
+        {"params": no_decay[1], "names": no_decay[0], "weight_decay": 0.0, "apply_wd": False},
+    ]
+
+
+def steps_per_epoch(num_samples: int, config: TrainConfig, world_size: int = 1) -> int:
+    """Optimizer steps in one pass: each process gets num_samples // world_size, in full batches."""
+    per_step = config.batch_size * config.accum_steps * world_size
+    steps = (num_samples // world_size) // config.batch_size // config.accum_steps
+    if steps == 0:
+        raise ValueError(
+            f"the dataset has {num_samples} samples, fewer than one step needs: batch_size={config.batch_size} "
+            f"x accum_steps={config.accum_steps} x {world_size} process(es) = {per_step} "
+            "(incomplete batches are dropped)"
+        )
+    return steps
+
+
+def make_schedules(
+    config: TrainConfig, total_steps: int, epoch_steps: int, world_size: int = 1
+) -> tuple[Tensor, Tensor]:
+    """(lr, weight decay), each a float64 (total_steps,) tensor: linear warm-up then cosine for lr; cosine for wd."""
+    if config.warmup_steps is not None:
+        warmup = config.warmup_steps
+    elif config.warmup_epochs is not None:
+        warmup = round(config.warmup_epochs * epoch_steps)
+    else:
+        warmup = 0
+    if warmup > total_steps:
+        raise ValueError(f"the warm-up ({warmup} steps) is longer than the run ({total_steps} steps); "
+                         "shorten warmup_steps / warmup_epochs")
+    lr = cosine_schedule(config.peak_lr(world_size), config.min_lr, total_steps, warmup_steps=warmup)
+    wd_end = config.weight_decay if config.weight_decay_end is None else config.weight_decay_end
+    wd = cosine_schedule(config.weight_decay, wd_end, total_steps)
+    return lr, wd
+
+
+# --------------------------------------------------------------------------- small helpers of the loop
+class _StepModule(nn.Module):
+    """Makes ``training_step`` the forward, so DDP (which arms its gradient sync in forward) and compile see it."""
+
+    def __init__(self, method: nn.Module):
+        super().__init__()
+        self.method = method
+
+    def forward(self, batch: Any) -> tuple[Tensor, dict[str, float]]:
+        return self.method.training_step(batch)
+
+
+class _ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start part-way into an epoch (``start`` samples of this rank skipped).
+
+    Used in one process too (num_replicas=1), so the order of samples depends only on
+    (seed, epoch): N processes with batch b see, step by step, the same samples as one with N*b.
+    """
+
+    start: int = 0
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(super().__iter__())[self.start:])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+class _StopSignals:
+    """While active, a first SIGINT / SIGTERM only sets ``requested``; a second SIGINT raises at once.
+
+    Handlers are installed only in the main thread and only over the default ones, so a caller's
+    own handler is left alone.
+    """
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                old = signal.getsignal(sig)
+                if old in (signal.default_int_handler, signal.SIG_DFL):
+                    self._old[sig] = old
+                    signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested is not None:
+            self._restore()
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping at once")
+        self.requested = signal.Signals(signum).name
+
+    def _restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._restore()
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    """Tensors (also inside lists, tuples and dicts) moved to ``device``."""
+    if isinstance(obj, Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _check_method(method: Any) -> None:
+    if not isinstance(method, nn.Module):
+        raise TypeError(f"method must be an nn.Module following the method protocol, got {type(method).__name__}")
+    if not isinstance(getattr(method, "backbone", None), nn.Module):
+        raise TypeError(f"method {type(method).__name__} has no `backbone` module (the protocol needs one)")
+    if not callable(getattr(method, "training_step", None)):
+        raise TypeError(f"method {type(method).__name__} has no training_step(batch) -> (loss, logs)")
+
+
+def _read_history(path: Path, rows: int) -> list[dict[str, Any]]:
+    """The first ``rows`` rows of history.jsonl (rows written after the checkpoint are dropped)."""
+    history: list[dict[str, Any]] = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if len(history) == rows:
+                break
+            try:
+                history.append(json.loads(line))
+            except ValueError:  # a line cut short by a crash: nothing after it is trusted
+                break
+    if len(history) < rows:
+        warnings.warn(f"{path} holds {len(history)} complete rows, the checkpoint expected {rows}; "
+                      "the history before the resume is incomplete", stacklevel=3)
+    return history
+
+
+def _warn_config_changes(saved: dict[str, Any], config: TrainConfig) -> None:
+    ignore = {"resume", "progress", "out_dir", "device", "num_workers", "compile", "log_every", "checkpoint_every"}
+    now = dataclasses.asdict(config)
+    changed = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in now if k in saved and k not in ignore and
+               (list(saved[k]) if isinstance(saved[k], tuple) else saved[k]) !=
+               (list(now[k]) if isinstance(now[k], tuple) else now[k])]
+    if changed:
+        warnings.warn("resuming with a config that differs from the checkpoint's (" + "; ".join(changed) +
+                      "); the schedules follow the new config", stacklevel=3)
+
+
+def _same_on_all_ranks(value: int, device: torch.device, what: str) -> None:
+    if not is_distributed():
+        return
+    t = torch.tensor([value, -value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    if t[0].item() != -t[1].item():
+        raise RuntimeError(f"the processes disagree on {what} (min {-t[1].item():.0f}, max {t[0].item():.0f}); "
+                           "out_dir must be on a file system that every node sees")
+
+
+# --------------------------------------------------------------------------- the loop
+def train(
+    method: nn.Module,
+    dataset: Dataset,
+    config: TrainConfig,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Train ``method`` on ``dataset``; return the history (one dict per logged step).
+
+    Each history row holds ``step`` (optimizer steps done), ``epoch`` (fractional), ``loss``,
+    ``lr``, ``wd``, ``img_per_s`` (all processes together), ``grad_norm`` when clipping, and
+    the method's logs, averaged over the steps since the previous row (``loss`` over all
+    processes, the method's logs over this process's batches). With ``out_dir`` the rows also
+    go to ``out_dir/history.jsonl`` and checkpoints to ``out_dir/checkpoints``.
+    ``callback(row)`` is called on rank 0 after each row. Rank 0 returns the whole history
+    (also the rows from before a resume); other processes return the rows of this call.
+    """
+    _check_method(method)
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback={callback!r} must be callable or None")
+    if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+        raise TypeError(f"dataset must be a map-style Dataset (with __len__ and __getitem__), "
+                        f"got {type(dataset).__name__}")
+
+    info = setup_distributed()
+    rank, world = info.rank, info.world_size
+    main = rank == 0
+    device = resolve_device(config.device)
+    bf16 = resolve_precision(config.precision, device) == "bf16"
+    method.to(device)
+    method.train()
+
+    epoch_steps = steps_per_epoch(len(dataset), config, world)
+    total = config.max_steps if config.max_steps is not None else config.epochs * epoch_steps
+    lr_schedule, wd_schedule = make_schedules(config, total, epoch_steps, world)
+    groups = param_groups(method, config.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=float(lr_schedule[0]), betas=config.betas)
+    images_per_step = config.batch_size * config.accum_steps * world
+
+    # ---- start fresh or resume
+    out = Path(config.out_dir) if config.out_dir is not None else None
+    ckpt_root = out / CHECKPOINT_DIR if out is not None else None
+    found = latest_checkpoint(ckpt_root) if ckpt_root is not None and ckpt_root.is_dir() else None
+    if found is not None and not config.resume:
+        raise FileExistsError(f"out_dir={config.out_dir!r} already holds a checkpoint ({found}); pass resume=True "
+                              "to continue it, or choose another out_dir")
+    step, epoch, pos, history = 0, 0, 0, []
+    interval: dict[str, Any] = {"steps": 0, "loss": 0.0, "grad_norm": 0.0, "logs": {}}
+    if found is not None:
+        weights, state = load_checkpoint(found)
+        method.load_state_dict(weights)
+        optimizer.load_state_dict(state["optimizer"])
+        step, epoch, pos, interval = state["step"], state["epoch"], state["pos"], state["interval"]
+        if len(state["rng"]) == world:
+            set_rng_state(state["rng"][rank])
+        else:  # an emergency save of a multi-process run holds rank 0's RNG only
+            seed_everything(config.seed + rank + 7919 * step)
+            if rank != 0:
+                warnings.warn(f"the checkpoint holds RNG states for {len(state['rng'])} process(es), not {world}; "
+                              "process RNGs were reseeded", stacklevel=2)
+        if main:  # the history file and the warnings are rank 0's business
+            history = _read_history(out / HISTORY_FILE, state["history_len"])
+            _warn_config_changes(state["config"], config)
+        if main and state["world_size"] != world:
+            warnings.warn(f"the checkpoint was written by {state['world_size']} process(es), this run has {world}: "
+                          "the global batch and the order of samples change", stacklevel=2)
+    else:
+        seed_everything(config.seed + rank)
+    _same_on_all_ranks(step, device, "the step to start from")
+    if step > total:
+        raise ValueError(f"the checkpoint is at step {step}, beyond this config's {total} steps")
+    if main and out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out / HISTORY_FILE, "".join(json.dumps(r) + "\n" for r in history).encode())
+        if found is None:
+            atomic_write_json(out / CONFIG_FILE, {
+                **dataclasses.asdict(config), "world_size": world, "peak_lr": config.peak_lr(world),
+                "total_steps": total, "steps_per_epoch": epoch_steps, "precision_used": "bf16" if bf16 else "fp32"})
+
+    # ---- model, data
+    step_module = _StepModule(method)
+    ddp = None
+    model: nn.Module = step_module
+    if is_distributed():
+        ddp = DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
+        model = ddp
+    if config.compile:
+        model = torch.compile(model)
+    sampler = _ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=config.seed, drop_last=True)
+    generator = torch.Generator()
+    loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers,
+                        drop_last=True, generator=generator, pin_memory=device.type == "cuda",
+                        persistent_workers=config.num_workers > 0)
+    params = [p for g in groups for p in g["params"]]
+
+    def save(rng_states: list[dict[str, Any]]) -> None:
+        state = {"format": 1, "step": step, "epoch": epoch, "pos": pos, "optimizer": optimizer.state_dict(),
+                 "rng": rng_states, "config": dataclasses.asdict(config), "history_len": len(history),
+                 "interval": interval, "world_size": world, "torch_version": str(torch.__version__)}
+        save_checkpoint(ckpt_root, step, method.state_dict(), state)
+
+    def gather_rng() -> list[dict[str, Any]]:
+        if not is_distributed():
+            return [rng_snapshot]
+        states: list[Any] = [None] * world
+        dist.all_gather_object(states, rng_snapshot)
+        return states
+
+    last_saved = step if found is not None else None
+    rng_snapshot = rng_state()  # the RNGs as they are at the start of step `step`
+    updating = False  # True while weights are half-way through an update: nothing may be saved then
+    bar = tqdm(total=total, initial=step, disable=not (config.progress and main), unit="step", dynamic_ncols=True)
+    history_file = open(out / HISTORY_FILE, "a") if main and out is not None else None
+    batches: Iterator | None = None
+    t_last = time.perf_counter()
+    stop = _StopSignals()
+    try:
+        with stop:
+            while step < total:
+                if batches is None:  # a new epoch, or the rest of one after a resume
+                    if pos >= epoch_steps:
+                        epoch, pos = epoch + 1, 0
+                    sampler.set_epoch(epoch)
+                    sampler.start = pos * config.accum_steps * config.batch_size
+                    generator.manual_seed(int(np.random.SeedSequence([config.seed, epoch, rank]).generate_state(1)[0]))
+                    batches = iter(loader)
+
+                loss_sum = torch.zeros((), device=device)
+                logs_sum: dict[str, float] = {}
+                for micro in range(config.accum_steps):
+                    batch = _to_device(next(batches), device)
+                    last_micro = micro == config.accum_steps - 1
+                    with ddp.no_sync() if ddp is not None and not last_micro else contextlib.nullcontext():
+                        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                            loss, logs = model(batch)
+                        if not isinstance(loss, Tensor) or loss.ndim != 0:
+                            raise TypeError(f"{type(method).__name__}.training_step must return (scalar Tensor, dict); "
+                                            f"got a loss of type {type(loss).__name__}")
+                        (loss.float() / config.accum_steps).backward()
+                    loss_sum += loss.detach().float()
+                    for k, v in logs.items():
+                        logs_sum[k] = logs_sum.get(k, 0.0) + float(v) / config.accum_steps
+
+                # one collective: the loss averaged over processes, and whether any process was told to stop
+                reduced = all_reduce_sum(torch.stack([loss_sum / config.accum_steps,
+                                                      torch.tensor(float(stop.requested is not None), device=device)]))
+                loss_value = reduced[0].item() / world
+                stop_now = reduced[1].item() > 0
+                if not math.isfinite(loss_value):
+                    kept = f"the last checkpoint ({latest_checkpoint(ckpt_root)}) is kept" if last_saved is not None \
+                        else "no checkpoint had been saved yet"
+                    raise FloatingPointError(
+                        f"loss is {loss_value} at step {step + 1} of {total} (epoch {epoch}); the weights were not "
+                        f"updated and {kept}. Lower the learning rate, set grad_clip, or use precision='fp32'.")
+
+                for group in optimizer.param_groups:
+                    group["lr"] = float(lr_schedule[step])
+                    group["weight_decay"] = float(wd_schedule[step]) if group["apply_wd"] else 0.0
+                grad_norm = None
+                if config.grad_clip is not None:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
+                updating = True
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if callable(getattr(method, "on_step_end", None)):
+                    method.on_step_end(step, total)
+                step, pos = step + 1, pos + 1
+                updating = False
+                rng_snapshot = rng_state()
+                if pos >= epoch_steps:
+                    batches = None  # never fetch past the epoch's last full step
+                bar.update(1)
+
+                interval["steps"] += 1
+                interval["loss"] += loss_value
+                interval["grad_norm"] += grad_norm or 0.0
+                for k, v in logs_sum.items():
+                    interval["logs"][k] = interval["logs"].get(k, 0.0) + v
+                if step % config.log_every == 0 or step == total:
+                    now = time.perf_counter()
+                    n = interval["steps"]
+                    row = {k: v / n for k, v in interval["logs"].items()}
+                    row.update(step=step, epoch=round(step / epoch_steps, 4), loss=interval["loss"] / n,
+                               lr=float(lr_schedule[step - 1]), wd=float(wd_schedule[step - 1]),
+                               img_per_s=n * images_per_step / max(now - t_last, 1e-9))
+                    if config.grad_clip is not None:
+                        row["grad_norm"] = interval["grad_norm"] / n
+                    history.append(row)
+                    interval = {"steps": 0, "loss": 0.0, "grad_norm": 0.0, "logs": {}}
+                    t_last = now
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['img_per_s']:.0f}",
+                                    refresh=False)
+                    if history_file is not None:
+                        history_file.write(json.dumps(row) + "\n")
+                        history_file.flush()
+                    if callback is not None and main:
+                        callback(row)
+                    rng_snapshot = rng_state()  # a callback may draw random numbers: resume after it
+
+                every = config.checkpoint_every
+                if ckpt_root is not None and (step == total or stop_now or (every is not None and step % every == 0)):
+                    rngs = gather_rng()
+                    if main:
+                        save(rngs)
+                    last_saved = step
+                if stop_now:
+                    where = f"; checkpoint saved in {ckpt_root}, continue with resume=True" if ckpt_root else ""
+                    raise KeyboardInterrupt(f"training stopped by {stop.requested or 'another process'} "
+                                            f"after step {step}{where}")
+    except FloatingPointError:
+        raise
+    except BaseException as err:
+        if main and ckpt_root is not None and not updating and step > 0 and last_saved != step:
+            try:
+                save([rng_snapshot])  # no collective here: another process may be gone
+            except Exception as save_err:  # the original error matters more; say what happened
+                err.add_note(f"vitssl: saving a checkpoint at step {step} failed too: {save_err!r}")
+            else:
+                err.add_note(f"vitssl: checkpoint of step {step} saved in {ckpt_root}; continue with resume=True")
+        if stop.requested is not None and not isinstance(err, KeyboardInterrupt):
+            raise KeyboardInterrupt(f"training stopped by {stop.requested} at step {step}") from err
+        raise
+    finally:
+        bar.close()
+        if history_file is not None:
+            history_file.close()
+        del batches
+    return history

@@ -33,7 +33,7 @@ SCRIPT = textwrap.dedent('''
     torch.set_num_threads(1)
     from vitssl_core import __main__ as cli
     from vitssl_core.supervised import Supervised
-    cli.METHODS["plain"] = cli.MethodEntry(build=Supervised, data=lambda ds, info: ds, num_classes=True)
+    cli.METHODS["plain"] = cli.MethodEntry(build=Supervised, data=lambda ds, info, method: ds, num_classes=True)
     sys.exit(cli.main(sys.argv[1:]))
 ''')
 
@@ -73,7 +73,7 @@ def test_two_gloo_processes_match_one_process_with_the_combined_batch(tmp_path, 
     torch.set_num_threads(1)
     try:  # the same command in this process, one rank, batch 16
         from vitssl_core.supervised import Supervised
-        monkeypatch.setitem(cli.METHODS, "plain", cli.MethodEntry(build=Supervised, data=lambda ds, info: ds,
+        monkeypatch.setitem(cli.METHODS, "plain", cli.MethodEntry(build=Supervised, data=lambda ds, info, method: ds,
                                                                   num_classes=True))
         assert cli.main(pretrain_args(tmp_path / "one", 16)) == 0
     finally:

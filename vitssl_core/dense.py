@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import batched_nms, generalized_box_iou_loss, sigmoid_focal_loss
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .scenes import collate_detection
 from .schedules import cosine_schedule

@@ -224,3 +224,34 @@ def test_sigkill_then_resume_gives_bit_identical_weights(tmp_path):
     run_rows = drop((tmp_path / "run" / "history.jsonl").read_text())
     assert [r["step"] for r in run_rows] == list(range(1, 2 * k + 1))  # rows after the checkpoint re-done once
     assert run_rows == ref_rows
+
+
+def test_load_pretrained_reads_a_card_and_float16_weights(tmp_path):
+    from vitssl_core.checkpoint import load_pretrained
+    from vitssl_core.vit import architecture
+
+    backbone = ViT(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=2, num_heads=2).eval()
+    save_backbone(backbone, tmp_path / "tiny.safetensors", dtype=torch.float16)
+    card = {"name": "tiny", "weights": "tiny.safetensors", "model": architecture(backbone), "feature": "cls"}
+    (tmp_path / "tiny.json").write_text(json.dumps(card))
+    for path in (tmp_path / "tiny.json", tmp_path / "tiny.safetensors"):
+        loaded, loaded_card = load_pretrained(path)
+        assert loaded_card == card and not loaded.training
+        assert all(p.dtype == torch.float32 for p in loaded.parameters())
+        x = torch.rand(3, 1, 28, 28)
+        with torch.no_grad():  # float16 storage: equal to the original up to half precision
+            torch.testing.assert_close(loaded(x), backbone.half().float()(x), atol=1e-5, rtol=1e-5)
+        backbone.float()
+
+
+def test_load_pretrained_explains_what_is_missing(tmp_path):
+    from vitssl_core.checkpoint import load_pretrained
+
+    with pytest.raises(FileNotFoundError, match="no card missing.json"):
+        load_pretrained(tmp_path / "missing.safetensors")
+    (tmp_path / "nomodel.json").write_text(json.dumps({"weights": "nomodel.safetensors"}))
+    with pytest.raises(ValueError, match='no "model" mapping'):
+        load_pretrained(tmp_path / "nomodel.json")
+    (tmp_path / "pixels.json").write_text(json.dumps({"weights": None, "model": {"depth": 1}}))
+    with pytest.raises(FileNotFoundError, match="pixels.safetensors are missing"):
+        load_pretrained(tmp_path / "pixels.json")

@@ -1,5 +1,6 @@
 """The ViT backbone: agreement with timm, shapes, hooks, interpolation and errors."""
 
+import json
 import math
 
 import pytest
@@ -66,12 +67,28 @@ def test_presets_match_timm_parameter_counts():
 def test_small_image_presets_shapes():
     x28, x32 = torch.rand(2, 1, 28, 28), torch.rand(2, 3, 32, 32)
     for build, x, n in [(vitssl_core.vit_tiny_28, x28, 50), (vitssl_core.vit_small_28, x28, 50),
-                        (vitssl_core.vit_tiny_32, x32, 65), (vitssl_core.vit_small_32, x32, 65)]:
+                        (vitssl_core.vit_tiny_32, x32, 65), (vitssl_core.vit_small_32, x32, 65),
+                        (vitssl_core.vit_mini_28, x28, 17)]:
         m = build(depth=1)
         tokens = m.forward_features(x)
         assert tokens.shape == (2, n, m.embed_dim)
         assert m(x).shape == (2, m.embed_dim)  # num_classes=0 gives features
     assert vitssl_core.vit_tiny_28(num_classes=10, depth=1)(x28).shape == (2, 10)
+
+
+def test_architecture_rebuilds_the_structure():
+    from vitssl_core.vit import architecture
+
+    for model in (vitssl_core.vit_mini_28(), tiny(depth=2, init_values=1e-5, global_pool="avg"),
+                  vitssl_core.vit_tiny_28(depth=1, pos_embed="sincos", dynamic_img_size=True)):
+        kwargs = architecture(model)
+        json.dumps(kwargs)  # a card is JSON
+        rebuilt = ViT(**kwargs)
+        rebuilt.load_state_dict(model.state_dict())  # strict: same keys, same shapes
+        assert architecture(rebuilt) == kwargs
+    assert sum(p.numel() for p in vitssl_core.vit_mini_28().parameters()) == 1_198_592
+    with pytest.raises(TypeError, match="vitssl_core.ViT"):
+        architecture(torch.nn.Linear(2, 2))
 
 
 def test_fused_and_manual_attention_agree():

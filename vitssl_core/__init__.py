@@ -15,7 +15,7 @@ The public API the book and users import, bottom-up (dependencies point down thi
 
 from . import data
 from .augment import MultiCrop, TwoViews, asymmetric_augment, dino_augment, local_crop_augment, simclr_augment
-from .checkpoint import load_backbone, load_checkpoint, save_backbone
+from .checkpoint import load_backbone, load_checkpoint, load_pretrained, save_backbone
 from .contrastive import MoCoV3, SimCLR
 from .dense import (
     DetectionHead,
@@ -53,6 +53,7 @@ from .vit import (
     resample_pos_embed,
     sincos_pos_embed_2d,
     vit_base,
+    vit_mini_28,
     vit_small,
     vit_small_28,
     vit_small_32,

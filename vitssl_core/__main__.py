@@ -40,6 +40,7 @@ from .vit import ViT
 from .train import TrainConfig, cleanup_distributed, resolve_device, seed_everything, setup_distributed, train
 
 PRESETS: dict[str, Callable[..., vit.ViT]] = {
+    "vit_mini_28": vit.vit_mini_28,
     "vit_tiny_28": vit.vit_tiny_28,
     "vit_small_28": vit.vit_small_28,
     "vit_tiny_32": vit.vit_tiny_32,
@@ -455,21 +456,6 @@ def _load_dataset(spec: str, data_root: str | None, img_size: int) -> tuple[Data
         raise _CliError(str(err), code=1) from None
 
 
-def _architecture(backbone: vit.ViT) -> dict[str, Any]:
-    """ViT keyword arguments that rebuild ``backbone``'s structure (also valid for timm's VisionTransformer,
-    except pos_embed)."""
-    block = backbone.blocks[0]
-    return {
-        "img_size": backbone.img_size[0], "patch_size": backbone.patch_size, "in_chans": backbone.in_chans,
-        "num_classes": 0, "global_pool": backbone.global_pool, "embed_dim": backbone.embed_dim,
-        "depth": len(backbone.blocks), "num_heads": backbone.num_heads,
-        "mlp_ratio": block.mlp.fc1.out_features / backbone.embed_dim, "qkv_bias": block.attn.qkv.bias is not None,
-        "init_values": 1e-5 if isinstance(block.ls1, vit.LayerScale) else None,  # structure only; weights hold values
-        "fc_norm": isinstance(backbone.fc_norm, nn.LayerNorm), "pos_embed": backbone.pos_embed_type,
-        "dynamic_img_size": backbone.dynamic_img_size,
-    }
-
-
 def _pretrain(args: argparse.Namespace) -> int:
     config = _train_config(args)
     if args.print_config:
@@ -520,7 +506,7 @@ def _pretrain(args: argparse.Namespace) -> int:
             save_backbone(method.backbone, out / "backbone.safetensors")
             card = {
                 "format": "vitssl-backbone/1", "weights": "backbone.safetensors", "model": args.model,
-                "model_args": args.model_args, "architecture": _architecture(method.backbone),
+                "model_args": args.model_args, "architecture": vit.architecture(method.backbone),
                 "method": args.method, "method_args": args.method_args, "dataset": args.dataset,
                 "normalize": {"mean": list(stats["mean"]), "std": list(stats["std"])},
                 "steps": history[-1]["step"] if history else 0, "final_loss": history[-1]["loss"] if history else None,

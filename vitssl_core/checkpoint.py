@@ -20,7 +20,9 @@ later removed.
 
 ``save_backbone`` exports only the ViT, with timm's plain keys (``blocks.0.attn.qkv.weight``,
 no ``backbone.`` prefix), so ``vitssl_core.ViT`` and timm's ``VisionTransformer`` built with the
-same sizes both read ``load_backbone(path)`` with ``strict=True``.
+same sizes both read ``load_backbone(path)`` with ``strict=True``. ``load_pretrained`` reads a
+shipped backbone (``checkpoints/NAME.safetensors``) with the JSON card beside it that says how
+to rebuild it (``"model"``: the ViT keyword arguments) and how to feed it (``"normalize"``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ from safetensors.torch import load_file as _st_load_file
 from safetensors.torch import save as _st_save
 from torch import Tensor, nn
 
+from .vit import ViT
+
 __all__ = [
     "UnsafeCheckpointError",
     "atomic_write_bytes",
@@ -51,6 +55,7 @@ __all__ = [
     "set_rng_state",
     "save_backbone",
     "load_backbone",
+    "load_pretrained",
 ]
 
 WEIGHTS_FILE = "model.safetensors"
@@ -315,3 +320,28 @@ def load_backbone(path: str | os.PathLike) -> dict[str, Tensor]:
     if "patch_embed.proj.weight" not in state and "backbone.patch_embed.proj.weight" in state:
         state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     return state
+
+
+def load_pretrained(path: str | os.PathLike) -> tuple[ViT, dict[str, Any]]:
+    """(backbone in eval mode, float32 on CPU; its card) from ``NAME.json`` or ``NAME.safetensors``.
+
+    The card is the JSON file beside the weights; its ``"model"`` holds the ``ViT`` keyword
+    arguments, ``"feature"`` what probes read ("cls", "avg" or "cls+avg"), ``"normalize"`` the
+    mean and std applied to pixels in [0, 1], and ``"metrics"`` what the backbone scored.
+    """
+    path = Path(path)
+    card_path = path if path.suffix == ".json" else path.with_suffix(".json")
+    if not card_path.is_file():
+        raise FileNotFoundError(f"path={str(path)!r}: no card {card_path.name} (a NAME.json beside NAME.safetensors)")
+    card = json.loads(card_path.read_text())
+    model = card.get("model") if isinstance(card, dict) else None
+    if not isinstance(model, dict):
+        raise ValueError(f"{card_path}: the card has no \"model\" mapping of ViT keyword arguments")
+    weights = card_path.with_name(card.get("weights") or card_path.with_suffix(".safetensors").name)
+    if not weights.is_file():
+        raise FileNotFoundError(f"{card_path}: its weights {weights.name} are missing (the card describes a "
+                                "baseline without weights?)")
+    backbone = ViT(**model)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_backbone(weights).items()}
+    backbone.load_state_dict(state)
+    return backbone.eval(), card

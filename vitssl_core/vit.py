@@ -482,6 +482,27 @@ class ViT(nn.Module):
         return maps
 
 
+def architecture(backbone: ViT) -> dict:
+    """The ``ViT`` keyword arguments that rebuild ``backbone``'s structure, without a head.
+
+    What a checkpoint card stores as ``"model"``: ``ViT(**architecture(b))`` loads ``b``'s state
+    dict with ``strict=True``. (``init_values`` only marks that LayerScale exists; the weights hold
+    its values.)
+    """
+    if not isinstance(backbone, ViT):
+        raise TypeError(f"backbone must be a vitssl_core.ViT, got {type(backbone).__name__}")
+    block = backbone.blocks[0]
+    return {
+        "img_size": backbone.img_size[0], "patch_size": backbone.patch_size, "in_chans": backbone.in_chans,
+        "num_classes": 0, "global_pool": backbone.global_pool, "embed_dim": backbone.embed_dim,
+        "depth": len(backbone.blocks), "num_heads": backbone.num_heads,
+        "mlp_ratio": block.mlp.fc1.out_features / backbone.embed_dim, "qkv_bias": block.attn.qkv.bias is not None,
+        "init_values": 1e-5 if isinstance(block.ls1, LayerScale) else None,
+        "fc_norm": isinstance(backbone.fc_norm, nn.LayerNorm), "pos_embed": backbone.pos_embed_type,
+        "dynamic_img_size": backbone.dynamic_img_size,
+    }
+
+
 # --------------------------------------------------------------------------- presets
 def _preset(defaults: dict) -> Callable[..., ViT]:
     def build(**overrides) -> ViT:
@@ -503,6 +524,9 @@ vit_tiny_28 = _preset(dict(img_size=28, patch_size=4, in_chans=1, **_TINY))
 vit_tiny_28.__doc__ = "ViT-Tiny for 28x28 grey images (Fashion-MNIST): patch 4, a 7x7 grid of 49 patches."
 vit_small_28 = _preset(dict(img_size=28, patch_size=4, in_chans=1, **_SMALL))
 vit_small_28.__doc__ = "ViT-Small for 28x28 grey images: patch 4, 49 patches."
+vit_mini_28 = _preset(dict(img_size=28, patch_size=7, in_chans=1, embed_dim=128, depth=6, num_heads=4))
+vit_mini_28.__doc__ = ("A CPU-sized ViT for 28x28 grey images: patch 7 (a 4x4 grid of 16 patches), D=128, 6 blocks, "
+                       "4 heads, 1.2M parameters; the architecture of the shipped checkpoints.")
 vit_tiny_32 = _preset(dict(img_size=32, patch_size=4, in_chans=3, **_TINY))
 vit_tiny_32.__doc__ = "ViT-Tiny for 32x32 colour images (CIFAR-10): patch 4, an 8x8 grid of 64 patches."
 vit_small_32 = _preset(dict(img_size=32, patch_size=4, in_chans=3, **_SMALL))

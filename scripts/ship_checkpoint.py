@@ -1,0 +1,223 @@
+"""Evaluate a trained backbone on all of Fashion-MNIST and ship it as checkpoints/NAME.{safetensors,json}.
+
+    python scripts/ship_checkpoint.py runs/results/simclr --name simclr   # a `vitssl pretrain` --out folder
+    python scripts/ship_checkpoint.py --random --name random              # the untrained baseline (seed 0)
+    python scripts/ship_checkpoint.py --pixels --name pixels              # raw pixels: a card, no weights
+
+The weights are stored in float16 and every metric is measured on the float16 weights read back,
+so the card describes exactly the file that ships. The protocols (all top-1 % on the 10 000 test
+images; the training split's 60 000 images give the features and labels):
+
+- feature: "cls", "avg" or "cls+avg", whichever gives the best kNN accuracy when the last 10 000
+  training images are classified by the first 50 000 (the test set plays no part in the choice);
+- knn: weighted cosine kNN, k=20, T=0.07 (DINO's protocol), on the chosen feature;
+- linear: a linear classifier on the standardised frozen feature (MAE's probe), 100 epochs AdamW;
+- label_1pct / label_10pct: the same probe trained on a class-balanced 1 % / 10 % of the labels
+  (seed 0); for the `supervised` baseline, instead, a ViT trained from scratch end to end on
+  that 1 % / 10 % (what the labels alone buy);
+- finetune: the whole network trained end to end (new head, layer decay 0.75) for --finetune-epochs
+  epochs on all labels.
+
+A card also records the recipe and command, seed, git revision, hardware, torch version, the
+training wall time (scripts/train_results.sh writes runs/NAME/wall_seconds.txt) and the
+evaluation wall time. tests/test_checkpoints.py re-measures every card's kNN in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from vitssl_core import vit_mini_28
+from vitssl_core.checkpoint import atomic_write_json, load_backbone, load_pretrained, save_backbone
+from vitssl_core.data import NORMALIZE, load_fashion_mnist_tensors
+from vitssl_core.evaluate import (class_balanced_subset, extract_features, finetune, knn_accuracy,
+                                  label_efficiency, linear_probe, pixel_features)
+from vitssl_core.vit import ViT, architecture
+
+ROOT = Path(__file__).resolve().parents[1]
+KNN = dict(k=20, temperature=0.07)
+FRACTIONS = (0.01, 0.1)
+VALIDATION = 10_000  # the last images of the training split, for choosing the feature
+SCRATCH_EPOCHS = {0.01: 100, 0.1: 20}  # from-scratch training on a label fraction: about 60k and 120k images seen
+
+
+def _git_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev.stdout.strip() + ("+uncommitted changes" if dirty else "")
+
+
+def _hardware() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    capability = torch.backends.cpu.get_cpu_capability()
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (GPU)"
+    return f"{cpu} ({capability}), {torch.get_num_threads()} thread(s) of a {torch.multiprocessing.cpu_count()}-core CPU"
+
+
+def _wall_seconds(run: Path) -> float | None:
+    file = run / "wall_seconds.txt"
+    if not file.is_file():
+        return None
+    return float(sum(float(line) for line in file.read_text().split()))
+
+
+def _feature_choice(f_train: torch.Tensor, y_train: torch.Tensor, dim: int) -> tuple[str, dict[str, float]]:
+    """The feature with the best kNN accuracy on the last VALIDATION training images, and all the scores."""
+    views = {"cls": f_train[:, :dim], "avg": f_train[:, dim:], "cls+avg": f_train}
+    fit, val = slice(0, len(f_train) - VALIDATION), slice(len(f_train) - VALIDATION, None)
+    scores = {name: knn_accuracy(f[fit], y_train[fit], f[val], y_train[val], **KNN) for name, f in views.items()}
+    return max(scores, key=scores.get), scores
+
+
+def _slice(f: torch.Tensor, feature: str, dim: int) -> torch.Tensor:
+    return {"cls": f[:, :dim], "avg": f[:, dim:], "cls+avg": f}[feature]
+
+
+def _probe_metrics(f_train, y_train, f_test, y_test) -> dict[str, float]:
+    metrics = {"knn": knn_accuracy(f_train, y_train, f_test, y_test, **KNN),
+               "linear": linear_probe(f_train, y_train, f_test, y_test)["top1"]}
+    shares = label_efficiency(f_train, y_train, f_test, y_test, fractions=FRACTIONS, protocol="linear")
+    metrics["label_1pct"], metrics["label_10pct"] = shares[0.01], shares[0.1]
+    return metrics
+
+
+def _scratch_on_fractions(model: dict, x_train, y_train, x_test, y_test, normalize) -> dict[str, float]:
+    """Top-1 of a ViT trained from scratch (seed 0) on class-balanced 1 % and 10 % of the labels."""
+    out = {}
+    for fraction, key in zip(FRACTIONS, ("label_1pct", "label_10pct")):
+        idx = class_balanced_subset(y_train, fraction=fraction, seed=0)
+        torch.manual_seed(0)
+        scratch = ViT(**{**model, "num_classes": 0})
+        result = finetune(scratch, (x_train[idx], y_train[idx]), (x_test, y_test), 10,
+                          epochs=SCRATCH_EPOCHS[fraction], lr=1e-3, layer_decay=1.0, warmup_epochs=5,
+                          normalize=normalize, precision="fp32", seed=0)
+        out[key] = result["top1"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("run", nargs="?", help="a `vitssl pretrain` --out folder (backbone.safetensors + backbone.json)")
+    what.add_argument("--random", action="store_true", help="ship vit_mini_28 at its seed-0 initialisation")
+    what.add_argument("--pixels", action="store_true", help="write the raw-pixel baseline's card (no weights)")
+    parser.add_argument("--name", required=True, help="NAME of checkpoints/NAME.safetensors and NAME.json")
+    parser.add_argument("--out", default=str(ROOT / "checkpoints"), help="default: checkpoints/")
+    parser.add_argument("--finetune-epochs", type=int, default=1, help="default: 1")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args(argv)
+    if not args.name.isidentifier():
+        parser.error(f"--name {args.name!r} must be a plain identifier such as simclr")
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    x_train, y_train = load_fashion_mnist_tensors(train=True)  # uint8 (60000, 28, 28), int64 (60000,)
+    x_test, y_test = load_fashion_mnist_tensors(train=False)
+    card: dict = {"format": "vitssl-card/1", "name": args.name, "dataset": "fashion_mnist",
+                  "code_revision": _git_revision(), "torch_version": str(torch.__version__),
+                  "eval_hardware": _hardware()}
+
+    if args.pixels:
+        f_train, f_test = pixel_features(x_train), pixel_features(x_test)
+        card.update({"method": "pixels", "weights": None, "feature": "pixels", "normalize": None,
+                     "metrics": {**{k: round(v, 2) for k, v in _probe_metrics(f_train, y_train, f_test, y_test).items()},
+                                 "finetune": None},
+                     "recipe": None, "command": f"python scripts/ship_checkpoint.py --pixels --name {args.name}"})
+        card["eval_wall_seconds"] = round(time.perf_counter() - start, 1)
+        atomic_write_json(out / f"{args.name}.json", card)
+        print(json.dumps(card["metrics"], indent=2))
+        return 0
+
+    if args.random:
+        torch.manual_seed(0)
+        backbone = vit_mini_28()
+        normalize = {k: list(v) for k, v in NORMALIZE["fashion_mnist"].items()}
+        run_card = {"method": "random", "model": "vit_mini_28", "steps": 0}
+        recipe, command, wall = None, "torch.manual_seed(0); vitssl_core.vit_mini_28()", 0.0
+    else:
+        run = Path(args.run)
+        run_card = json.loads((run / "backbone.json").read_text())
+        backbone = ViT(**run_card["architecture"])
+        backbone.load_state_dict(load_backbone(run / "backbone.safetensors"))
+        normalize = run_card["normalize"]
+        recipe = f"configs/results/{run.name}.yaml"
+        if not (ROOT / recipe).is_file():
+            recipe = None
+        command = f"vitssl pretrain --config {recipe}" if recipe else "see train_config"
+        wall = _wall_seconds(run)
+        card["train_config"] = run_card.get("train_config")
+        card["method_args"] = run_card.get("method_args")
+
+    model = architecture(backbone)
+    weights = out / f"{args.name}.safetensors"
+    save_backbone(backbone, weights, dtype=torch.float16, metadata={"card": f"{args.name}.json"})
+    card.update({"method": run_card["method"], "weights": weights.name, "model": model, "normalize": normalize})
+    atomic_write_json(out / f"{args.name}.json", card)  # load_pretrained reads the card next to the weights
+    backbone, _ = load_pretrained(weights)  # the float16 weights, read back as float32: what ships
+    dim = backbone.embed_dim
+
+    both_train = extract_features(backbone, x_train, "cls+avg", normalize=normalize, precision="fp32")
+    both_test = extract_features(backbone, x_test, "cls+avg", normalize=normalize, precision="fp32")
+    feature, choice = _feature_choice(both_train, y_train, dim)
+    f_train, f_test = _slice(both_train, feature, dim), _slice(both_test, feature, dim)
+    metrics = _probe_metrics(f_train, y_train, f_test, y_test)
+    if run_card["method"] == "supervised":
+        metrics.update(_scratch_on_fractions(model, x_train, y_train, x_test, y_test, normalize))
+    ft = finetune(backbone, (x_train, y_train), (x_test, y_test), 10, epochs=args.finetune_epochs,
+                  warmup_epochs=0, normalize=normalize, precision="fp32", seed=0)
+    metrics["finetune"] = ft["top1"]
+
+    card.update({
+        "feature": feature, "metrics": {k: round(v, 2) for k, v in metrics.items()},
+        "protocols": {
+            "feature_choice_knn_on_validation": {k: round(v, 2) for k, v in choice.items()},
+            "knn": {**KNN, "n_train": len(y_train), "n_test": len(y_test)},
+            "linear": "linear_probe defaults: standardised features, AdamW lr 1e-3, 100 epochs",
+            "label_fractions": ("a ViT trained from scratch on the class-balanced subset (seed 0), epochs "
+                                f"{SCRATCH_EPOCHS}" if run_card["method"] == "supervised" else
+                                "linear_probe on a class-balanced subset of the labels (seed 0)"),
+            "finetune": {"epochs": args.finetune_epochs, "lr": 5e-4, "layer_decay": 0.75, "batch_size": 128},
+        },
+        "recipe": recipe, "command": command, "seed": run_card.get("train_config", {}).get("seed", 0),
+        "steps": run_card.get("steps"), "final_loss": run_card.get("final_loss"),
+        "train_hardware": _train_hardware(args.random), "train_wall_seconds": wall,
+        "eval_wall_seconds": round(time.perf_counter() - start, 1),
+        "parameters": sum(p.numel() for p in backbone.parameters()),
+        "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+    })
+    atomic_write_json(out / f"{args.name}.json", card)
+    print(json.dumps({"feature": feature, **metrics}, indent=2))
+    return 0
+
+
+def _train_hardware(random: bool) -> str | None:
+    if random:
+        return None
+    cpu = _hardware().split(" (")[0]
+    return f"{cpu}, 1 thread (scripts/train_results.sh; another run shared the 2-core machine)"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,7 +12,7 @@ import yaml
 
 from vitssl_core import ViT
 from vitssl_core import __main__ as cli
-from vitssl_core.checkpoint import load_backbone, load_checkpoint
+from vitssl_core.checkpoint import load_backbone, load_checkpoint, save_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_ARGS = ["--model-arg", "depth=2", "--model-arg", "embed_dim=32", "--model-arg", "num_heads=2",
@@ -184,6 +184,22 @@ def test_evaluate_knn_end_to_end_on_real_data(trained, capsys):
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["n_train"] == 500 and metrics["n_test"] == 200
     assert 10.0 < metrics["top1"] <= 100.0  # well above chance even for a 4-step backbone on real images
+
+
+def test_evaluate_reads_a_shipped_checkpoint_and_its_feature(tmp_path, monkeypatch, capsys):
+    from vitssl_core.vit import architecture
+
+    backbone = ViT(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=1, num_heads=2)
+    save_backbone(backbone, tmp_path / "tiny.safetensors", dtype=torch.float16)
+    card = {"name": "tiny", "weights": "tiny.safetensors", "model": architecture(backbone), "feature": "avg",
+            "normalize": {"mean": [0.5], "std": [0.25]}, "dataset": "fashion_mnist"}
+    (tmp_path / "tiny.json").write_text(json.dumps(card))
+    calls = []
+    monkeypatch.setattr(cli, "run_protocol", lambda protocol, bb, **kw: calls.append((bb, kw)) or {"top1": 1.0})
+    assert cli.main(["evaluate", "--checkpoint", str(tmp_path / "tiny.safetensors"), "--device", "cpu"]) == 0
+    loaded, kwargs = calls[0]
+    assert kwargs["feature"] == "avg" and kwargs["normalize"] == card["normalize"]
+    assert all(torch.equal(v, backbone.state_dict()[k].half().float()) for k, v in loaded.state_dict().items())
 
 
 def test_evaluate_unknown_protocol_is_one_line(trained, capsys):

@@ -29,7 +29,7 @@ from torchvision.transforms import v2
 
 from . import data, vit
 from .augment import MultiCrop, TwoViews, asymmetric_augment, dino_augment, simclr_augment
-from .checkpoint import atomic_write_json, load_backbone, save_backbone
+from .checkpoint import atomic_write_json, load_backbone, load_pretrained, save_backbone
 from .contrastive import MoCoV3, SimCLR
 from .dino import DINO
 from .evaluate import run_protocol
@@ -271,6 +271,7 @@ EVALUATE_EPILOG = """\
 examples:
   vitssl evaluate --checkpoint runs/sup --protocol knn
   vitssl evaluate --checkpoint runs/sup/backbone.safetensors --protocol linear --max-train 10000
+  vitssl evaluate --checkpoint checkpoints/simclr.safetensors --protocol knn   # a shipped backbone
 """
 
 
@@ -522,31 +523,38 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- evaluate
-def _find_backbone(path: str) -> tuple[Path, dict[str, Any]]:
-    """(backbone.safetensors, its card) from an --out folder or the weights file itself."""
+def _find_backbone(path: str) -> tuple[vit.ViT, dict[str, Any]]:
+    """(backbone, its card) from a pretrain --out folder, its backbone.safetensors, or a shipped
+    checkpoints/NAME.safetensors (or NAME.json)."""
     p = Path(path)
     weights = p / "backbone.safetensors" if p.is_dir() else p
+    shipped = weights.with_suffix(".json")
+    if weights.name != "backbone.safetensors" and shipped.is_file():
+        backbone, card = load_pretrained(shipped)
+        return backbone, {**card, "architecture": card["model"]}
     card_path = weights.with_name("backbone.json")
     if not weights.is_file() or not card_path.is_file():
         raise _CliError(f"--checkpoint {path}: expected backbone.safetensors and backbone.json (written by "
-                        "'vitssl pretrain' when training ends)", code=1)
-    return weights, json.loads(card_path.read_text())
+                        "'vitssl pretrain' when training ends), or a shipped NAME.safetensors with NAME.json", code=1)
+    card = json.loads(card_path.read_text())
+    backbone = vit.ViT(**card["architecture"])
+    backbone.load_state_dict(load_backbone(weights))
+    return backbone, card
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    weights, card = _find_backbone(args.checkpoint)
+    backbone, card = _find_backbone(args.checkpoint)
     seed_everything(args.seed)
     try:
         device = resolve_device(args.device)
     except ValueError as err:
         raise _CliError(str(err)) from None
-    backbone = vit.ViT(**card["architecture"])
-    backbone.load_state_dict(load_backbone(weights))
     backbone.to(device).eval()
     kwargs = {k: v for k, v in (("data_root", args.data_root), ("max_train", args.max_train),
                                 ("max_test", args.max_test)) if v is not None}
     try:
-        metrics = run_protocol(args.protocol, backbone, normalize=card.get("normalize"),
+        metrics = run_protocol(args.protocol, backbone, feature=card.get("feature", "cls"),
+                               normalize=card.get("normalize"),
                                dataset=args.dataset or card.get("dataset", "fashion_mnist"), **kwargs)
     except ValueError as err:
         raise _CliError(str(err)) from None

@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from . import data
 from .schedules import cosine_schedule
+from .train import resolve_precision
 from .vit import DropPath, ViT
 
 __all__ = [
@@ -59,7 +60,6 @@ __all__ = [
 ]
 
 FEATURES = ("cls", "avg", "cls+avg")
-PRECISIONS = ("auto", "bf16", "fp32")
 PROTOCOLS = ("knn", "linear", "finetune", "label_efficiency")
 Images = Tensor | Dataset
 
@@ -115,17 +115,9 @@ def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def _bf16_is_fast(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and "AVX512" in torch.backends.cpu.get_cpu_capability()
-
-
 def _autocast(device: torch.device, precision: str):
     """bf16 autocast for "bf16", or for "auto" where bf16 is fast (CUDA with bf16, CPU with AVX-512)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} is not one of {PRECISIONS}")
-    if precision == "bf16" or (precision == "auto" and _bf16_is_fast(device)):
+    if resolve_precision(precision, device) == "bf16":  # the trainer's rule, one place for the whole package
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

@@ -19,14 +19,6 @@ TINY_ARGS = ["--model-arg", "depth=2", "--model-arg", "embed_dim=32", "--model-a
              "--model-arg", "patch_size=7"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def smoke(out, *extra):
     return ["pretrain", "--method", "supervised", "--steps", "4", "--subset", "128", "--batch-size", "16",
             "--log-every", "2", "--no-progress", "--precision", "fp32", "--out", str(out), *TINY_ARGS, *extra]

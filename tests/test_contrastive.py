@@ -15,15 +15,6 @@ from vitssl_core.vit import ViT
 MEAN, STD = data.NORMALIZE["fashion_mnist"]["mean"], data.NORMALIZE["fashion_mnist"]["std"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster than two fighting on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_vit(**kw):
     return ViT(img_size=28, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2, **kw)
 

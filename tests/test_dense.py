@@ -26,15 +26,6 @@ from vitssl_core.scenes import FashionScenes, collate_detection
 from vitssl_core.vit import ViT
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors: one thread is faster than two fighting over a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_vit(**overrides):
     torch.manual_seed(0)
     kwargs = dict(img_size=64, patch_size=8, in_chans=1, embed_dim=32, depth=2, num_heads=2)

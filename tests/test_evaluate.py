@@ -23,15 +23,6 @@ def tiny(**kw):
     return ViT(**{**TINY, **kw})
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine run far faster on one intra-op thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _real():
     try:
         train = data.load_fashion_mnist_tensors(train=True, download=False)

@@ -11,15 +11,6 @@ import torch.nn.functional as F
 from vitssl_core.losses import dino_cross_entropy, info_nce, info_nce_article, moco_infonce, sharpen
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster than two fighting on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --------------------------------------------------------------------------- helpers
 def cos(a, b):
     """Cosine similarity of two Python sequences, by hand."""

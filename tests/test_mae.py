@@ -18,15 +18,6 @@ def tiny_mae(**kw):
     return MAE(tiny_encoder(), decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, **kw)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are all overhead: on a shared 2-core machine one thread is many times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def fmnist():
     """16 real Fashion-MNIST test images, normalised like the training data: (16, 1, 28, 28)."""

@@ -10,15 +10,6 @@ from vitssl_core.masked import BEiT, PatchTokenizer, SimMIM, masked_token_cross_
 from vitssl_core.vit import ViT
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are all overhead: on a shared 2-core machine one thread is many times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def fmnist_uint8():
     images, _ = load_fashion_mnist_tensors(train=False)

@@ -6,15 +6,6 @@ import torch
 from vitssl_core.masking import block_masking, patchify, random_masking, unpatchify
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors are all overhead: on a shared 2-core machine one thread is many times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --------------------------------------------------------------------------- patchify
 def test_patchify_matches_mae_pixel_order():
     """Same order as facebookresearch/mae: reshape + einsum 'nchpwq->nhwpqc'."""

@@ -10,15 +10,6 @@ from vitssl_core import data
 from vitssl_core.scenes import FashionScenes, collate_detection, scene_class_names
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors: one thread is faster than two fighting over a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def train_scenes():
     return FashionScenes("train", num_scenes=60, seed=0)

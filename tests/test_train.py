@@ -28,14 +28,6 @@ from vitssl_core.train import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def fmnist():
     """The first 256 images of the real Fashion-MNIST test split: ((1, 28, 28) in [0, 1], label)."""

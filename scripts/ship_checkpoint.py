@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         card.update({"method": "pixels", "weights": None, "feature": "pixels", "normalize": None,
                      "metrics": {**{k: round(v, 2) for k, v in _probe_metrics(f_train, y_train, f_test, y_test).items()},
                                  "finetune": None},
+                     "protocols": {"knn": {**KNN, "n_train": len(y_train), "n_test": len(y_test)},
+                                   "linear": "linear_probe defaults on the pixels in [0, 1], standardised",
+                                   "label_fractions": "linear_probe on a class-balanced subset (seed 0)"},
                      "recipe": None, "command": f"python scripts/ship_checkpoint.py --pixels --name {args.name}"})
         card["eval_wall_seconds"] = round(time.perf_counter() - start, 1)
         atomic_write_json(out / f"{args.name}.json", card)

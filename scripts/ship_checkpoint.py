@@ -72,7 +72,8 @@ def _hardware() -> str:
     capability = torch.backends.cpu.get_cpu_capability()
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (GPU)"
-    return f"{cpu} ({capability}), {torch.get_num_threads()} thread(s) of a {torch.multiprocessing.cpu_count()}-core CPU"
+    cores = torch.multiprocessing.cpu_count()
+    return f"{cpu} ({capability}), {torch.get_num_threads()} thread(s) of a {cores}-core CPU"
 
 
 def _wall_seconds(run: Path) -> float | None:
@@ -141,9 +142,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.pixels:
         f_train, f_test = pixel_features(x_train), pixel_features(x_test)
+        probes = _probe_metrics(f_train, y_train, f_test, y_test)
         card.update({"method": "pixels", "weights": None, "feature": "pixels", "normalize": None,
-                     "metrics": {**{k: round(v, 2) for k, v in _probe_metrics(f_train, y_train, f_test, y_test).items()},
-                                 "finetune": None},
+                     "metrics": {**{k: round(v, 2) for k, v in probes.items()}, "finetune": None},
                      "protocols": {"knn": {**KNN, "n_train": len(y_train), "n_test": len(y_test)},
                                    "linear": "linear_probe defaults on the pixels in [0, 1], standardised",
                                    "label_fractions": "linear_probe on a class-balanced subset (seed 0)"},

@@ -39,7 +39,7 @@ import torch
 from vitssl_core import vit_mini_28
 from vitssl_core.checkpoint import atomic_write_json, load_backbone, load_pretrained, save_backbone
 from vitssl_core.data import NORMALIZE, load_fashion_mnist_tensors
-from vitssl_core.evaluate import (class_balanced_subset, extract_features, finetune, knn_accuracy,
+from vitssl_core.evaluate import (FEATURES, class_balanced_subset, extract_features, finetune, knn_accuracy,
                                   label_efficiency, linear_probe, pixel_features)
 from vitssl_core.vit import ViT, architecture
 
@@ -60,20 +60,22 @@ def _git_revision() -> str:
     return rev.stdout.strip() + ("+uncommitted changes" if dirty else "")
 
 
-def _hardware() -> str:
-    cpu = platform.processor() or platform.machine()
+def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    capability = torch.backends.cpu.get_cpu_capability()
+    return platform.processor() or platform.machine()
+
+
+def _hardware() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (GPU)"
+    capability = torch.backends.cpu.get_cpu_capability()
     cores = torch.multiprocessing.cpu_count()
-    return f"{cpu} ({capability}), {torch.get_num_threads()} thread(s) of a {cores}-core CPU"
+    return f"{_cpu_name()} ({capability}), {torch.get_num_threads()} thread(s) of a {cores}-core CPU"
 
 
 def _wall_seconds(run: Path) -> float | None:
@@ -83,16 +85,17 @@ def _wall_seconds(run: Path) -> float | None:
     return float(sum(float(line) for line in file.read_text().split()))
 
 
+def _slice(f: torch.Tensor, feature: str, dim: int) -> torch.Tensor:
+    """The columns of ``feature`` in "cls+avg" features (N, 2 * dim)."""
+    return {"cls": f[:, :dim], "avg": f[:, dim:], "cls+avg": f}[feature]
+
+
 def _feature_choice(f_train: torch.Tensor, y_train: torch.Tensor, dim: int) -> tuple[str, dict[str, float]]:
     """The feature with the best kNN accuracy on the last VALIDATION training images, and all the scores."""
-    views = {"cls": f_train[:, :dim], "avg": f_train[:, dim:], "cls+avg": f_train}
+    views = {name: _slice(f_train, name, dim) for name in FEATURES}
     fit, val = slice(0, len(f_train) - VALIDATION), slice(len(f_train) - VALIDATION, None)
     scores = {name: knn_accuracy(f[fit], y_train[fit], f[val], y_train[val], **KNN) for name, f in views.items()}
     return max(scores, key=scores.get), scores
-
-
-def _slice(f: torch.Tensor, feature: str, dim: int) -> torch.Tensor:
-    return {"cls": f[:, :dim], "avg": f[:, dim:], "cls+avg": f}[feature]
 
 
 def _probe_metrics(f_train, y_train, f_test, y_test) -> dict[str, float]:
@@ -219,8 +222,7 @@ def main(argv: list[str] | None = None) -> int:
 def _train_hardware(random: bool) -> str | None:
     if random:
         return None
-    cpu = _hardware().split(" (")[0]
-    return f"{cpu}, 1 thread (scripts/train_results.sh; another run shared the 2-core machine)"
+    return f"{_cpu_name()}, 1 thread (scripts/train_results.sh; another run shared the 2-core machine)"
 
 
 if __name__ == "__main__":

@@ -530,8 +530,7 @@ def _find_backbone(path: str) -> tuple[vit.ViT, dict[str, Any]]:
     weights = p / "backbone.safetensors" if p.is_dir() else p
     shipped = weights.with_suffix(".json")
     if weights.name != "backbone.safetensors" and shipped.is_file():
-        backbone, card = load_pretrained(shipped)
-        return backbone, {**card, "architecture": card["model"]}
+        return load_pretrained(shipped)
     card_path = weights.with_name("backbone.json")
     if not weights.is_file() or not card_path.is_file():
         raise _CliError(f"--checkpoint {path}: expected backbone.safetensors and backbone.json (written by "

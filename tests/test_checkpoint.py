@@ -255,3 +255,16 @@ def test_load_pretrained_explains_what_is_missing(tmp_path):
     (tmp_path / "pixels.json").write_text(json.dumps({"weights": None, "model": {"depth": 1}}))
     with pytest.raises(FileNotFoundError, match="pixels.safetensors are missing"):
         load_pretrained(tmp_path / "pixels.json")
+
+
+def test_load_pretrained_reads_the_card_vitssl_pretrain_writes(tmp_path):
+    from vitssl_core.checkpoint import load_pretrained
+    from vitssl_core.vit import architecture
+
+    backbone = ViT(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=1, num_heads=2).eval()
+    save_backbone(backbone, tmp_path / "backbone.safetensors")
+    card = {"weights": "backbone.safetensors", "architecture": architecture(backbone), "model": "vit_mini_28"}
+    (tmp_path / "backbone.json").write_text(json.dumps(card))
+    loaded, loaded_card = load_pretrained(tmp_path / "backbone.json")
+    assert loaded_card == card
+    assert all(torch.equal(v, backbone.state_dict()[k]) for k, v in loaded.state_dict().items())

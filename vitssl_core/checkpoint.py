@@ -326,7 +326,8 @@ def load_pretrained(path: str | os.PathLike) -> tuple[ViT, dict[str, Any]]:
     """(backbone in eval mode, float32 on CPU; its card) from ``NAME.json`` or ``NAME.safetensors``.
 
     The card is the JSON file beside the weights; its ``"model"`` holds the ``ViT`` keyword
-    arguments, ``"feature"`` what probes read ("cls", "avg" or "cls+avg"), ``"normalize"`` the
+    arguments (``"architecture"`` in the ``backbone.json`` that ``vitssl pretrain`` writes, which
+    is read too), ``"feature"`` what probes read ("cls", "avg" or "cls+avg"), ``"normalize"`` the
     mean and std applied to pixels in [0, 1], and ``"metrics"`` what the backbone scored.
     """
     path = Path(path)
@@ -334,9 +335,12 @@ def load_pretrained(path: str | os.PathLike) -> tuple[ViT, dict[str, Any]]:
     if not card_path.is_file():
         raise FileNotFoundError(f"path={str(path)!r}: no card {card_path.name} (a NAME.json beside NAME.safetensors)")
     card = json.loads(card_path.read_text())
-    model = card.get("model") if isinstance(card, dict) else None
+    model = None
+    if isinstance(card, dict):  # a shipped card's "model", or the "architecture" of `vitssl pretrain`'s backbone.json
+        model = card.get("model") if isinstance(card.get("model"), dict) else card.get("architecture")
     if not isinstance(model, dict):
-        raise ValueError(f"{card_path}: the card has no \"model\" mapping of ViT keyword arguments")
+        raise ValueError(f"{card_path}: the card has no \"model\" mapping of ViT keyword arguments "
+                         "(nor the \"architecture\" of a backbone.json from vitssl pretrain)")
     weights = card_path.with_name(card.get("weights") or card_path.with_suffix(".safetensors").name)
     if not weights.is_file():
         raise FileNotFoundError(f"{card_path}: its weights {weights.name} are missing (the card describes a "

@@ -1,11 +1,13 @@
 """Tests for vitssl_core.mae: MAE's encoder sees only visible patches, its loss, its checkpoint keys."""
 
+import math
+
 import pytest
 import torch
 
 from vitssl_core.data import NORMALIZE, load_fashion_mnist_tensors
 from vitssl_core.mae import MAE
-from vitssl_core.vit import ViT
+from vitssl_core.vit import ViT, sincos_pos_embed_2d
 
 
 def tiny_encoder(**kw):
@@ -179,10 +181,26 @@ def test_loss_falls_on_a_fixed_batch(fmnist):
     assert after < 0.85 * before, (before, after)
 
 
-def test_learned_pos_embed_encoder_is_kept_and_trained(fmnist):
-    mae = MAE(tiny_encoder(pos_embed="learned"), 32, 1, 2)
+def test_encoder_is_set_up_as_models_mae_does(fmnist):
+    """Default: fixed sin-cos positions and xavier-uniform linears in the encoder (models_mae.py)."""
+    encoder = tiny_encoder(pos_embed="learned")
+    mae = MAE(encoder, 32, 1, 2)
+    assert encoder.pos_embed_type == "sincos" and not encoder.pos_embed.requires_grad
+    assert torch.equal(encoder.pos_embed[0], sincos_pos_embed_2d(32, 7))
+    fc1 = encoder.blocks[0].mlp.fc1.weight  # (128, 32): xavier bound sqrt(6 / 160) = 0.19; std 0.11
+    assert abs(fc1.std().item() - math.sqrt(2 / 160)) < 0.01 and fc1.abs().max() <= math.sqrt(6 / 160)
+    assert torch.count_nonzero(encoder.blocks[0].attn.qkv.bias) == 0
     mae(fmnist[:2])[0].backward()
-    assert mae.backbone.pos_embed.requires_grad and mae.backbone.pos_embed.grad is not None
+    assert encoder.pos_embed.grad is None
+
+
+def test_init_encoder_false_keeps_the_given_encoder(fmnist):
+    encoder = tiny_encoder(pos_embed="learned")
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    mae = MAE(encoder, 32, 1, 2, init_encoder=False)
+    assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())
+    mae(fmnist[:2])[0].backward()
+    assert encoder.pos_embed.requires_grad and encoder.pos_embed.grad is not None
 
 
 # --------------------------------------------------------------------------- figures

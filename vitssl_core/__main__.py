@@ -29,7 +29,8 @@ from torchvision.transforms import v2
 
 from . import data, vit
 from .augment import MultiCrop, TwoViews, asymmetric_augment, dino_augment, simclr_augment
-from .checkpoint import atomic_write_json, load_backbone, load_pretrained, save_backbone
+from .checkpoint import (atomic_write_json, latest_checkpoint, load_backbone, load_checkpoint, load_pretrained,
+                         save_backbone)
 from .contrastive import MoCoV3, SimCLR
 from .dino import DINO
 from .evaluate import run_protocol
@@ -37,7 +38,7 @@ from .mae import MAE
 from .masked import BEiT, PatchTokenizer, SimMIM
 from .supervised import Supervised
 from .vit import ViT
-from .train import TrainConfig, cleanup_distributed, resolve_device, seed_everything, setup_distributed, train
+from .train import CHECKPOINT_DIR, TrainConfig, cleanup_distributed, resolve_device, seed_everything, setup_distributed, train
 
 PRESETS: dict[str, Callable[..., vit.ViT]] = {
     "vit_mini_28": vit.vit_mini_28,
@@ -512,7 +513,7 @@ def _pretrain(args: argparse.Namespace) -> int:
                 "normalize": {"mean": list(stats["mean"]), "std": list(stats["std"])},
                 "steps": history[-1]["step"] if history else 0, "final_loss": history[-1]["loss"] if history else None,
                 "train_config": dataclasses.asdict(config), "world_size": info.world_size,
-                "torch_version": str(torch.__version__),
+                "torch_version": str(torch.__version__), **_segments(out),
             }
             atomic_write_json(out / "backbone.json", card)
             loss = f", final loss {card['final_loss']:.4f}" if history else ""
@@ -520,6 +521,13 @@ def _pretrain(args: argparse.Namespace) -> int:
         return 0
     finally:
         cleanup_distributed()
+
+
+def _segments(out: Path) -> dict[str, Any]:
+    """The wall time and hardware of every start and resume of the run in ``out`` (from its last checkpoint)."""
+    latest = latest_checkpoint(out / CHECKPOINT_DIR)
+    segments = load_checkpoint(latest)[1].get("segments", []) if latest is not None else []
+    return {"train_wall_seconds": round(sum(s["seconds"] for s in segments), 1), "train_segments": segments}
 
 
 # --------------------------------------------------------------------------- evaluate

@@ -73,9 +73,17 @@ class MAE(nn.Module):
     the single owner of its parameters: ``backbone.set_img_size`` or ``load_state_dict(...,
     assign=True)`` replace a Parameter, and a second reference held by MAE would go stale.
 
-    MAE fixes the encoder's ``pos_embed`` to 2-D sin-cos (build it with ``pos_embed="sincos"``);
-    an encoder with a learned ``pos_embed`` is kept as it is and trained, not converted. The
-    encoder's own initialisation is kept too; the decoder is initialised as in MAE (xavier).
+    With ``init_encoder=True`` (the default, for pre-training from scratch) the encoder is set
+    up as ``models_mae.py`` sets up its own: ``pos_embed`` becomes the fixed 2-D sin-cos table
+    (not trained) and every Linear is re-initialised xavier-uniform with zero bias (MAE follows
+    the JAX ViT here; timm's truncated normal 0.02 is 3x narrower at D=128). Pass
+    ``init_encoder=False`` to keep a given encoder's weights, e.g. to continue pre-training.
+    The decoder is always initialised as in MAE: xavier linears, fixed sin-cos positions.
+
+    Deviations from facebookresearch/mae that we keep:
+    - ``cls_token`` and ``mask_token`` are not weight-decayed (MAE's ``add_weight_decay`` decays
+      every tensor of more than one dimension); one no-decay rule serves every method here, and
+      both tokens are a few hundred numbers.
     """
 
     def __init__(
@@ -87,6 +95,7 @@ class MAE(nn.Module):
         mask_ratio: float = 0.75,
         norm_pix_loss: bool = True,
         mlp_ratio: float = 4.0,
+        init_encoder: bool = True,
     ):
         super().__init__()
         if not isinstance(encoder, ViT):
@@ -104,6 +113,9 @@ class MAE(nn.Module):
         self.mask_ratio = float(mask_ratio)
         self.norm_pix_loss = bool(norm_pix_loss)
         self.backbone = encoder
+        if init_encoder:
+            encoder.fix_sincos_pos_embed()
+            encoder.init_xavier()
         P, C = encoder.patch_size, encoder.in_chans
 
         # --- decoder: sees every position, visible latents and mask tokens alike

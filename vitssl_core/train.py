@@ -33,6 +33,7 @@ import dataclasses
 import json
 import math
 import os
+import platform
 import random
 import signal
 import threading
@@ -74,6 +75,7 @@ __all__ = [
     "steps_per_epoch",
     "make_schedules",
     "seed_everything",
+    "hardware",
 ]
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -228,6 +230,21 @@ def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str
         # AVX-512 (and AMX) CPUs run oneDNN's bf16 kernels natively; on AVX2 bf16 is emulated and slower.
         return "bf16" if "AVX512" in torch.backends.cpu.get_cpu_capability() else "fp32"
     return "fp32"
+
+
+def hardware(device: str | torch.device = "cpu") -> str:
+    """One line naming what runs this process: the GPU, or the CPU model, its kernels and threads."""
+    device = resolve_device(device)
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (GPU)"
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return (f"{name} ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} thread(s) "
+            f"of {os.cpu_count()} cores")
 
 
 def seed_everything(seed: int) -> None:
@@ -473,11 +490,13 @@ def train(
                               "to continue it, or choose another out_dir")
     step, epoch, pos, history = 0, 0, 0, []
     interval: dict[str, Any] = {"steps": 0, "loss": 0.0, "grad_norm": 0.0, "logs": {}}
+    segments: list[dict[str, Any]] = []  # one per start or resume: where, how fast, how long
     if found is not None:
         weights, state = load_checkpoint(found)
         method.load_state_dict(weights)
         optimizer.load_state_dict(state["optimizer"])
         step, epoch, pos, interval = state["step"], state["epoch"], state["pos"], state["interval"]
+        segments = list(state.get("segments", []))
         if len(state["rng"]) == world:
             set_rng_state(state["rng"][rank])
         else:  # an emergency save of a multi-process run holds rank 0's RNG only
@@ -520,10 +539,17 @@ def train(
                         persistent_workers=config.num_workers > 0)
     params = [p for g in groups for p in g["params"]]
 
+    segment = {"hardware": hardware(device), "world_size": world, "precision": "bf16" if bf16 else "fp32",
+               "from_step": step, "to_step": step, "seconds": 0.0}
+    segments.append(segment)
+    t_start = time.perf_counter()
+
     def save(rng_states: list[dict[str, Any]]) -> None:
+        segment.update(to_step=step, seconds=round(time.perf_counter() - t_start, 1))
         state = {"format": 1, "step": step, "epoch": epoch, "pos": pos, "optimizer": optimizer.state_dict(),
                  "rng": rng_states, "config": dataclasses.asdict(config), "history_len": len(history),
-                 "interval": interval, "world_size": world, "torch_version": str(torch.__version__)}
+                 "interval": interval, "world_size": world, "torch_version": str(torch.__version__),
+                 "segments": segments}
         save_checkpoint(ckpt_root, step, method.state_dict(), state)
 
     def gather_rng() -> list[dict[str, Any]]:
@@ -609,7 +635,8 @@ def train(
                     row = {k: v / n for k, v in interval["logs"].items()}
                     row.update(step=step, epoch=round(step / epoch_steps, 4), loss=interval["loss"] / n,
                                lr=float(lr_schedule[step - 1]), wd=float(wd_schedule[step - 1]),
-                               img_per_s=n * images_per_step / max(now - t_last, 1e-9))
+                               img_per_s=n * images_per_step / max(now - t_last, 1e-9),
+                               wall_s=round(sum(g["seconds"] for g in segments[:-1]) + now - t_start, 1))
                     if config.grad_clip is not None:
                         row["grad_norm"] = interval["grad_norm"] / n
                     history.append(row)

@@ -324,6 +324,29 @@ class ViT(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def fix_sincos_pos_embed(self) -> None:
+        """Replace the positional embedding by MAE's fixed 2-D sin-cos table (no longer trained)."""
+        self.pos_embed_type = "sincos"
+        with torch.no_grad():
+            self.pos_embed.copy_(sincos_pos_embed_2d(self.embed_dim, self.grid_size)[None])
+        self.pos_embed.requires_grad_(False)
+
+    def init_xavier(self, split_qkv: bool = False) -> None:
+        """Re-initialise every ``nn.Linear`` xavier-uniform with zero bias, as MAE and MoCo v3 do.
+
+        ``split_qkv=True`` is MoCo v3's variant: the fused ``qkv`` weight (3D, D) gets the bound
+        of one (D, D) projection, sqrt(6 / (D + D)), instead of sqrt(6 / (3D + D)).
+        """
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                if split_qkv and name.endswith("attn.qkv"):
+                    bound = math.sqrt(6.0 / (m.weight.shape[0] // 3 + m.weight.shape[1]))
+                    nn.init.uniform_(m.weight, -bound, bound)
+                else:
+                    nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """Parameter names that AdamW should not decay."""

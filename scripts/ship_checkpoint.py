@@ -3,6 +3,7 @@
     python scripts/ship_checkpoint.py runs/results/simclr --name simclr   # a `vitssl pretrain` --out folder
     python scripts/ship_checkpoint.py --random --name random              # the untrained baseline (seed 0)
     python scripts/ship_checkpoint.py --pixels --name pixels              # raw pixels: a card, no weights
+    python scripts/ship_checkpoint.py --remeasure checkpoints/dino.json --name dino   # today's protocols
 
 The weights are stored in float16 and every metric is measured on the float16 weights read back,
 so the card describes exactly the file that ships. The protocols (all top-1 % on the 10 000 test
@@ -15,12 +16,16 @@ images; the training split's 60 000 images give the features and labels):
 - label_1pct / label_10pct: the same probe trained on a class-balanced 1 % / 10 % of the labels
   (seed 0); for the `supervised` baseline, instead, a ViT trained from scratch end to end on
   that 1 % / 10 % (what the labels alone buy);
-- finetune: the whole network trained end to end (new head, layer decay 0.75) for --finetune-epochs
-  epochs on all labels.
+- finetune: the whole network trained end to end on all labels under one protocol for every row
+  (FINETUNE below: layer decay 0.75, drop path 0.1, crops and flips, --finetune-epochs epochs).
 
-A card also records the recipe and command, seed, git revision, hardware, torch version, the
-training wall time (scripts/train_results.sh writes runs/NAME/wall_seconds.txt) and the
-evaluation wall time. tests/test_checkpoints.py re-measures every card's kNN in CI.
+The card also keeps, per protocol, which test images were classified right (``correct``: hex
+bits, ``vitssl_core.evaluate.correct_from_hex``), so two rows are compared with a paired test
+(``mcnemar``) on the same 10 000 images. A card also records the recipe and command, seed, git
+revision, torch version, the wall time and hardware of every resumed training segment, and the
+evaluation's. tests/test_checkpoints.py re-measures every card's kNN in CI.
+For a trained MAE the decoder ships too, as mae_decoder.safetensors (MAE's key names).
+``--remeasure checkpoints/NAME.json`` measures a shipped card again under today's protocols.
 """
 
 from __future__ import annotations
@@ -28,19 +33,22 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from vitssl_core import vit_mini_28
-from vitssl_core.checkpoint import atomic_write_json, load_backbone, load_pretrained, save_backbone
+from vitssl_core.checkpoint import (atomic_write_json, latest_checkpoint, load_backbone, load_checkpoint,
+                                    load_pretrained, save_backbone)
 from vitssl_core.data import NORMALIZE, load_fashion_mnist_tensors
-from vitssl_core.evaluate import (FEATURES, class_balanced_subset, extract_features, finetune, knn_accuracy,
-                                  label_efficiency, linear_probe, pixel_features)
+from vitssl_core.evaluate import (FEATURES, class_balanced_subset, correct_to_hex, extract_features, finetune,
+                                  knn_accuracy, knn_classify, linear_probe, pixel_features)
+from vitssl_core.mae import DECODER_NAMES
+from vitssl_core.train import CHECKPOINT_DIR, hardware
 from vitssl_core.vit import ViT, architecture
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +56,11 @@ KNN = dict(k=20, temperature=0.07)
 FRACTIONS = (0.01, 0.1)
 VALIDATION = 10_000  # the last images of the training split, for choosing the feature
 SCRATCH_EPOCHS = {0.01: 100, 0.1: 20}  # from-scratch training on a label fraction: about 60k and 120k images seen
+# One fine-tuning protocol for every row (MAE/BEiT's recipe at CPU scale): layer decay 0.75, drop
+# path 0.1, label smoothing 0.1, random resized crop (25-100 % of the area) and flip, AdamW
+# lr 5e-4 for a batch of 128, one warm-up epoch, cosine. Only the number of epochs is an option.
+FINETUNE = dict(lr=5e-4, layer_decay=0.75, drop_path=0.1, label_smoothing=0.1, crop_scale=(0.25, 1.0),
+                warmup_epochs=1, batch_size=128)
 
 
 def _git_revision() -> str:
@@ -58,24 +71,6 @@ def _git_revision() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return rev.stdout.strip() + ("+uncommitted changes" if dirty else "")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _hardware() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} (GPU)"
-    capability = torch.backends.cpu.get_cpu_capability()
-    cores = torch.multiprocessing.cpu_count()
-    return f"{_cpu_name()} ({capability}), {torch.get_num_threads()} thread(s) of a {cores}-core CPU"
 
 
 def _wall_seconds(run: Path) -> float | None:
@@ -98,26 +93,47 @@ def _feature_choice(f_train: torch.Tensor, y_train: torch.Tensor, dim: int) -> t
     return max(scores, key=scores.get), scores
 
 
-def _probe_metrics(f_train, y_train, f_test, y_test) -> dict[str, float]:
-    metrics = {"knn": knn_accuracy(f_train, y_train, f_test, y_test, **KNN),
-               "linear": linear_probe(f_train, y_train, f_test, y_test)["top1"]}
-    shares = label_efficiency(f_train, y_train, f_test, y_test, fractions=FRACTIONS, protocol="linear")
-    metrics["label_1pct"], metrics["label_10pct"] = shares[0.01], shares[0.1]
-    return metrics
+def _probe_metrics(f_train, y_train, f_test, y_test) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """(top-1 % per protocol, per-image correctness per protocol) of the frozen-feature probes."""
+    preds, _ = knn_classify(f_train, y_train, f_test, **KNN)
+    correct = {"knn": preds == y_test, "linear": linear_probe(f_train, y_train, f_test, y_test,
+                                                                return_correct=True)["correct"]}
+    for fraction, key in zip(FRACTIONS, ("label_1pct", "label_10pct")):
+        idx = class_balanced_subset(y_train, fraction=fraction, seed=0)  # what label_efficiency(seed=0) probes
+        correct[key] = linear_probe(f_train[idx], y_train[idx], f_test, y_test, seed=0, return_correct=True)["correct"]
+    return {k: 100.0 * c.float().mean().item() for k, c in correct.items()}, correct
 
 
-def _scratch_on_fractions(model: dict, x_train, y_train, x_test, y_test, normalize) -> dict[str, float]:
-    """Top-1 of a ViT trained from scratch (seed 0) on class-balanced 1 % and 10 % of the labels."""
+def _scratch_on_fractions(model: dict, x_train, y_train, x_test, y_test, normalize) -> dict[str, torch.Tensor]:
+    """Per-image correctness of a ViT trained from scratch (seed 0) on class-balanced 1 % and 10 % of the labels."""
     out = {}
     for fraction, key in zip(FRACTIONS, ("label_1pct", "label_10pct")):
         idx = class_balanced_subset(y_train, fraction=fraction, seed=0)
         torch.manual_seed(0)
         scratch = ViT(**{**model, "num_classes": 0})
-        result = finetune(scratch, (x_train[idx], y_train[idx]), (x_test, y_test), 10,
-                          epochs=SCRATCH_EPOCHS[fraction], lr=1e-3, layer_decay=1.0, warmup_epochs=5,
-                          normalize=normalize, precision="fp32", seed=0)
-        out[key] = result["top1"]
+        out[key] = finetune(scratch, (x_train[idx], y_train[idx]), (x_test, y_test), 10,
+                            epochs=SCRATCH_EPOCHS[fraction], lr=1e-3, layer_decay=1.0, warmup_epochs=5,
+                            normalize=normalize, precision="fp32", seed=0, return_correct=True)["correct"]
     return out
+
+
+def _finetune(backbone, x_train, y_train, x_test, y_test, normalize, epochs: int) -> torch.Tensor:
+    """Per-image correctness after FINETUNE fine-tuning for ``epochs`` epochs (the same for every row)."""
+    return finetune(backbone, (x_train, y_train), (x_test, y_test), 10, epochs=epochs, normalize=normalize,
+                    precision="fp32", seed=0, return_correct=True, **FINETUNE)["correct"]
+
+
+def _ship_decoder(run: Path, out: Path) -> dict | None:
+    """MAE's decoder from the run's last checkpoint as out/mae_decoder.safetensors (official MAE key names)."""
+    latest = latest_checkpoint(run / CHECKPOINT_DIR)
+    if latest is None:
+        return None
+    weights, _ = load_checkpoint(latest)
+    decoder = {k: v for k, v in weights.items() if k.split(".", 1)[0] in DECODER_NAMES}
+    path = out / "mae_decoder.safetensors"
+    save_file({k: v.to(torch.float16).contiguous() for k, v in decoder.items()}, str(path))
+    return {"weights": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "parameters": sum(v.numel() for v in decoder.values())}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,9 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("run", nargs="?", help="a `vitssl pretrain` --out folder (backbone.safetensors + backbone.json)")
     what.add_argument("--random", action="store_true", help="ship vit_mini_28 at its seed-0 initialisation")
     what.add_argument("--pixels", action="store_true", help="write the raw-pixel baseline's card (no weights)")
+    what.add_argument("--remeasure", metavar="CARD", help="measure a shipped checkpoints/NAME.json again under "
+                      "today's protocols, keeping its weights and its training record")
     parser.add_argument("--name", required=True, help="NAME of checkpoints/NAME.safetensors and NAME.json")
     parser.add_argument("--out", default=str(ROOT / "checkpoints"), help="default: checkpoints/")
-    parser.add_argument("--finetune-epochs", type=int, default=1, help="default: 1")
+    parser.add_argument("--finetune-epochs", type=int, default=10, help="default: 10")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args(argv)
     if not args.name.isidentifier():
@@ -141,13 +159,14 @@ def main(argv: list[str] | None = None) -> int:
     x_test, y_test = load_fashion_mnist_tensors(train=False)
     card: dict = {"format": "vitssl-card/1", "name": args.name, "dataset": "fashion_mnist",
                   "code_revision": _git_revision(), "torch_version": str(torch.__version__),
-                  "eval_hardware": _hardware()}
+                  "eval_hardware": hardware("cpu")}
 
     if args.pixels:
         f_train, f_test = pixel_features(x_train), pixel_features(x_test)
-        probes = _probe_metrics(f_train, y_train, f_test, y_test)
+        probes, correct = _probe_metrics(f_train, y_train, f_test, y_test)
         card.update({"method": "pixels", "weights": None, "feature": "pixels", "normalize": None,
                      "metrics": {**{k: round(v, 2) for k, v in probes.items()}, "finetune": None},
+                     "correct": {k: correct_to_hex(c) for k, c in correct.items()},
                      "protocols": {"knn": {**KNN, "n_train": len(y_train), "n_test": len(y_test)},
                                    "linear": "linear_probe defaults on the pixels in [0, 1], standardised",
                                    "label_fractions": "linear_probe on a class-balanced subset (seed 0)"},
@@ -163,6 +182,15 @@ def main(argv: list[str] | None = None) -> int:
         normalize = {k: list(v) for k, v in NORMALIZE["fashion_mnist"].items()}
         run_card = {"method": "random", "model": "vit_mini_28", "steps": 0}
         recipe, command, wall = None, "torch.manual_seed(0); vitssl_core.vit_mini_28()", 0.0
+    elif args.remeasure:
+        old = json.loads(Path(args.remeasure).read_text())
+        backbone, _ = load_pretrained(args.remeasure)  # float16 -> float32 -> float16 is lossless
+        normalize = old["normalize"]
+        run_card = {k: old.get(k) for k in ("method", "steps", "final_loss", "train_config", "exported",
+                                             "train_hardware", "train_segments")}
+        recipe, command, wall = old.get("recipe"), old.get("command"), old.get("train_wall_seconds")
+        card.update({"train_config": old.get("train_config"), "method_args": old.get("method_args"),
+                     "remeasured_from_revision": old.get("code_revision")})
     else:
         run = Path(args.run)
         run_card = json.loads((run / "backbone.json").read_text())
@@ -173,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (ROOT / recipe).is_file():
             recipe = None
         command = f"vitssl pretrain --config {recipe}" if recipe else "see train_config"
-        wall = _wall_seconds(run)
+        wall = run_card.get("train_wall_seconds") or _wall_seconds(run)
         card["train_config"] = run_card.get("train_config")
         card["method_args"] = run_card.get("method_args")
 
@@ -189,12 +217,13 @@ def main(argv: list[str] | None = None) -> int:
     both_test = extract_features(backbone, x_test, "cls+avg", normalize=normalize, precision="fp32")
     feature, choice = _feature_choice(both_train, y_train, dim)
     f_train, f_test = _slice(both_train, feature, dim), _slice(both_test, feature, dim)
-    metrics = _probe_metrics(f_train, y_train, f_test, y_test)
+    _, correct = _probe_metrics(f_train, y_train, f_test, y_test)
     if run_card["method"] == "supervised":
-        metrics.update(_scratch_on_fractions(model, x_train, y_train, x_test, y_test, normalize))
-    ft = finetune(backbone, (x_train, y_train), (x_test, y_test), 10, epochs=args.finetune_epochs,
-                  warmup_epochs=0, normalize=normalize, precision="fp32", seed=0)
-    metrics["finetune"] = ft["top1"]
+        correct.update(_scratch_on_fractions(model, x_train, y_train, x_test, y_test, normalize))
+    correct["finetune"] = _finetune(backbone, x_train, y_train, x_test, y_test, normalize, args.finetune_epochs)
+    metrics = {k: 100.0 * c.float().mean().item() for k, c in correct.items()}
+    if run_card["method"] == "mae" and args.run:
+        card["decoder"] = _ship_decoder(Path(args.run), out)
 
     card.update({
         "feature": feature, "metrics": {k: round(v, 2) for k, v in metrics.items()},
@@ -205,11 +234,14 @@ def main(argv: list[str] | None = None) -> int:
             "label_fractions": ("a ViT trained from scratch on the class-balanced subset (seed 0), epochs "
                                 f"{SCRATCH_EPOCHS}" if run_card["method"] == "supervised" else
                                 "linear_probe on a class-balanced subset of the labels (seed 0)"),
-            "finetune": {"epochs": args.finetune_epochs, "lr": 5e-4, "layer_decay": 0.75, "batch_size": 128},
+            "finetune": {"epochs": args.finetune_epochs, **FINETUNE},
         },
+        "correct": {k: correct_to_hex(c) for k, c in correct.items()},
         "recipe": recipe, "command": command, "seed": run_card.get("train_config", {}).get("seed", 0),
         "steps": run_card.get("steps"), "final_loss": run_card.get("final_loss"),
-        "train_hardware": _train_hardware(args.random), "train_wall_seconds": wall,
+        "exported": run_card.get("exported") or "backbone",
+        "train_hardware": _train_hardware(run_card), "train_wall_seconds": wall,
+        "train_segments": run_card.get("train_segments"),
         "eval_wall_seconds": round(time.perf_counter() - start, 1),
         "parameters": sum(p.numel() for p in backbone.parameters()),
         "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
@@ -219,10 +251,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _train_hardware(random: bool) -> str | None:
-    if random:
-        return None
-    return f"{_cpu_name()}, 1 thread (scripts/train_results.sh; another run shared the 2-core machine)"
+def _train_hardware(run_card: dict) -> str | None:
+    """Every distinct machine the run trained on, across its resumed segments."""
+    if run_card.get("train_hardware"):
+        return run_card["train_hardware"]
+    segments = run_card.get("train_segments") or []
+    if not segments:
+        return None if run_card.get("method") == "random" else "unknown (trained before segments were recorded)"
+    return "; ".join(dict.fromkeys(s["hardware"] for s in segments))
 
 
 if __name__ == "__main__":

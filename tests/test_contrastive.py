@@ -6,11 +6,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from vitssl_core import __main__ as cli
 from vitssl_core import data
 from vitssl_core.augment import TwoViews, asymmetric_augment, simclr_augment
 from vitssl_core.contrastive import MoCoV3, SimCLR, mlp_head
 from vitssl_core.schedules import cosine_momentum
-from vitssl_core.vit import ViT
+from vitssl_core.vit import ViT, sincos_pos_embed_2d
 
 MEAN, STD = data.NORMALIZE["fashion_mnist"]["mean"], data.NORMALIZE["fashion_mnist"]["std"]
 
@@ -142,18 +143,114 @@ def test_cosine_momentum_endpoints():
         cosine_momentum(0.99, 0, 0)
 
 
-def test_moco_freeze_patch_embed(batch):
-    torch.manual_seed(0)
-    model = MoCoV3(tiny_vit(), proj_dim=16, hidden_dim=64, freeze_patch_embed=True)
-    frozen = list(model.backbone.patch_embed.parameters())
+def test_moco_freezes_the_random_patch_projection_by_default(batch):
+    # MoCo v3's --stop-grad-conv1: the patch projection keeps its random init for the whole run.
+    model = make("moco")
+    frozen = [model.backbone.patch_embed.proj.weight, model.backbone.patch_embed.proj.bias]
     assert all(not p.requires_grad for p in frozen)
     before = [p.detach().clone() for p in frozen]
     opt = torch.optim.AdamW(trainable(model), lr=1e-2)
     model.training_step(batch)[0].backward()
     opt.step()
+    model.on_step_end(0, 10)
     assert all(p.grad is None for p in frozen)
     assert all(torch.equal(p, b) for p, b in zip(frozen, before))
+    torch.testing.assert_close(model.momentum_backbone.patch_embed.proj.weight, before[0])  # EMA of a constant
     assert model.backbone.cls_token.grad is not None
+    # Opting out: trainable again, and a given backbone is left exactly as it is.
+    def proj(**kw):
+        return MoCoV3(tiny_vit(), proj_dim=16, hidden_dim=64, **kw).backbone.patch_embed.proj
+
+    assert proj(freeze_patch_embed=False).weight.requires_grad
+    assert proj(init_backbone=False).bias.requires_grad
+    assert not proj(init_backbone=False, freeze_patch_embed=True).weight.requires_grad
+    with pytest.raises(ValueError, match="freeze_patch_embed='yes'"):
+        MoCoV3(tiny_vit(), freeze_patch_embed="yes")
+
+
+def mocov3_sincos_table(dim, n):
+    """MoCo v3's build_2d_sincos_position_embedding (vits.py) for an n x n grid, written out: (1 + n*n, dim)."""
+    grid_w, grid_h = torch.meshgrid(torch.arange(n, dtype=torch.float32), torch.arange(n, dtype=torch.float32),
+                                    indexing="ij")
+    omega = 1.0 / 10000.0 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    out_w = grid_w.flatten()[:, None] * omega[None]  # (n*n, dim/4)
+    out_h = grid_h.flatten()[:, None] * omega[None]
+    table = torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)
+    return torch.cat([torch.zeros(1, dim), table])
+
+
+def test_moco_fixes_sincos_positions(batch):
+    model = make("moco")
+    pos = model.backbone.pos_embed
+    assert not pos.requires_grad and model.backbone.pos_embed_type == "sincos"
+    assert id(pos) not in {id(p) for p in trainable(model)}
+    torch.testing.assert_close(pos[0], sincos_pos_embed_2d(32, 7))
+    # The kept cosmetic deviation: MoCo v3's table is ours with the two halves of the channels swapped.
+    torch.testing.assert_close(torch.cat([pos[0, :, 16:], pos[0, :, :16]], dim=1), mocov3_sincos_table(32, 7),
+                               atol=1e-5, rtol=0)
+    before = pos.detach().clone()
+    opt = torch.optim.AdamW(trainable(model), lr=1e-2)
+    model.training_step(batch)[0].backward()
+    opt.step()
+    assert torch.equal(pos, before)
+    kept = tiny_vit()
+    assert MoCoV3(kept, proj_dim=16, hidden_dim=64, init_backbone=False).backbone.pos_embed.requires_grad
+    assert kept.pos_embed_type == "learned"
+
+
+def test_moco_init_follows_vits_py():
+    # Every tensor starts at 0.5, so each check below fails unless MoCoV3 re-initialised it.
+    backbone = tiny_vit()
+    with torch.no_grad():
+        for p in backbone.parameters():
+            p.fill_(0.5)
+    model = MoCoV3(backbone, proj_dim=16, hidden_dim=64)
+    b, D = model.backbone, 32
+
+    def is_uniform(w, bound):  # inside +-bound and filling it
+        return w.abs().max() <= bound * (1 + 1e-6) and w.abs().max() > 0.9 * bound and abs(w.mean()) < 0.1 * bound
+
+    for name, m in b.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            fan = D + D if name.endswith("attn.qkv") else m.in_features + m.out_features  # qkv: one (D, D) projection
+            assert is_uniform(m.weight, math.sqrt(6 / fan)), name
+            assert torch.equal(m.bias, torch.zeros_like(m.bias)), name
+        elif isinstance(m, torch.nn.LayerNorm):
+            assert torch.equal(m.weight, torch.ones(D)) and torch.equal(m.bias, torch.zeros(D)), name
+    C, P = 1, 4
+    assert is_uniform(b.patch_embed.proj.weight, math.sqrt(6 / (C * P * P + D)))
+    assert torch.equal(b.patch_embed.proj.bias, torch.zeros(D))
+    assert 0 < b.cls_token.abs().max() < 1e-5  # normal, std 1e-6
+    for p, q in zip(b.parameters(), model.momentum_backbone.parameters()):
+        assert torch.equal(p, q)  # the key encoder starts from the same init
+
+    kept = tiny_vit()
+    state = {k: v.clone() for k, v in kept.state_dict().items()}
+    MoCoV3(kept, proj_dim=16, hidden_dim=64, init_backbone=False)
+    assert all(torch.equal(v, kept.state_dict()[k]) for k, v in state.items())
+    with pytest.raises(ValueError, match="init_backbone=1"):
+        MoCoV3(tiny_vit(), init_backbone=1)
+
+
+def test_moco_heads_are_moco_v3_vit_heads():
+    # builder.py MoCo_ViT: projector _build_mlp(3, D, mlp_dim, dim), predictor _build_mlp(2, dim, mlp_dim, dim),
+    # both with last_bn=True: Linear(no bias)-BN-ReLU blocks, then Linear and an affine-free BN.
+    model = make("moco")
+    kinds = [type(m).__name__ for m in model.predictor]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
+    assert [type(m).__name__ for m in model.projector] == ["Linear", "BatchNorm1d", "ReLU"] * 2 + kinds[-2:]
+    for head in (model.projector, model.predictor):
+        assert not head[-1].affine and head[-2].bias is None
+    assert model.predictor[0].in_features == model.predictor[-2].out_features == 16
+
+
+def test_cli_builds_the_moco_v3_vit_recipe():
+    backbone = ViT(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=1, num_heads=2)
+    model = cli.METHODS["mocov3"].build(backbone, proj_dim=16)
+    assert model.base_momentum == 0.99 and model.temperature == 0.2
+    assert model.projector[0].out_features == 1024
+    assert not backbone.patch_embed.proj.weight.requires_grad and not backbone.pos_embed.requires_grad
+    assert isinstance(model.predictor[-1], torch.nn.BatchNorm1d)
 
 
 @pytest.mark.parametrize("name", ["simclr", "moco"])
@@ -185,8 +282,8 @@ def test_mlp_head_shapes():
     head = mlp_head(3, 32, 64, 16)
     assert head(torch.randn(4, 32)).shape == (4, 16)
     assert isinstance(head[-1], torch.nn.BatchNorm1d) and not head[-1].affine
-    pred = mlp_head(2, 16, 64, 16, last_bn=False)
-    assert isinstance(pred[-1], torch.nn.Linear)
+    resnet_pred = mlp_head(2, 16, 64, 16, last_bn=False)  # MoCo v3's ResNet predictor; the ViT one keeps the BN
+    assert isinstance(resnet_pred[-1], torch.nn.Linear)
     with pytest.raises(ValueError, match="hidden_dim=0"):
         mlp_head(2, 16, 0, 16)
 

@@ -1,32 +1,44 @@
 """Tests for vitssl_core.dino: the DINO head, multi-crop training step on real Fashion-MNIST crops,
-EMA teacher, centring, temperature warm-up, collapse diagnostics and checks."""
+EMA teacher, centring, temperature warm-up, collapse diagnostics and checks; and DINO's recipe in
+the trainer and the CLI: last-layer freeze across a resume, per-parameter clipping, the teacher
+as the exported backbone, the CLI's schedules."""
 
+import json
 import math
 import multiprocessing as mp
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
+from vitssl_core import __main__ as cli
 from vitssl_core import data
 from vitssl_core.augment import MultiCrop, dino_augment
+from vitssl_core.checkpoint import load_backbone, load_checkpoint
 from vitssl_core.dino import DINO, DINOHead
 from vitssl_core.schedules import cosine_momentum
-from vitssl_core.vit import ViT
+from vitssl_core.supervised import Supervised
+from vitssl_core.train import TrainConfig, clip_grad_per_param_, exported_backbone, param_groups
+from vitssl_core.train import train as fit  # train() below is this file's manual loop
+from vitssl_core.vit import DropPath, ViT
+
+REPO = Path(__file__).resolve().parents[1]
 
 MEAN, STD = data.NORMALIZE["fashion_mnist"]["mean"], data.NORMALIZE["fashion_mnist"]["std"]
 K = 64  # prototypes in the tests
 
 
-def tiny_vit(dynamic=True):
-    return ViT(img_size=28, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2, dynamic_img_size=dynamic)
+def tiny_vit(dynamic=True, **kw):
+    return ViT(img_size=28, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2, dynamic_img_size=dynamic,
+               **kw)
 
 
-def make(**kw):
+def make(vit_kw=None, **kw):
     torch.manual_seed(0)
     args = dict(out_dim=K, hidden_dim=64, bottleneck_dim=16, n_local_crops=2, momentum=0.9)
-    return DINO(tiny_vit(), **{**args, **kw})
+    return DINO(tiny_vit(**(vit_kw or {})), **{**args, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +50,22 @@ def batch():
     torch.manual_seed(0)
     g1, g2, local = dino_augment(28, 12, grayscale=True, mean=MEAN, std=STD)
     return next(iter(DataLoader(MultiCrop(ds, g1, g2, local, n_local=2), batch_size=16, shuffle=True)))
+
+
+@pytest.fixture(scope="module")
+def crops_data():
+    """48 real Fashion-MNIST images as MultiCrop items (2 global 28 px, 2 local 12 px crops) for train()."""
+    try:
+        ds = data.FashionMNIST(train=False, download=False)
+    except data.DatasetNotFoundError as err:  # pragma: no cover
+        pytest.skip(f"Fashion-MNIST not available: {err}")
+    g1, g2, local = dino_augment(28, 12, grayscale=True, mean=MEAN, std=STD)
+    return MultiCrop(Subset(ds, range(48)), g1, g2, local, n_local=2)
+
+
+def run_config(**kw):
+    base = dict(max_steps=4, batch_size=8, blr=1e-2, precision="fp32", progress=False, log_every=1, device="cpu")
+    return TrainConfig(**{**base, **kw})
 
 
 def trainable(model):
@@ -67,18 +95,61 @@ def test_head_shapes_and_unit_prototypes():
     assert DINOHead(32, K, nlayers=1, bottleneck_dim=16)(torch.randn(2, 32)).shape == (2, K)
 
 
-def test_freeze_last_layer_gives_zero_gradient_then_releases(batch):
+def test_freeze_drops_the_last_layer_gradients_then_releases(batch):
     model = make(freeze_last_layer_steps=2)
     v = model.head.last_layer.parametrizations.weight.original1
     model.training_step(batch)[0].backward()
-    assert v.grad is not None and v.grad.abs().sum() == 0
+    assert v.grad is not None and v.grad.abs().sum() > 0  # the backward still reaches it (DDP reduces it)
+    model.on_before_optimizer_step(0, 10)
+    assert v.grad is None  # None, not zero: AdamW skips the parameter
     assert model.head.mlp[0].weight.grad.abs().sum() > 0  # the rest of the head still learns
     model.on_step_end(0, 10)
-    assert model.head.freeze_last_layer  # step 1 of 2 still frozen
+    assert model.last_layer_frozen  # step 1 of 2 still frozen
     model.on_step_end(1, 10)
+    assert not model.last_layer_frozen
     model.zero_grad()
     model.training_step(batch)[0].backward()
+    model.on_before_optimizer_step(2, 10)
     assert v.grad.abs().sum() > 0
+
+
+def test_frozen_last_layer_is_untouched_by_adamw(tmp_path, crops_data):
+    # Zero gradients would still let AdamW decay the weights (and count steps); None leaves them be.
+    model = make(freeze_last_layer_steps=3)
+    v = model.head.last_layer.parametrizations.weight.original1
+    v0, mlp0 = v.detach().clone(), model.head.mlp[0].weight.detach().clone()
+    fit(model, crops_data, run_config(max_steps=3, weight_decay=0.04, weight_decay_end=0.4, out_dir=str(tmp_path)))
+    assert torch.equal(v, v0)
+    assert not torch.equal(model.head.mlp[0].weight, mlp0)
+    names = [n for g in param_groups(model, 0.04) for n in g["names"]]
+    optimizer = load_checkpoint(tmp_path)[1]["optimizer"]
+    assert names.index("head.last_layer.parametrizations.weight.original1") not in optimizer["state"]
+    assert names.index("head.mlp.0.weight") in optimizer["state"]
+
+
+@pytest.mark.parametrize("stop", [2, 5])
+def test_resume_across_the_freeze_is_exact(tmp_path, crops_data, stop):
+    """Stopped before (2) or after (5) the end of a 4-step freeze, resumed: the same weights as one run."""
+    cfg = dict(max_steps=8, checkpoint_every=3, warmup_steps=2, weight_decay=0.04, weight_decay_end=0.4,
+               grad_clip=3.0, clip_mode="per_param", seed=1)
+    dino = dict(vit_kw=dict(drop_path_rate=0.1), freeze_last_layer_steps=4)  # drop-path: the RNG state matters
+    reference = make(**dino)
+    fit(reference, crops_data, run_config(**cfg, out_dir=str(tmp_path / "ref")))
+
+    def stop_at(row):
+        if row["step"] == stop:
+            raise KeyboardInterrupt("stop")
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(make(**dino), crops_data, run_config(**cfg, out_dir=str(tmp_path / "run")), callback=stop_at)
+    assert load_checkpoint(tmp_path / "run")[1]["step"] == stop
+    torch.manual_seed(99)
+    resumed = DINO(tiny_vit(drop_path_rate=0.1), out_dim=K, hidden_dim=64, bottleneck_dim=16, n_local_crops=2,
+                   momentum=0.9, freeze_last_layer_steps=4)  # other initial weights: all come from the checkpoint
+    fit(resumed, crops_data, run_config(**cfg, out_dir=str(tmp_path / "run"), resume=True))
+    ref, res = reference.state_dict(), resumed.state_dict()
+    assert ref.keys() == res.keys()
+    assert [k for k in ref if not torch.equal(ref[k], res[k])] == []
 
 
 # --------------------------------------------------------------------------- the method
@@ -296,3 +367,126 @@ def test_centre_is_averaged_over_ranks(tmp_path):
         assert p.exitcode == 0, f"rank process exited with {p.exitcode}"
     for r in range(2):  # 0.9 * 0 + 0.1 * mean(1, 1, 1, 2, 2, 2) on both ranks
         torch.testing.assert_close(torch.load(tmp_path / f"{r}.pt"), torch.full((1, 4), 0.15))
+
+
+# --------------------------------------------------------------------------- the teacher
+def test_teacher_has_no_stochastic_depth_and_stays_in_eval_mode(batch):
+    model = make(vit_kw=dict(drop_path_rate=0.1, drop_rate=0.1))
+    assert model.train() is model
+    assert model.training and model.backbone.training and model.head.training and model.teacher_head.training
+    assert not model.teacher_backbone.training
+    teacher_rates = [m.drop_prob for m in model.teacher_backbone.modules() if isinstance(m, DropPath)]
+    student_rates = [m.drop_prob for m in model.backbone.modules() if isinstance(m, DropPath)]
+    assert teacher_rates == [0.0] * 4 and student_rates[-1] == pytest.approx(0.1)
+    assert all(m.p == 0.0 for m in model.teacher_backbone.modules() if isinstance(m, torch.nn.Dropout))
+    x = torch.cat(batch[0][:2])  # the global crops, (2B, 1, 28, 28)
+    with torch.no_grad():
+        t1, t2 = (model.teacher_backbone.forward_features(x) for _ in range(2))
+        s1, s2 = (model.backbone.forward_features(x) for _ in range(2))
+    assert torch.equal(t1, t2)  # the targets are deterministic
+    assert not torch.equal(s1, s2)  # the student still drops residual branches
+    model.eval()
+    model.train()
+    assert not model.teacher_backbone.training and model.backbone.training
+
+
+def test_export_backbone_is_the_teacher_with_timm_keys():
+    model = make()
+    name, backbone = exported_backbone(model)
+    assert name == "teacher" and backbone is model.teacher_backbone
+    assert backbone.state_dict().keys() == model.backbone.state_dict().keys()
+    assert "blocks.0.attn.qkv.weight" in backbone.state_dict()
+    supervised = Supervised(tiny_vit(), num_classes=10)  # a method without export_backbone ships its backbone
+    assert exported_backbone(supervised) == ("backbone", supervised.backbone)
+
+
+# --------------------------------------------------------------------------- clipping per parameter
+def test_per_param_clipping_matches_a_hand_computation():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (3, 50, 7, 4)]
+    for p, scale in zip(params, (10.0, 0.01, 1.0, 5.0)):
+        p.grad = scale * torch.randn_like(p)
+    params[2].grad = None  # a parameter without a gradient is skipped
+    raw = [None if p.grad is None else p.grad.clone() for p in params]
+    total = clip_grad_per_param_(params, 1.0)
+    for p, g in zip(params, raw):  # DINO's utils.clip_gradients, written out
+        if g is None:
+            assert p.grad is None
+            continue
+        coef = 1.0 / (g.norm() + 1e-6)
+        torch.testing.assert_close(p.grad, g * coef if coef < 1 else g, rtol=0, atol=0)
+    assert total.item() == pytest.approx(math.sqrt(sum(g.norm().item() ** 2 for g in raw if g is not None)), rel=1e-6)
+    assert torch.equal(params[1].grad, raw[1])  # a small gradient keeps its size (a global clip would shrink it)
+    with pytest.raises(ValueError, match="clip_mode='layer'"):
+        TrainConfig(max_steps=1, clip_mode="layer")
+
+
+class GradNorms(DINO):
+    """DINO that records every parameter's gradient norm as the optimizer is about to see it."""
+
+    def on_before_optimizer_step(self, step, max_steps):
+        self.norms = {n: p.grad.norm().item() for n, p in self.named_parameters() if p.grad is not None}
+        super().on_before_optimizer_step(step, max_steps)
+
+
+def test_trainer_clips_each_parameter_or_all_together(crops_data):
+    def norms_after_one_step(**clip):
+        torch.manual_seed(0)
+        model = GradNorms(tiny_vit(), out_dim=K, hidden_dim=64, bottleneck_dim=16, n_local_crops=2)
+        fit(model, crops_data, run_config(max_steps=1, **clip))
+        return model.norms
+
+    raw = norms_after_one_step()
+    limit = sorted(raw.values())[len(raw) // 2]  # the median: half the parameters are clipped
+    per_param = norms_after_one_step(grad_clip=limit, clip_mode="per_param")
+    assert per_param.keys() == raw.keys()
+    for name, norm in raw.items():
+        assert per_param[name] == pytest.approx(min(norm, limit), rel=1e-4), name
+    joint = math.sqrt(sum(n ** 2 for n in raw.values()))
+    together = norms_after_one_step(grad_clip=limit, clip_mode="global")
+    for name, norm in raw.items():
+        assert together[name] == pytest.approx(norm * limit / joint, rel=1e-4), name
+
+
+# --------------------------------------------------------------------------- the CLI's DINO
+def test_cli_dino_sizes_dinos_epoch_schedules_to_the_run():
+    long = cli._dino(tiny_vit(), epoch_steps=100, total_steps=10_000)  # 100 epochs: DINO's own lengths
+    assert long.teacher_temp_at(0) == pytest.approx(0.04)
+    assert long.teacher_temp_at(1500) == pytest.approx(0.055) and long.teacher_temp_at(3000) == pytest.approx(0.07)
+    assert long.freeze_last_layer_steps == 100 and long.last_layer_frozen
+    assert long.base_momentum == 0.996
+    short = cli._dino(tiny_vit(), epoch_steps=100, total_steps=300)  # 3 epochs: half the run at most
+    assert short.warmup_teacher_temp_steps == 150 and short.freeze_last_layer_steps == 100
+    tiny = cli._dino(tiny_vit(), epoch_steps=4, total_steps=1)
+    assert tiny.teacher_temp_at(0) == pytest.approx(0.04) and tiny.freeze_last_layer_steps == 0
+    own = cli._dino(tiny_vit(), epoch_steps=100, total_steps=10_000, freeze_last_layer_steps=7)
+    assert own.freeze_last_layer_steps == 7  # --method-arg still wins
+
+
+def test_cli_pretrain_ships_the_teacher(tmp_path, capsys):
+    out = tmp_path / "dino"
+    argv = ["pretrain", "--method", "dino", "--steps", "3", "--subset", "64", "--batch-size", "16",
+            "--log-every", "1", "--no-progress", "--precision", "fp32", "--device", "cpu", "--out", str(out),
+            "--model-arg", "depth=1", "--model-arg", "embed_dim=32", "--model-arg", "num_heads=2",
+            "--model-arg", "patch_size=4", "--model-arg", "drop_path_rate=0.1", "--method-arg", "n_local_crops=2",
+            "--method-arg", "out_dim=64", "--method-arg", "hidden_dim=32", "--method-arg", "momentum=0.9",
+            "--grad-clip", "3.0", "--clip-mode", "per_param"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    card = json.loads((out / "backbone.json").read_text())
+    assert card["exported"] == "teacher" and card["train_config"]["clip_mode"] == "per_param"
+    shipped = load_backbone(out / "backbone.safetensors")
+    weights, _ = load_checkpoint(out)
+    assert all(torch.equal(v, weights[f"teacher_backbone.{k}"]) for k, v in shipped.items())
+    assert not torch.equal(shipped["blocks.0.mlp.fc1.weight"], weights["backbone.blocks.0.mlp.fc1.weight"])
+    ViT(**card["architecture"]).load_state_dict(shipped, strict=True)  # the student's timm keys
+    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    # 3 steps of 4 per epoch: the warm-up lasts max(1, min(30 epochs, 3 // 2)) = 1 step
+    assert [r["teacher_temp"] for r in rows] == pytest.approx([0.04, 0.07, 0.07])
+
+
+def test_results_recipe_is_dinos():
+    args = cli.parse_args(["pretrain", "--config", str(REPO / "configs/results/dino.yaml")])
+    config = cli._train_config(args)
+    assert (config.weight_decay, config.weight_decay_end) == (0.04, 0.4)
+    assert (config.grad_clip, config.clip_mode) == (3.0, "per_param")
+    assert args.method_args["momentum"] == 0.996 and args.model_args["drop_path_rate"] == 0.1

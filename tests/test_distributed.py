@@ -19,7 +19,10 @@ from safetensors.torch import load_file
 
 from vitssl_core import __main__ as cli
 from vitssl_core.checkpoint import latest_checkpoint
-from vitssl_core.train import DistInfo, setup_distributed
+from vitssl_core.contrastive import MoCoV3, SimCLR
+from vitssl_core.dino import DINO
+from vitssl_core.train import DistInfo, setup_distributed, sync_batchnorm
+from vitssl_core.vit import ViT
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_ARGS = ["--model-arg", "depth=2", "--model-arg", "embed_dim=32", "--model-arg", "num_heads=2",
@@ -38,6 +41,26 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
+# A 2-process MoCo v3 run that records, per rank, what train() made of the method's BatchNorms.
+SYNC_BN_SCRIPT = textwrap.dedent('''
+    import importlib, json, os, sys
+    import torch
+    torch.set_num_threads(1)
+    from vitssl_core import __main__ as cli
+    train = importlib.import_module("vitssl_core.train")  # the module; vitssl_core.train is the function
+    real = train.sync_batchnorm
+    def spy(module, device):
+        out = real(module, device)
+        bns = [m for m in out.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        kinds = sorted({type(m).__name__ for m in bns})
+        with open(os.path.join(sys.argv[1], "sync_bn_rank" + os.environ["RANK"] + ".json"), "w") as f:
+            json.dump({"device": str(device), "kinds": kinds}, f)
+        return out
+    train.sync_batchnorm = spy
+    sys.exit(cli.main(sys.argv[2:]))
+''')
+
+
 def pretrain_args(out, batch_size):
     return ["pretrain", "--method", "plain", "--dataset", "fashion_mnist", "--subset", "64", "--steps", "3",
             "--batch-size", str(batch_size), "--lr", "0.05", "--warmup-steps", "1", "--precision", "fp32",
@@ -48,6 +71,69 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def torchrun_env():
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return env
+
+
+def torchrun():
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}"]
+
+
+def batchnorms(module):
+    return [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def tiny_vit():
+    return ViT(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=1, num_heads=2)
+
+
+@pytest.mark.parametrize("build", [
+    lambda: SimCLR(tiny_vit(), proj_dim=8, hidden_dim=16),
+    lambda: MoCoV3(tiny_vit(), proj_dim=8, hidden_dim=16),
+    lambda: DINO(tiny_vit(), out_dim=16, hidden_dim=16, bottleneck_dim=8, use_bn_in_head=True, n_local_crops=0),
+], ids=["simclr", "mocov3", "dino"])
+def test_sync_batchnorm_converts_the_heads_for_cuda_only(build):
+    # Conversion needs no GPU; running a SyncBatchNorm in a process group does (see train.sync_batchnorm).
+    method = build()
+    plain = batchnorms(method)
+    assert plain and all(type(m) is torch.nn.BatchNorm1d for m in plain)
+    params, keys = [id(p) for p in method.parameters()], list(method.state_dict())
+    assert sync_batchnorm(method, "cpu") is method and batchnorms(method) == plain
+    synced = sync_batchnorm(method, torch.device("cuda", 0))
+    converted = batchnorms(synced)
+    assert len(converted) == len(plain) and all(type(m) is torch.nn.SyncBatchNorm for m in converted)
+    assert [m.affine for m in converted] == [m.affine for m in plain]  # the last BN stays affine-free
+    # The same Parameter objects (an optimizer built before still holds them) and the same checkpoint keys.
+    assert [id(p) for p in synced.parameters()] == params and list(synced.state_dict()) == keys
+    assert [p.requires_grad for p in synced.parameters()] == [p.requires_grad for p in build().parameters()]
+    with pytest.raises(TypeError, match="module must be an nn.Module"):
+        sync_batchnorm("model", "cuda")
+
+
+def test_two_gloo_processes_train_moco_v3_with_per_process_batchnorm(tmp_path):
+    # train() hands the method to sync_batchnorm under DDP; on CPUs the heads keep plain BatchNorm
+    # (a SyncBatchNorm would raise in forward under gloo) and the run completes.
+    script = tmp_path / "vitssl_sync_bn.py"
+    script.write_text(SYNC_BN_SCRIPT)
+    out = tmp_path / "moco"
+    args = ["pretrain", "--method", "mocov3", "--dataset", "fashion_mnist", "--subset", "32", "--steps", "2",
+            "--batch-size", "8", "--precision", "fp32", "--device", "cpu", "--log-every", "1", "--no-progress",
+            "--method-arg", "hidden_dim=16", "--method-arg", "proj_dim=8", "--out", str(out), *TINY_ARGS]
+    run = subprocess.run(torchrun() + [str(script), str(tmp_path), *args], env=torchrun_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"sync_bn_rank{rank}.json").read_text())
+        assert seen == {"device": "cpu", "kinds": ["BatchNorm1d"]}
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in history] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(row["loss"])) for row in history)
 
 
 def test_setup_distributed_is_a_no_op_without_torchrun(monkeypatch):

@@ -45,9 +45,9 @@ def test_extract_features_modes_and_inputs():
     model = tiny(drop_path_rate=0.5).train()
     imgs = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
     x = imgs.float().div(255).unsqueeze(1)
-    cls = E.extract_features(model, imgs, "cls", batch_size=2)
-    avg = E.extract_features(model, imgs, "avg", batch_size=2)
-    both = E.extract_features(model, imgs, "cls+avg", batch_size=2)
+    cls = E.extract_features(model, imgs, "cls", batch_size=2, precision="fp32")
+    avg = E.extract_features(model, imgs, "avg", batch_size=2, precision="fp32")
+    both = E.extract_features(model, imgs, "cls+avg", batch_size=2, precision="fp32")
     assert cls.shape == avg.shape == (5, 32) and both.shape == (5, 64) and both.dtype == torch.float32
     torch.testing.assert_close(both, torch.cat([cls, avg], 1))
     assert model.training  # the caller's mode is restored
@@ -57,14 +57,15 @@ def test_extract_features_modes_and_inputs():
         inter = model.get_intermediate_layers(x, 2)
     torch.testing.assert_close(cls, tokens[:, 0])
     torch.testing.assert_close(avg, tokens[:, 1:].mean(1))
-    cls2 = E.extract_features(model, imgs, "cls", n_last=2)
+    cls2 = E.extract_features(model, imgs, "cls", n_last=2, precision="fp32")
     assert cls2.shape == (5, 64)
     torch.testing.assert_close(cls2, torch.cat([inter[0][:, 0], inter[1][:, 0]], 1))
-    torch.testing.assert_close(E.extract_features(model, x), cls)  # float (N, C, H, W) input
-    torch.testing.assert_close(E.extract_features(model, TensorDataset(x, torch.zeros(5)), batch_size=3), cls)
+    torch.testing.assert_close(E.extract_features(model, x, precision="fp32"), cls)  # float (N, C, H, W) input
+    dataset = TensorDataset(x, torch.zeros(5))
+    torch.testing.assert_close(E.extract_features(model, dataset, batch_size=3, precision="fp32"), cls)
     norm = {"mean": (0.5,), "std": (0.25,)}
-    torch.testing.assert_close(E.extract_features(model, imgs, normalize=norm),
-                               E.extract_features(model, (x - 0.5) / 0.25))
+    torch.testing.assert_close(E.extract_features(model, imgs, normalize=norm, precision="fp32"),
+                               E.extract_features(model, (x - 0.5) / 0.25, precision="fp32"))
     torch.testing.assert_close(E.extract_features(model, imgs, precision="fp32"), cls)
     bf16 = E.extract_features(model, imgs, precision="bf16")  # autocast works on any CPU, fast or not
     assert bf16.dtype == torch.float32
@@ -311,6 +312,50 @@ def test_finetune_learns_on_a_dataset(fmnist):
     out = E.finetune(tiny(), train, (xte[:500], yte[:500]), num_classes=10, epochs=3, lr=5e-3,
                      batch_size=32, warmup_epochs=0, drop_path=0.0, layer_decay=1.0)
     assert out["top1"] > 30.0, out  # chance is 10 %; 40-50 % across seeds
+
+
+def test_finetune_with_crops_returns_per_image_correctness(fmnist):
+    xtr, ytr, xte, yte = fmnist
+    model = tiny(pos_embed="sincos")
+    out = E.finetune(model, (xtr[:256], ytr[:256]), (xte[:100], yte[:100]), num_classes=10, epochs=1,
+                     batch_size=64, warmup_epochs=0, crop_scale=(0.25, 1.0), return_correct=True)
+    assert out["correct"].shape == (100,) and out["correct"].dtype == torch.bool
+    assert math.isclose(out["top1"], 100.0 * out["correct"].float().mean().item())
+    assert not model.pos_embed.requires_grad  # the caller's fixed table stays fixed
+    with pytest.raises(ValueError, match="crop_scale"):
+        E.finetune(tiny(), (xtr[:8], ytr[:8]), (xte[:8], yte[:8]), 10, crop_scale=(0.5, 2.0))
+
+
+def test_mcnemar_matches_scipy_exact_binomial():
+    from scipy.stats import binomtest
+    g = torch.Generator().manual_seed(0)
+    for n, pa, pb in ((10000, 0.86, 0.85), (500, 0.7, 0.6), (40, 0.5, 0.5)):
+        a, b = torch.rand(n, generator=g) < pa, torch.rand(n, generator=g) < pb
+        out = E.mcnemar(a, b)
+        a_only, b_only = int((a & ~b).sum()), int((~a & b).sum())
+        assert (out["a_only"], out["b_only"]) == (a_only, b_only)
+        assert math.isclose(out["difference"], 100 * (a.double().mean() - b.double().mean()).item(), abs_tol=1e-9)
+        ref = binomtest(min(a_only, b_only), a_only + b_only, 0.5).pvalue
+        assert math.isclose(out["p_value"], ref, rel_tol=1e-6, abs_tol=1e-300), (out, ref)
+    same = torch.ones(5, dtype=torch.bool)
+    assert E.mcnemar(same, same)["p_value"] == 1.0
+    with pytest.raises(ValueError, match="same, non-empty test set"):
+        E.mcnemar(same, same[:3])
+
+
+def test_correctness_round_trips_through_hex():
+    bits = torch.rand(10001, generator=torch.Generator().manual_seed(0)) < 0.8
+    text = E.correct_to_hex(bits)
+    assert len(text) == 2 * 1251 and torch.equal(E.correct_from_hex(text, 10001), bits)
+    with pytest.raises(ValueError, match="does not fit"):
+        E.correct_from_hex(text, 20000)
+
+
+def test_linear_probe_returns_per_image_correctness():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(200, 8, generator=g), torch.randint(0, 3, (200,), generator=g)
+    out = E.linear_probe(x, y, x[:50], y[:50], epochs=5, return_correct=True)
+    assert out["correct"].shape == (50,) and math.isclose(out["top1"], 100 * out["correct"].float().mean().item())
 
 
 def test_finetune_errors():

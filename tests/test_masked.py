@@ -91,7 +91,8 @@ def test_simmim_loss_is_l1_on_hidden_patches(fmnist):
     model = SimMIM(tiny_encoder())
     loss, pred, mask = model(fmnist[:4])
     assert pred.shape == (4, 49, 16) and mask.shape == (4, 49)
-    assert torch.equal(mask.sum(1), torch.full((4,), 49.0 - int(49 * 0.4)))
+    assert model.mask_unit == 1  # a 7x7 grid cannot hold 2x2 units: single patches
+    assert torch.equal(mask.sum(1), torch.full((4,), float(math.ceil(49 * 0.6))))  # SimMIM's count, 30
     target = torch.nn.functional.unfold(fmnist[:4], 4, stride=4).transpose(1, 2)  # (4, 49, 16), 1 channel
     hand = sum((pred[b, i] - target[b, i]).abs().mean() for b in range(4) for i in range(49) if mask[b, i])
     assert torch.allclose(loss, hand / mask.sum(), atol=1e-6)
@@ -111,14 +112,39 @@ def test_simmim_encoder_sees_mask_token_at_hidden_patches(fmnist):
     assert torch.allclose(x[:, 1:11], (model.mask_token[0] + pos).expand(2, -1, -1), atol=1e-6)
 
 
-def test_simmim_mask_patch_size_hides_whole_squares():
-    model = SimMIM(tiny_encoder(img_size=32, in_chans=3), mask_ratio=0.5, mask_patch_size=16)
+def test_simmim_masks_2x2_patch_units_on_vit_mini_28(fmnist):
+    """SimMIM hides 32-px squares over 16-px patches; on vit_mini_28's 4x4 grid of 7-px patches the
+    default unit is 2x2 patches, a 2x2 grid of units, and ceil(4 * 0.6) = 3 of them are hidden."""
+    torch.manual_seed(0)
+    mini = ViT(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=1, num_heads=2)
+    model = SimMIM(mini)
+    assert model.mask_unit == 2
+    mask = model.random_mask(64)  # (64, 16)
+    units = mask.view(64, 2, 2, 2, 2)  # (B, unit row, patch row in unit, unit col, patch col in unit)
+    assert torch.equal(units.amax(dim=(2, 4)), units.amin(dim=(2, 4)))  # whole, aligned units only
+    assert torch.equal(units.amax(dim=(2, 4)).sum(dim=(1, 2)), torch.full((64,), 3.0))
+    assert torch.equal(mask.sum(1), torch.full((64,), 12.0))
+    loss, pred, used = model(fmnist[:4])  # forward draws the same kind of mask
+    assert torch.equal(used.sum(1), torch.full((4,), 12.0)) and torch.isfinite(loss)
+
+
+def test_simmim_mask_unit_on_a_larger_grid():
+    model = SimMIM(tiny_encoder(img_size=32, in_chans=3), mask_ratio=0.5, mask_unit=4)  # 8x8 grid, 2x2 units
     mask = model.random_mask(3).view(3, 8, 8)
     blocks = mask.unfold(1, 4, 4).unfold(2, 4, 4)  # (3, 2, 2, 4, 4): one 16-pixel square each
     assert torch.equal(blocks.amax(dim=(-1, -2)), blocks.amin(dim=(-1, -2)))  # constant per square
     assert torch.equal(mask.sum(dim=(1, 2)), torch.full((3,), 2 * 16.0))  # 2 of 4 squares hidden
-    with pytest.raises(ValueError, match="mask_patch_size=8 must be a multiple of patch_size=4 that divides img_size=28"):
-        SimMIM(tiny_encoder(), mask_patch_size=8)
+    assert SimMIM(tiny_encoder(img_size=32, in_chans=3)).mask_unit == 2  # the default on an even grid
+
+
+def test_simmim_mask_unit_errors():
+    with pytest.raises(ValueError, match="mask_unit=2 .* must be a positive int that divides the 7x7 patch grid"):
+        SimMIM(tiny_encoder(), mask_unit=2)
+    with pytest.raises(ValueError, match="mask_unit=0"):
+        SimMIM(tiny_encoder(), mask_unit=0)
+    mini = ViT(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=1, num_heads=2)
+    with pytest.raises(ValueError, match="hides all 4 units of 2x2 patches"):
+        SimMIM(mini, mask_ratio=0.8)  # ceil(4 * 0.8) = 4
 
 
 def test_simmim_gradients_and_loss_falls(fmnist):
@@ -194,11 +220,12 @@ def test_tokenizer_errors(fmnist):
 # --------------------------------------------------------------------------- BEiT
 def test_beit_loss_and_accuracy_on_hidden_patches(tokenizer, fmnist):
     model = BEiT(tiny_encoder(), tokenizer, num_masked=20)
+    assert model.min_block == 4  # BEiT's 16 of 196 patches, rescaled to the 7x7 grid
     loss, logits, mask = model(fmnist[:4])
     assert logits.shape == (4, 49, 32)
-    assert torch.equal(mask.sum(1), torch.full((4,), 20.0))
+    assert (mask.sum(1) <= 20).all() and mask.sum() > 0  # BEiT's block masking may stop a little short
     target = tokenizer.encode(fmnist[:4])
-    assert torch.allclose(loss, masked_token_cross_entropy(logits, target, mask, "sum") / 80, atol=1e-6)
+    assert torch.allclose(loss, masked_token_cross_entropy(logits, target, mask, "sum") / mask.sum(), atol=1e-6)
     logs = assert_all_trainable_get_grads(model, fmnist[:8])
     assert set(logs) == {"loss", "token_acc"} and 0.0 <= logs["token_acc"] <= 1.0
     assert not any(p.requires_grad for p in model.tokenizer.parameters())
@@ -234,3 +261,34 @@ def test_beit_errors(tokenizer):
         BEiT(tiny_encoder(), tokenizer, num_masked=49)
     with pytest.raises(TypeError, match="tokenizer must be a PatchTokenizer"):
         BEiT(tiny_encoder(), object())
+    with pytest.raises(ValueError, match="min_block=0"):
+        BEiT(tiny_encoder(), tokenizer, min_block=0)
+
+
+def test_beit_data_recipe_follows_beit():
+    """The CLI's BEiT recipe: crop scale (0.08, 1) and ColorJitter 0.4 (brightness and contrast on
+    grey images), as unilm beit/datasets.py; SimMIM keeps its own (0.67, 1) crop and no jitter."""
+    from torchvision.transforms import v2
+
+    from vitssl_core.__main__ import METHODS, DataInfo
+
+    grey = DataInfo("fashion_mnist", 28, 1, (0.5,), (0.5,), 10)
+    flat = [(torch.full((1, 28, 28), 0.5), 0)] * 200  # a flat grey image: crops and flips leave it as is
+
+    def steps(method, info=grey):
+        return METHODS[method].data(flat, info, None).transform.transforms
+
+    crop = next(t for t in steps("beit") if isinstance(t, v2.RandomResizedCrop))
+    assert crop.scale == (0.08, 1.0)
+    jitter = next(t for t in steps("beit") if isinstance(t, v2.ColorJitter))
+    assert jitter.brightness == (0.6, 1.4) and jitter.contrast == (0.6, 1.4) and jitter.saturation is None
+    rgb = DataInfo("cifar10", 32, 3, (0.5,) * 3, (0.5,) * 3, 10)
+    rgb_jitter = next(t for t in steps("beit", rgb) if isinstance(t, v2.ColorJitter))
+    assert rgb_jitter.saturation == (0.6, 1.4) and rgb_jitter.hue is None  # ColorJitter(0.4, 0.4, 0.4)
+    torch.manual_seed(0)
+    beit_data = METHODS["beit"].data(flat, grey, None)
+    values = torch.stack([beit_data[i][0].mean() for i in range(50)])  # normalised: 0 without jitter
+    assert values.std() > 0.1 and values.abs().max() <= 0.4 + 1e-6  # (0.5 * [0.6, 1.4] - 0.5) / 0.5
+    simmim_data = METHODS["simmim"].data(flat, grey, None)
+    assert not any(isinstance(t, v2.ColorJitter) for t in simmim_data.transform.transforms)
+    assert torch.equal(simmim_data[0][0], torch.zeros(1, 28, 28))

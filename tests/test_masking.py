@@ -1,9 +1,13 @@
-"""Tests for vitssl_core.masking: patchify round trips, MAE's random masking, BEiT's block masking."""
+"""Tests for vitssl_core.masking: patchify round trips, MAE's random masking, SimMIM's unit masking,
+BEiT's block masking."""
+
+import math
+import random
 
 import pytest
 import torch
 
-from vitssl_core.masking import block_masking, patchify, random_masking, unpatchify
+from vitssl_core.masking import block_masking, default_min_block, patchify, random_masking, unit_masking, unpatchify
 
 
 # --------------------------------------------------------------------------- patchify
@@ -95,7 +99,86 @@ def test_random_masking_input_errors():
         random_masking(0, 4, 0.5)
 
 
-# --------------------------------------------------------------------------- block masking
+# --------------------------------------------------------------------------- unit masking (SimMIM)
+@pytest.mark.parametrize("grid,unit,ratio", [
+    (4, 2, 0.6),  # vit_mini_28: a 2x2 grid of units, ceil(2.4) = 3 hidden
+    (8, 2, 0.6),
+    (8, 4, 0.5),
+    ((4, 6), 2, 0.6),  # a non-square grid: 2x3 units
+    (10, 2, 0.8),  # ceil(25 * 0.8) = 20 units; MAE's L - int(L * (1 - r)) would hide 21
+    (7, 1, 0.75),  # unit 1 is per-patch masking: ceil(36.75) = 37
+])
+def test_unit_masking_hides_whole_aligned_units(grid, unit, ratio):
+    gh, gw = (grid, grid) if isinstance(grid, int) else grid
+    B = 32
+    mask = unit_masking(B, grid, ratio, unit, generator=torch.Generator().manual_seed(0))
+    assert mask.shape == (B, gh * gw) and mask.dtype == torch.float32
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    units = mask.view(B, gh // unit, unit, gw // unit, unit)  # (B, uh, p, uw, q): one unit per (uh, uw)
+    per_unit_max, per_unit_min = units.amax(dim=(2, 4)), units.amin(dim=(2, 4))
+    assert torch.equal(per_unit_max, per_unit_min)  # every unit is all hidden or all visible
+    num_units = (gh // unit) * (gw // unit)
+    hidden_units = per_unit_max.sum(dim=(1, 2))
+    assert torch.equal(hidden_units, torch.full((B,), float(math.ceil(num_units * ratio))))  # SimMIM's count
+    assert torch.equal(mask.sum(dim=1), hidden_units * unit * unit)
+    assert len({tuple(m.tolist()) for m in mask}) > 1  # each sample draws its own units
+
+
+def test_unit_masking_covers_every_unit_uniformly_and_is_reproducible():
+    a = unit_masking(4000, 4, 0.6, 2, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a[:8], unit_masking(8, 4, 0.6, 2, generator=torch.Generator().manual_seed(1))[:8])
+    share = a.view(4000, 2, 2, 2, 2).amax(dim=(2, 4)).mean(dim=0)  # how often each of the 4 units is hidden
+    assert torch.allclose(share, torch.full((2, 2), 0.75), atol=0.03)
+
+
+def test_unit_masking_errors():
+    with pytest.raises(ValueError, match="grid_size=4x4 is not divisible by unit=3"):
+        unit_masking(2, 4, 0.6, 3)
+    with pytest.raises(ValueError, match="hides all 4 units"):
+        unit_masking(2, 4, 0.8, 2)  # ceil(3.2) = 4 of 4
+    with pytest.raises(ValueError, match="mask_ratio"):
+        unit_masking(2, 4, 1.0, 1)
+    with pytest.raises(ValueError, match="unit=0"):
+        unit_masking(2, 4, 0.5, 0)
+
+
+# --------------------------------------------------------------------------- block masking (BEiT)
+def _beit_reference(rng, gh, gw, num_masked, min_block, max_block=None, min_aspect=0.3):
+    """Our transcription of unilm beit/masking_generator.py (MaskingGenerator.__call__ and _mask),
+    written out independently of vitssl_core. Returns (grid as lists, hidden count)."""
+    max_block = num_masked if max_block is None else max_block
+    lo, hi = math.log(min_aspect), math.log(1 / min_aspect)
+    grid = [[0] * gw for _ in range(gh)]
+    total = 0
+    while total < num_masked:
+        room = min(num_masked - total, max_block)
+        gained = 0
+        for _attempt in range(10):
+            target = rng.uniform(min_block, room)
+            ratio = math.exp(rng.uniform(lo, hi))
+            h, w = int(round(math.sqrt(target * ratio))), int(round(math.sqrt(target / ratio)))
+            if w < gw and h < gh:
+                r0, c0 = rng.randint(0, gh - h), rng.randint(0, gw - w)
+                already = sum(grid[r][c] for r in range(r0, r0 + h) for c in range(c0, c0 + w))
+                if 0 < h * w - already <= room:
+                    for r in range(r0, r0 + h):
+                        for c in range(c0, c0 + w):
+                            if not grid[r][c]:
+                                grid[r][c] = 1
+                                gained += 1
+                if gained > 0:
+                    break
+        if gained == 0:
+            break  # BEiT gives up and returns fewer than num_masked
+        total += gained
+    return grid, total
+
+
+def _has_full_line(grid):
+    """Does a 2-D 0/1 list grid have a fully hidden row or column?"""
+    return any(all(row) for row in grid) or any(all(col) for col in zip(*grid))
+
+
 def _components(grid):
     """4-connected components of the ones of a 2-D 0/1 list grid."""
     gh, gw = len(grid), len(grid[0])
@@ -116,31 +199,65 @@ def _components(grid):
     return comps
 
 
-@pytest.mark.parametrize("grid,num", [(7, 20), (14, 75), ((6, 8), 2), ((6, 8), 47)])
-def test_block_masking_exact_counts(grid, num):
+@pytest.mark.parametrize("grid,num", [(7, 20), (14, 75), ((6, 8), 2), ((6, 8), 30), (4, 6)])
+def test_block_masking_never_overshoots(grid, num):
     mask = block_masking(64, grid, num, generator=torch.Generator().manual_seed(0))
     gh, gw = (grid, grid) if isinstance(grid, int) else grid
     assert mask.shape == (64, gh * gw)
     assert set(mask.unique().tolist()) <= {0.0, 1.0}
-    assert torch.equal(mask.sum(1), torch.full((64,), float(num)))
+    counts = mask.sum(1)
+    assert (counts <= num).all()  # BEiT never hides more than asked ...
+    assert counts.mean() > 0.9 * num  # ... and rarely much fewer
+
+
+def test_block_masking_statistics_match_beit_reference():
+    """BEiT's recipe on its own 14x14 grid (75 hidden, blocks of at least 16): the hidden count
+    falls short as often and by as much as in BEiT's code (mean about 74.5, no top-up)."""
+    n = 1500
+    rng = random.Random(0)
+    ref = [_beit_reference(rng, 14, 14, 75, 16) for _ in range(n)]
+    ref_counts = torch.tensor([c for _, c in ref], dtype=torch.float32)
+    masks = block_masking(n, 14, 75, min_block=16, generator=torch.Generator().manual_seed(0))
+    counts = masks.sum(1)
+    assert counts.max() <= 75 and ref_counts.max() <= 75
+    assert abs(counts.mean() - ref_counts.mean()) < 0.15  # about 4 standard errors; a top-up gives +0.5
+    assert abs((counts == 75).float().mean() - (ref_counts == 75).float().mean()) < 0.07  # about 2/3 exact
+    assert counts.min() < 72 and ref_counts.min() < 72  # both sometimes stop well short
+    assert default_min_block(14) == 16  # the default is BEiT's value on its own grid
+    ref_full = sum(_has_full_line(g) for g, _ in ref) / n
+    full = sum(_has_full_line(g) for g in masks.view(n, 14, 14).tolist()) / n
+    assert abs(full - ref_full) < 0.03  # a fully hidden row or column is rare and only a union of blocks
+
+
+def test_blocks_are_strictly_smaller_than_the_grid():
+    """BEiT keeps every block shorter and narrower than the grid (h < height, w < width)."""
+    # on a grid one patch tall no block fits at all, so nothing is hidden
+    assert block_masking(16, (1, 8), 3, min_block=2, generator=torch.Generator().manual_seed(0)).sum() == 0
+    # on a small grid full rows or columns come only from unions of blocks, as often as in BEiT
+    n = 3000
+    rng = random.Random(1)
+    ref_full = sum(_has_full_line(_beit_reference(rng, 4, 4, 6, 4)[0]) for _ in range(n)) / n
+    masks = block_masking(n, 4, 6, min_block=4, generator=torch.Generator().manual_seed(1)).view(n, 4, 4)
+    full = sum(_has_full_line(g) for g in masks.tolist()) / n
+    assert abs(full - ref_full) < 0.04, (full, ref_full)  # about 0.13; blocks as tall as the grid give 0.3
+
+
+def test_default_min_block_keeps_beits_share_of_the_grid():
+    assert [default_min_block(g) for g in (14, 7, 8, 4, (6, 8), 1)] == [16, 4, 5, 1, 4, 1]
 
 
 def test_block_masks_are_blocky():
-    """Every union of cells is trivially a union of rectangles, so we test what that wording is
-    after: no hidden patch stands alone (each has a hidden 4-neighbour), and hidden patches
-    clump into far fewer connected regions than the same number of random patches do."""
+    """Hidden patches clump: almost none stands alone (BEiT's own masks have about 0.05 % at 14x14),
+    and they form far fewer connected regions than the same number of random patches do."""
     gh = gw = 14
     num = 75
     masks = block_masking(200, gh, num, generator=torch.Generator().manual_seed(1)).view(200, gh, gw)
-    block_comps = []
+    block_comps, alone = [], 0
     for m in masks.tolist():
-        for i in range(gh):
-            for j in range(gw):
-                if m[i][j]:
-                    nbrs = [m[a][b] for a, b in ((i - 1, j), (i + 1, j), (i, j - 1), (i, j + 1))
-                            if 0 <= a < gh and 0 <= b < gw]
-                    assert max(nbrs) == 1, "an isolated hidden patch"
-        block_comps.append(len(_components(m)))
+        comps = _components(m)
+        alone += sum(len(c) == 1 for c in comps)
+        block_comps.append(len(comps))
+    assert alone / masks.sum() < 0.005
     ranks = torch.rand(200, gh * gw, generator=torch.Generator().manual_seed(1)).argsort(1).argsort(1)
     rand = (ranks < num).float()  # num patches hidden uniformly at random
     rand_comps = [len(_components(m)) for m in rand.view(200, gh, gw).tolist()]

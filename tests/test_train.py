@@ -260,8 +260,24 @@ def test_interruption_saves_and_resume_is_exact(tmp_path, fmnist, error):
     resumed = tiny_method(seed=99, drop_path_rate=0.2)  # other initial weights: all must come from the checkpoint
     history = train(resumed, fmnist, config(**cfg, out_dir=str(tmp_path / "run"), resume=True))
     assert same_weights(resumed, reference)
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "img_per_s"} for r in rows]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("img_per_s", "wall_s")} for r in rows]  # noqa: E731
     assert strip(history) == strip(ref_history)
+
+
+def test_each_resumed_segment_records_its_wall_time_and_hardware(tmp_path, fmnist):
+    def stop_at_3(row):
+        if row["step"] == 3:
+            raise KeyboardInterrupt("stop")
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_method(), fmnist, config(max_steps=6, out_dir=str(tmp_path)), callback=stop_at_3)
+    history = train(tiny_method(), fmnist, config(max_steps=6, out_dir=str(tmp_path), resume=True))
+    segments = load_checkpoint(tmp_path)[1]["segments"]
+    assert [(s["from_step"], s["to_step"]) for s in segments] == [(0, 3), (3, 6)]
+    assert all(s["seconds"] >= 0 and "thread(s)" in s["hardware"] and s["precision"] == "fp32" for s in segments)
+    # the history's clock runs on across the resume: the first segment's time, then the second's
+    walls = [row["wall_s"] for row in history]
+    assert walls == sorted(walls) and walls[-1] >= segments[0]["seconds"]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

@@ -3,8 +3,9 @@
 ``vitssl pretrain`` builds a backbone from a preset (``vitssl_core.vit``), a method from
 ``METHODS``, a data set from ``vitssl_core.data``, and runs ``vitssl_core.train.train``; at the
 end it writes ``backbone.safetensors`` (timm keys) and a ``backbone.json`` card next to the
-checkpoints. ``vitssl evaluate`` reads that pair back and hands the backbone to
-``vitssl_core.evaluate.run_protocol``. The same command runs under ``torchrun``.
+checkpoints: the backbone the method exports (``train.exported_backbone``; DINO's EMA teacher),
+named in the card's ``"exported"``. ``vitssl evaluate`` reads that pair back and hands the
+backbone to ``vitssl_core.evaluate.run_protocol``. The same command runs under ``torchrun``.
 
 This module is the only place that parses arguments; the library takes keyword arguments.
 Exit codes: 0 done, 1 failed while running, 2 bad arguments (one line on stderr), 130 stopped
@@ -28,7 +29,7 @@ from torch.utils.data import Dataset, Subset
 from torchvision.transforms import v2
 
 from . import data, vit
-from .augment import MultiCrop, TwoViews, asymmetric_augment, dino_augment, simclr_augment
+from .batch_augment import BatchViews, batch_asymmetric_views, batch_dino_views, batch_simclr_views
 from .checkpoint import (atomic_write_json, latest_checkpoint, load_backbone, load_checkpoint, load_pretrained,
                          save_backbone)
 from .contrastive import MoCoV3, SimCLR
@@ -38,7 +39,8 @@ from .mae import MAE
 from .masked import BEiT, PatchTokenizer, SimMIM
 from .supervised import Supervised
 from .vit import ViT
-from .train import CHECKPOINT_DIR, TrainConfig, cleanup_distributed, resolve_device, seed_everything, setup_distributed, train
+from .train import (CHECKPOINT_DIR, TrainConfig, cleanup_distributed, exported_backbone, resolve_device,
+                    seed_everything, setup_distributed, steps_per_epoch, train)
 
 PRESETS: dict[str, Callable[..., vit.ViT]] = {
     "vit_mini_28": vit.vit_mini_28,
@@ -76,13 +78,16 @@ class MethodEntry:
     ``build(backbone, **method_args) -> method``; with ``num_classes=True`` it also receives
     ``num_classes=`` from the data set. ``data(dataset, info, method) -> dataset`` turns a data set
     of (float image (C, H, W) in [0, 1], label) into what the method's ``training_step`` expects,
-    e.g. ``TwoViews(dataset, simclr_augment(...))`` or ``_Transformed(dataset, transform)``.
+    e.g. ``_Transformed(dataset, transform)``; ``views(info, method) -> BatchViews`` instead makes
+    the views of every batch on the training device (the data set stays plain images).
     """
 
     build: Callable[..., nn.Module]
-    data: Callable[[Dataset, DataInfo, nn.Module], Dataset]
+    data: Callable[[Dataset, DataInfo, nn.Module], Dataset] | None = None
+    views: Callable[[DataInfo, nn.Module], BatchViews] | None = None
     num_classes: bool = False
     needs_dataset: bool = False  # build() also receives dataset= (e.g. to fit BEiT's tokenizer)
+    needs_steps: bool = False  # build() also receives epoch_steps= and total_steps= (DINO's epoch-long schedules)
 
 
 class _Transformed(Dataset):
@@ -108,10 +113,16 @@ def _supervised_data(dataset: Dataset, info: DataInfo, method: nn.Module) -> Dat
     ]))
 
 
-def _masked_data(scale: tuple[float, float]) -> Callable[[Dataset, DataInfo, nn.Module], Dataset]:
-    """MAE/SimMIM/BEiT recipe: one random resized crop (area fraction ``scale``), flip, normalise."""
+def _masked_data(scale: tuple[float, float], jitter: float = 0.0) -> Callable[[Dataset, DataInfo, nn.Module], Dataset]:
+    """MAE/SimMIM/BEiT recipe: colour jitter (if ``jitter``), random resized crop (area fraction
+    ``scale``), flip, normalise. BEiT's ``ColorJitter(0.4, 0.4, 0.4)`` comes first, on the whole
+    image; on grey images only brightness and contrast (saturation means nothing on one channel)."""
     def recipe(dataset: Dataset, info: DataInfo, method: nn.Module) -> Dataset:
+        colour = [] if not jitter else [
+            v2.ColorJitter(brightness=jitter, contrast=jitter) if info.grayscale
+            else v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter)]
         return _Transformed(dataset, v2.Compose([
+            *colour,
             v2.RandomResizedCrop(info.img_size, scale=scale, antialias=True),
             v2.RandomHorizontalFlip(),
             v2.Normalize(mean=list(info.mean), std=list(info.std)),
@@ -119,12 +130,14 @@ def _masked_data(scale: tuple[float, float]) -> Callable[[Dataset, DataInfo, nn.
     return recipe
 
 
-def _simclr_data(dataset: Dataset, info: DataInfo, method: nn.Module) -> Dataset:
-    return TwoViews(dataset, simclr_augment(info.img_size, info.grayscale, mean=info.mean, std=info.std))
+# Multi-view recipes draw their views for a whole batch on the training device (batch_augment):
+# the same recipes as augment.py's per-sample pipelines, without their per-image Python cost.
+def _simclr_views(info: DataInfo, method: nn.Module) -> BatchViews:
+    return BatchViews(batch_simclr_views(info.img_size, info.grayscale, mean=info.mean, std=info.std))
 
 
-def _mocov3_data(dataset: Dataset, info: DataInfo, method: nn.Module) -> Dataset:
-    return TwoViews(dataset, *asymmetric_augment(info.img_size, info.grayscale, mean=info.mean, std=info.std))
+def _mocov3_views(info: DataInfo, method: nn.Module) -> BatchViews:
+    return BatchViews(batch_asymmetric_views(info.img_size, info.grayscale, mean=info.mean, std=info.std))
 
 
 def _dino_local_size(img_size: int, patch_size: int) -> int:
@@ -132,10 +145,10 @@ def _dino_local_size(img_size: int, patch_size: int) -> int:
     return max(patch_size, round(img_size * 3 / 7 / patch_size) * patch_size)
 
 
-def _dino_data(dataset: Dataset, info: DataInfo, method: nn.Module) -> Dataset:
+def _dino_views(info: DataInfo, method: nn.Module) -> BatchViews:
     local = _dino_local_size(info.img_size, method.backbone.patch_size)
-    crops = dino_augment(info.img_size, local, info.grayscale, mean=info.mean, std=info.std)
-    return MultiCrop(dataset, *crops, n_local=method.n_local_crops)
+    return BatchViews(batch_dino_views(info.img_size, local, info.grayscale, method.n_local_crops,
+                                       mean=info.mean, std=info.std))
 
 
 # Small-image defaults: the papers' heads (2048-65536 wide) are sized for ImageNet; these fit
@@ -145,12 +158,25 @@ def _simclr(backbone: ViT, **kw: Any) -> nn.Module:
 
 
 def _mocov3(backbone: ViT, **kw: Any) -> nn.Module:
-    return MoCoV3(backbone, **{"hidden_dim": 1024, **kw})
+    # MoCoV3's defaults are the ViT recipe: momentum 0.99 -> 1 (cosine), temperature 0.2, fixed
+    # sin-cos positions, xavier init and a frozen random patch projection (init_backbone=True).
+    return MoCoV3(backbone, **{"hidden_dim": 1024, "momentum": 0.99, "temperature": 0.2, **kw})
 
 
-def _dino(backbone: ViT, **kw: Any) -> nn.Module:
+def _dino(backbone: ViT, epoch_steps: int, total_steps: int, **kw: Any) -> nn.Module:
+    """DINO with small-image heads, EMA 0.996 -> 1, and DINO's epoch-long schedules in this run's steps.
+
+    ``DINO`` counts steps and cannot know an epoch's length; the CLI can (``epoch_steps`` from the
+    data set and the batch). DINO freezes the last layer for the first epoch: here for
+    min(1 epoch, half the run) steps, so a short run still trains it. The teacher temperature
+    0.07 comes with a 30-epoch warm-up from 0.04 (DINO's README; it warns that a hot teacher
+    early is unstable): here max(1, min(30 epochs, half the run)) steps, so a short run spends
+    its second half at the final temperature. ``--method-arg`` overrides any of these.
+    """
     kw = {"out_dim": 4096, "hidden_dim": 1024, "n_local_crops": 6, "warmup_teacher_temp": 0.04,
-          "teacher_temp": 0.07, **kw}
+          "teacher_temp": 0.07, "momentum": 0.996,
+          "warmup_teacher_temp_steps": max(1, min(30 * epoch_steps, total_steps // 2)),
+          "freeze_last_layer_steps": min(epoch_steps, total_steps // 2), **kw}
     if kw["n_local_crops"] > 0:
         backbone.dynamic_img_size = True  # local crops are smaller than the global ones
     return DINO(backbone, **kw)
@@ -172,12 +198,13 @@ def _beit(backbone: ViT, dataset: Dataset, vocab_size: int = 256, tokenizer_imag
 # One entry per method name. To add one: MethodEntry(build=<class or function>, data=<recipe>).
 METHODS: dict[str, MethodEntry] = {
     "supervised": MethodEntry(build=Supervised, data=_supervised_data, num_classes=True),
-    "simclr": MethodEntry(build=_simclr, data=_simclr_data),
-    "mocov3": MethodEntry(build=_mocov3, data=_mocov3_data),
-    "dino": MethodEntry(build=_dino, data=_dino_data),
+    "simclr": MethodEntry(build=_simclr, views=_simclr_views),
+    "mocov3": MethodEntry(build=_mocov3, views=_mocov3_views),
+    "dino": MethodEntry(build=_dino, views=_dino_views, needs_steps=True),
     "mae": MethodEntry(build=_mae, data=_masked_data((0.2, 1.0))),
-    "simmim": MethodEntry(build=SimMIM, data=_masked_data((0.67, 1.0))),
-    "beit": MethodEntry(build=_beit, data=_masked_data((0.35, 1.0)), needs_dataset=True),
+    "simmim": MethodEntry(build=SimMIM, data=_masked_data((0.67, 1.0))),  # SimMIMTransform: crop (0.67, 1), flip
+    # BEiT's DataAugmentationForBEiT: ColorJitter(0.4, 0.4, 0.4), flip, crop (0.08, 1)
+    "beit": MethodEntry(build=_beit, data=_masked_data((0.08, 1.0), jitter=0.4), needs_dataset=True),
 }
 
 
@@ -246,7 +273,7 @@ PRETRAIN_DEFAULTS: dict[str, Any] = {
     "dataset": "fashion_mnist", "model": "vit_tiny_28", "batch_size": 128, "lr": 5e-4, "min_lr": 1e-6,
     "weight_decay": 0.05, "betas": [0.9, 0.999], "accum_steps": 1, "precision": "auto", "compile": False,
     "seed": 0, "num_workers": 0, "device": "auto", "resume": False, "checkpoint_every": 1000, "log_every": 10,
-    "progress": True, "model_args": [], "method_args": [],
+    "progress": True, "model_args": [], "method_args": [], "clip_mode": "global",
 }
 
 PRETRAIN_EPILOG = """\
@@ -323,6 +350,9 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                      help="final weight decay of a cosine schedule (default: constant)")
     how.add_argument("--betas", type=_float, nargs=2, metavar=("B1", "B2"), help="AdamW betas (default: 0.9 0.999)")
     how.add_argument("--grad-clip", type=_float, metavar="NORM", help="clip the gradient norm (default: off)")
+    how.add_argument("--clip-mode", choices=("global", "per_param"), help="global: one factor from the joint "
+                     "norm of all gradients; per_param: each parameter's gradient on its own, as DINO "
+                     "(default: global)")
     how.add_argument("--accum-steps", type=_positive_int, metavar="N",
                      help="micro-batches per optimizer step (default: 1)")
     run = p.add_argument_group("how to run")
@@ -436,8 +466,8 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
             epochs=args.epochs, max_steps=args.steps, batch_size=args.batch_size, blr=args.lr, min_lr=args.min_lr,
             warmup_steps=args.warmup_steps, warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay,
             weight_decay_end=args.weight_decay_end, betas=tuple(args.betas), grad_clip=args.grad_clip,
-            accum_steps=args.accum_steps, precision=args.precision, compile=args.compile, seed=args.seed,
-            num_workers=args.num_workers, out_dir=args.out, checkpoint_every=args.checkpoint_every,
+            clip_mode=args.clip_mode, accum_steps=args.accum_steps, precision=args.precision, compile=args.compile,
+            seed=args.seed, num_workers=args.num_workers, out_dir=args.out, checkpoint_every=args.checkpoint_every,
             log_every=args.log_every, progress=args.progress, resume=args.resume, device=args.device)
     except ValueError as err:
         raise _CliError(str(err)) from None
@@ -490,14 +520,21 @@ def _pretrain(args: argparse.Namespace) -> int:
             kwargs.setdefault("num_classes", num_classes)
         if entry.needs_dataset:
             kwargs["dataset"] = base
+        if entry.needs_steps:  # the training data set holds one item per image of base, as train() will count
+            try:
+                kwargs["epoch_steps"] = steps_per_epoch(len(base), config, info.world_size)
+            except ValueError as err:
+                raise _CliError(str(err)) from None
+            kwargs["total_steps"] = config.max_steps or config.epochs * kwargs["epoch_steps"]
         try:
             method = entry.build(backbone, **kwargs)
         except (TypeError, ValueError) as err:
             raise _CliError(f"--method {args.method} with --method-arg {args.method_args}: {err}") from None
-        dataset = entry.data(base, data_info, method)
+        dataset = entry.data(base, data_info, method) if entry.data is not None else base
+        views = entry.views(data_info, method) if entry.views is not None else None
 
         try:
-            history = train(method, dataset, config)
+            history = train(method, dataset, config, batch_transform=views)
         except KeyboardInterrupt as err:
             raise _CliError(f"stopped ({err}); continue with the same command and --resume", code=130) from None
         except (FloatingPointError, FileExistsError) as err:
@@ -505,10 +542,11 @@ def _pretrain(args: argparse.Namespace) -> int:
 
         if info.rank == 0:
             out = Path(args.out)
-            save_backbone(method.backbone, out / "backbone.safetensors")
+            exported, export = exported_backbone(method)  # DINO ships its teacher, the others their backbone
+            save_backbone(export, out / "backbone.safetensors")
             card = {
-                "format": "vitssl-backbone/1", "weights": "backbone.safetensors", "model": args.model,
-                "model_args": args.model_args, "architecture": vit.architecture(method.backbone),
+                "format": "vitssl-backbone/1", "weights": "backbone.safetensors", "exported": exported,
+                "model": args.model, "model_args": args.model_args, "architecture": vit.architecture(export),
                 "method": args.method, "method_args": args.method_args, "dataset": args.dataset,
                 "normalize": {"mean": list(stats["mean"]), "std": list(stats["std"])},
                 "steps": history[-1]["step"] if history else 0, "final_loss": history[-1]["loss"] if history else None,

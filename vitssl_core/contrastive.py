@@ -14,14 +14,16 @@ Defaults are the papers'; what small images (28x28 Fashion-MNIST, a 5M-parameter
   and tau = 0.2-0.5 suits batches of a few hundred (SimCLR's CIFAR-10 runs used tau = 0.5).
 - MoCo v3: ``proj_dim=256``, ``hidden_dim=4096``, ``temperature=0.2``, ``momentum=0.99`` (the
   ViT recipe, batch 4096). For small images ``hidden_dim=1024`` is enough; keep 0.99 (a run of
-  a few thousand steps needs a key encoder that follows the query encoder quickly) and
-  ``freeze_patch_embed=True`` if the loss spikes, the instability MoCo v3 traced to the patch
-  projection.
+  a few thousand steps needs a key encoder that follows the query encoder quickly). MoCo v3's
+  ViT set-up (fixed sin-cos positions, its xavier initialisation, a frozen random patch
+  projection against the loss spikes it traced to that layer) is the default for a fresh
+  backbone; the deviations we keep are listed in ``MoCoV3``.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -139,15 +141,52 @@ class SimCLR(nn.Module):
 class MoCoV3(nn.Module):
     """MoCo v3: a query encoder (backbone, projector, predictor) against a momentum key encoder.
 
-    Loss ctr(q1, k2) + ctr(q2, k1), each ``moco_infonce`` (scaled by 2 tau). The momentum
-    encoder (``momentum_backbone``, ``momentum_projector``) is a frozen copy (requires_grad False,
-    so never in the optimizer) updated in ``on_step_end`` by an EMA whose momentum follows
-    ``cosine_momentum`` from ``momentum`` to 1. ``freeze_patch_embed``: MoCo v3's random patch
-    projection, kept fixed for stability.
+    Loss ctr(q1, k2) + ctr(q2, k1), each ``moco_infonce`` (scaled by 2 tau). The projector is
+    3 x (Linear, BN, ReLU) and the predictor 2 x, the last layer of each without ReLU and with an
+    affine-free BatchNorm (``MoCo_ViT`` in ``moco/builder.py``; the ResNet predictor has no final
+    BN). The momentum encoder (``momentum_backbone``, ``momentum_projector``) is a frozen copy
+    (requires_grad False, so never in the optimizer) updated in ``on_step_end`` by an EMA whose
+    momentum follows ``cosine_momentum`` from ``momentum`` to 1 (``--moco-m-cos``).
+
+    With ``init_backbone=True`` (the default, for pre-training from scratch) the backbone is set
+    up as MoCo v3's ``VisionTransformerMoCo`` (``vits.py``) sets up its own:
+    - ``pos_embed`` becomes a fixed 2-D sin-cos table (not trained);
+    - every Linear is xavier-uniform with zero bias, the fused ``qkv`` with the bound of one
+      (D, D) projection, sqrt(6 / 2D) (``ViT.init_xavier(split_qkv=True)``); LayerNorms are 1, 0;
+    - ``cls_token`` is normal with std 1e-6;
+    - the patch projection is uniform in +-sqrt(6 / (C P P + D)) with zero bias (xavier for the
+      convolution as the linear map it is).
+    ``freeze_patch_embed`` (by default equal to ``init_backbone``) then keeps that random patch
+    projection fixed (``--stop-grad-conv1``, part of every MoCo v3 ViT recipe): MoCo v3 traced the
+    loss spikes of ViT training to sudden changes of the patch projection's gradient. Pass
+    ``init_backbone=False`` to keep a given backbone exactly as it is (weights, positions and
+    which parameters train), e.g. to continue pre-training.
+
+    Deviations from facebookresearch/moco-v3 that we keep:
+    - The sin-cos table is MAE's (``sincos_pos_embed_2d``): channels (sin col, cos col, sin row,
+      cos row), where MoCo v3's are (sin row, cos row, sin col, cos col), same frequencies. The
+      two tables differ by a fixed permutation of the D channels, and every initialisation here
+      treats channels alike, so training is the same in distribution (cosmetic). One table keeps
+      ``ViT.set_img_size`` and the checkpoint cards simple.
+    - The patch-projection bound uses the backbone's ``in_chans``; ``vits.py`` writes 3 (RGB).
+      For C = 3 the two agree; for grey images ours is xavier's bound, MoCo v3's would be narrower.
+    - Weight decay follows the trainer's rule for every method (``train.param_groups``): no
+      decay on biases, 1-D parameters (LayerNorm, BatchNorm) and ``cls_token``. MoCo v3 decays
+      every parameter (AdamW over ``model.parameters()``); the exempt ones are a small share
+      (biases and norm scales), and one rule keeps the methods comparable.
+    - EMA timing: ``on_step_end(t, T)`` updates the momentum encoder right after optimizer step
+      t with m(t / T). MoCo v3 makes the same update (with the same online weights) at the start
+      of the next iteration with m((t + 1) / T), so our m lags by one step, a difference of at
+      most (1 - momentum) pi / (2T) (cosmetic).
+    - SyncBatchNorm: ``train()`` converts the BatchNorms under DDP on GPUs only; on CPUs (gloo)
+      torch cannot sync them and each process normalises its own batch (``train.sync_batchnorm``).
+    - The recipe lives in ``configs/results/mocov3.yaml``: MoCo v3's weight decay 0.1, no
+      gradient clipping, a warm-up of 13 % of the run; the heads (``hidden_dim``), batch, epochs
+      and learning rate are sized for Fashion-MNIST on a CPU.
     """
 
     def __init__(self, backbone: ViT, proj_dim: int = 256, hidden_dim: int = 4096, temperature: float = 0.2,
-                 momentum: float = 0.99, freeze_patch_embed: bool = False):
+                 momentum: float = 0.99, freeze_patch_embed: bool | None = None, init_backbone: bool = True):
         super().__init__()
         _check_backbone(backbone)
         _check_positive_int("proj_dim", proj_dim)
@@ -156,12 +195,19 @@ class MoCoV3(nn.Module):
             raise ValueError(f"temperature={temperature!r} must be a float > 0")
         if not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum={momentum!r} must be in [0, 1]")
+        if not isinstance(init_backbone, bool):
+            raise ValueError(f"init_backbone={init_backbone!r} must be True or False")
+        if freeze_patch_embed is not None and not isinstance(freeze_patch_embed, bool):
+            raise ValueError(f"freeze_patch_embed={freeze_patch_embed!r} must be True, False or None "
+                             f"(None: the same as init_backbone)")
         self.backbone = backbone
-        if freeze_patch_embed:
-            for p in backbone.patch_embed.parameters():
-                p.requires_grad = False
+        if init_backbone:
+            _init_moco_vit(backbone)
+        if init_backbone if freeze_patch_embed is None else freeze_patch_embed:
+            backbone.patch_embed.proj.weight.requires_grad_(False)
+            backbone.patch_embed.proj.bias.requires_grad_(False)
         self.projector = mlp_head(3, backbone.embed_dim, hidden_dim, proj_dim)  # MoCo v3's ViT projector
-        self.predictor = mlp_head(2, proj_dim, hidden_dim, proj_dim, last_bn=False)
+        self.predictor = mlp_head(2, proj_dim, hidden_dim, proj_dim)  # the ViT predictor ends in BN too
         self.momentum_backbone = copy.deepcopy(backbone)
         self.momentum_projector = copy.deepcopy(self.projector)
         for p in self._momentum_params():
@@ -200,3 +246,19 @@ class MoCoV3(nn.Module):
         for online, target in zip(self._online_params(), self._momentum_params()):
             target.mul_(m).add_(online.detach(), alpha=1.0 - m)  # target = m target + (1 - m) online
         self.momentum = m
+
+
+@torch.no_grad()
+def _init_moco_vit(backbone: ViT) -> None:
+    """MoCo v3's ViT set-up (``VisionTransformerMoCo.__init__``): sin-cos positions, xavier, tiny cls token."""
+    backbone.fix_sincos_pos_embed()
+    backbone.init_xavier(split_qkv=True)
+    for m in backbone.modules():  # timm's LayerNorm init, which VisionTransformerMoCo inherits
+        if isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    nn.init.normal_(backbone.cls_token, std=1e-6)
+    proj = backbone.patch_embed.proj  # weight (D, C, P, P): fan_in C*P*P, fan_out D
+    bound = math.sqrt(6.0 / (proj.weight[0].numel() + proj.weight.shape[0]))
+    nn.init.uniform_(proj.weight, -bound, bound)
+    nn.init.zeros_(proj.bias)

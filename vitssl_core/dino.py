@@ -13,8 +13,9 @@ student) (near 0 in either collapse, since nothing is left to learn).
 Defaults are the paper's (ViT-S/16 on ImageNet: ``out_dim=65536``, teacher 0.04, student 0.1,
 centre momentum 0.9, EMA 0.996 -> 1 on a cosine, 8 local crops). For small data (Fashion-MNIST,
 a few thousand steps) use ``out_dim`` 1024-4096 (65536 prototypes for 60000 images is more
-than one per image and slow on a CPU), ``hidden_dim`` 512-1024, and a teacher temperature
-warm-up 0.04 -> 0.07 over the first ~10 % of steps; local crops of 12 or 16 px for 28 px images.
+than one per image and slow on a CPU), ``hidden_dim`` 512-1024, and local crops of 12 or 16 px
+for 28 px images. Every schedule counts optimizer steps; ``vitssl pretrain --method dino``
+converts DINO's epoch counts for the run at hand (``__main__._dino``).
 
 Local crops are smaller than the model's ``img_size``, so the backbone must be built with
 ``dynamic_img_size=True`` (the positional embedding is interpolated per resolution); DINO
@@ -35,7 +36,7 @@ from torch.nn.utils.parametrizations import weight_norm
 from .distributed import all_reduce_sum, get_world_size
 from .losses import dino_cross_entropy, sharpen
 from .schedules import cosine_momentum
-from .vit import ViT
+from .vit import DropPath, ViT
 
 __all__ = ["DINOHead", "DINO"]
 
@@ -61,8 +62,8 @@ class DINOHead(nn.Module):
 
     (B, in_dim) -> (B, out_dim) logits ("prototype scores"). The last layer's norm ``g`` is fixed
     to 1 when ``norm_last_layer`` (the paper's default, more stable), so every prototype is a
-    unit vector and a logit is a cosine. ``freeze_last_layer``: the last layer still runs but
-    its parameters get zero gradient (DINO keeps it fixed during the first epoch).
+    unit vector and a logit is a cosine. (Freezing the last layer is ``DINO``'s business: it
+    drops the layer's gradients before the optimizer step.)
     """
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
@@ -93,14 +94,20 @@ class DINOHead(nn.Module):
             g.fill_(1.0)
         g.requires_grad = not norm_last_layer
         self.norm_last_layer = norm_last_layer
-        self.freeze_last_layer = False
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.normalize(self.mlp(x), dim=-1)  # (B, bottleneck_dim) on the unit sphere
-        w = self.last_layer.weight  # (out_dim, bottleneck_dim), rows of norm g
-        if self.freeze_last_layer:
-            w = w.detach() + 0.0 * w  # same value, zero gradient (not None, so DDP still reduces it)
-        return F.linear(x, w)
+        return self.last_layer(x)  # (B, out_dim); weight rows of norm g
+
+
+def _without_stochastic_layers(backbone: nn.Module) -> nn.Module:
+    """``backbone`` with every DropPath and Dropout rate set to 0, in place: how DINO builds its teacher."""
+    for m in backbone.modules():
+        if isinstance(m, DropPath):
+            m.drop_prob = 0.0
+        elif isinstance(m, nn.Dropout):
+            m.p = 0.0
+    return backbone
 
 
 # --------------------------------------------------------------------------- the method
@@ -109,9 +116,50 @@ class DINO(nn.Module):
 
     ``training_step(([g1, g2, l1, ..., lK], labels))``: global crops (B, C, H, W), local crops
     (B, C, h, w). Logs ``loss``, ``teacher_entropy``, ``kl`` (teacher || student, mean over
-    pairs), ``center_norm``, ``teacher_temp``, ``momentum``. ``on_step_end`` moves the teacher
-    (EMA, momentum cosine from ``momentum`` to 1) and the step counter of the temperature
-    warm-up and last-layer freeze.
+    pairs), ``center_norm``, ``teacher_temp``, ``momentum``. The trainer's hooks:
+    ``on_before_optimizer_step`` drops the last layer's gradients while it is frozen;
+    ``on_step_end`` moves the teacher (EMA, momentum cosine from ``momentum`` to 1) and the step
+    counter ``steps_done``; ``export_backbone`` names the teacher as the backbone to ship.
+
+    As in ``main_dino.py``:
+    - The teacher is built without stochastic depth or dropout (every rate of the copy set to
+      0; the student keeps the backbone's ``drop_path_rate``, DINO's default 0.1), and its
+      backbone stays in eval mode whatever ``train()`` is asked (a copy with rate 0 is
+      deterministic either way; eval mode keeps it so if a rate is changed later).
+    - The last layer is frozen for the first ``freeze_last_layer_steps`` steps by setting its
+      gradients to None after the backward (``utils.cancel_gradients_last_layer``), so AdamW
+      skips it: no moment, no weight decay, no step count. The layer still takes part in the
+      forward and backward, so DDP reduces its gradient as usual. Whether it is frozen is read
+      from the ``steps_done`` buffer, which checkpoints carry, so a resumed run freezes exactly
+      the steps an uninterrupted one does.
+    - ``export_backbone()`` returns the teacher: DINO's ``eval_knn.py`` and ``eval_linear.py``
+      read ``checkpoint_key teacher``, and the teacher is the better network (paper, 5.2).
+
+    Kept deviations, and why:
+    - Schedules count optimizer steps, not epochs (one convention with the trainer, exact under
+      any resume): the teacher temperature rises linearly per step (DINO: one value per epoch)
+      and the freeze is ``freeze_last_layer_steps`` long (DINO: ``--freeze_last_layer`` epochs).
+      DINO alone cannot know the epoch length, so ``vitssl pretrain`` converts, knowing the data
+      set and the batch: freeze min(1 epoch, half the run), warm up max(1, min(30 epochs, half the
+      run)) steps (``__main__._dino``). A library user passes steps.
+    - The teacher head follows ``train()``/``eval()``: its only mode-dependent layers are the
+      optional BatchNorms (``use_bn_in_head``), and DINO's teacher, never put in eval mode,
+      normalises with the batch's statistics; so does this one while training.
+    - Gradient clipping is the trainer's: DINO clips each parameter's gradient to 3.0 on its own,
+      which is ``TrainConfig(grad_clip=3.0, clip_mode="per_param")``; the trainer's default is
+      one global norm.
+    - The trainer exempts ``pos_embed`` and ``cls_token`` from weight decay (timm's rule); DINO
+      decays every parameter with more than one dimension. A small effect, kept so every method
+      shares one rule.
+    - The CLI's heads and crops are sized for 28-32 px images and a CPU (``out_dim`` 4096,
+      ``hidden_dim`` 1024, 6 local crops of about 3/7 of the side), not ImageNet's 65536 and
+      8 x 96 px. The CLI has no per-method optimiser defaults, so DINO's weight decay cosine
+      0.04 -> 0.4 and per-parameter clipping at 3.0 come with ``configs/results/dino.yaml``
+      (or ``--weight-decay 0.04 --weight-decay-end 0.4 --grad-clip 3 --clip-mode per_param``),
+      not with ``--method dino`` alone.
+    - The recipe's EMA starts at DINO's default 0.996; DINO's README advises 0.9995 at batch 256
+      for runs of 100+ epochs, which in a 30-epoch run of ~7000 steps would leave the teacher
+      ~2000 steps (its time constant) behind the student for much of the run.
     """
 
     def __init__(self, backbone: ViT, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
@@ -143,13 +191,15 @@ class DINO(nn.Module):
         self.head = DINOHead(backbone.embed_dim, out_dim, hidden_dim, bottleneck_dim, use_bn=use_bn_in_head,
                              norm_last_layer=norm_last_layer)
         # The teacher starts as an exact copy and is never optimised: requires_grad False keeps it
-        # out of the optimizer, which only sees trainable parameters.
-        self.teacher_backbone = copy.deepcopy(backbone)
+        # out of the optimizer, which only sees trainable parameters. Like DINO's, it has no
+        # stochastic depth: its targets must not depend on which residual branches a coin dropped.
+        self.teacher_backbone = _without_stochastic_layers(copy.deepcopy(backbone)).eval()
         self.teacher_head = copy.deepcopy(self.head)
         for p in self._teacher_params():
             p.requires_grad = False
         self.register_buffer("center", torch.zeros(1, out_dim))  # (1, K), EMA of the teacher's outputs
-        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))  # drives the temperature warm-up
+        # optimizer steps taken: drives the temperature warm-up and the freeze, and survives a resume
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
         self.n_local_crops = n_local_crops
         self.teacher_temp, self.warmup_teacher_temp = float(teacher_temp), float(warmup_teacher_temp)
         self.warmup_teacher_temp_steps = warmup_teacher_temp_steps
@@ -158,7 +208,12 @@ class DINO(nn.Module):
         self.base_momentum = float(momentum)
         self.momentum = float(momentum)  # the value used by the last on_step_end
         self.freeze_last_layer_steps = freeze_last_layer_steps
-        self.head.freeze_last_layer = freeze_last_layer_steps > 0
+
+    def train(self, mode: bool = True) -> "DINO":
+        """Set the student's (and the teacher head's) mode; the teacher backbone always stays in eval mode."""
+        super().train(mode)
+        self.teacher_backbone.eval()
+        return self
 
     def _student_params(self) -> list[nn.Parameter]:
         return list(self.backbone.parameters()) + list(self.head.parameters())
@@ -167,6 +222,11 @@ class DINO(nn.Module):
         return list(self.teacher_backbone.parameters()) + list(self.teacher_head.parameters())
 
     # ------------------------------------------------------------------ schedules
+    @property
+    def last_layer_frozen(self) -> bool:
+        """True during the first ``freeze_last_layer_steps`` optimizer steps (read from ``steps_done``)."""
+        return int(self.steps_done) < self.freeze_last_layer_steps
+
     def teacher_temp_at(self, step: int) -> float:
         """Teacher temperature at ``step``: linear warm-up warmup_teacher_temp -> teacher_temp, then constant."""
         if step >= self.warmup_teacher_temp_steps:
@@ -232,6 +292,13 @@ class DINO(nn.Module):
     def forward(self, batch) -> tuple[Tensor, dict[str, float]]:
         return self.training_step(batch)
 
+    # ------------------------------------------------------------------ the trainer's hooks
+    def on_before_optimizer_step(self, step: int, max_steps: int) -> None:
+        """While the last layer is frozen, set its gradients to None (after clipping), so AdamW skips it."""
+        if self.last_layer_frozen:
+            for p in self.head.last_layer.parameters():
+                p.grad = None
+
     @torch.no_grad()
     def on_step_end(self, step: int, max_steps: int) -> None:
         """teacher <- m teacher + (1 - m) student, m = cosine_momentum(momentum, step, max_steps); advance the step."""
@@ -240,4 +307,7 @@ class DINO(nn.Module):
             t.mul_(m).add_(s.detach(), alpha=1.0 - m)
         self.momentum = m
         self.steps_done.fill_(step + 1)
-        self.head.freeze_last_layer = step + 1 < self.freeze_last_layer_steps
+
+    def export_backbone(self) -> tuple[str, ViT]:
+        """("teacher", teacher backbone): the network DINO evaluates and ships, with the student's (timm) keys."""
+        return "teacher", self.teacher_backbone

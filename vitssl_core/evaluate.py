@@ -39,6 +39,8 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from . import data
+from .augment import _check_scale
+from .batch_augment import crop_boxes, resized_crop
 from .schedules import cosine_schedule
 from .train import resolve_precision
 from .vit import DropPath, ViT
@@ -51,6 +53,9 @@ __all__ = [
     "linear_probe",
     "layer_decay_param_groups",
     "finetune",
+    "mcnemar",
+    "correct_to_hex",
+    "correct_from_hex",
     "class_balanced_subset",
     "label_efficiency",
     "attention_maps",
@@ -308,9 +313,12 @@ def knn_accuracy(
 def linear_probe(
     train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor, epochs: int = 100,
     lr: float = 1e-3, batch_size: int = 1024, weight_decay: float = 0.0, batchnorm: bool = True,
-    optimizer: str = "adamw", num_classes: int | None = None, seed: int = 0,
+    optimizer: str = "adamw", num_classes: int | None = None, seed: int = 0, return_correct: bool = False,
 ) -> dict[str, float]:
     """A linear classifier on frozen features: {"top1": test %, "train_top1": train %, "loss": last epoch}.
+
+    ``return_correct=True`` adds "correct": a bool tensor (M,), whether each test image was
+    classified right (for paired comparisons, ``mcnemar``).
 
     MAE's probe: BatchNorm1d without affine parameters (it only standardises the features)
     then one Linear layer. Its mean and variance are those of the whole training set, computed
@@ -377,12 +385,16 @@ def linear_probe(
                 opt.step()
                 loss_sum += loss.detach() * len(y[start:start + bs])
     with _eval_mode(probe):
-        def top1(x: Tensor, y: Tensor) -> float:
+        def hits(x: Tensor, y: Tensor) -> Tensor:
             preds = torch.cat([probe(x[i:i + 8192].to(device).float()).argmax(1) for i in range(0, len(x), 8192)])
-            return 100.0 * (preds.cpu() == y.cpu()).float().mean().item()
+            return preds.cpu() == y.cpu()
 
-        return {"top1": top1(test_features, y_test), "train_top1": top1(x_train, y_train),
-                "loss": float(loss_sum) / n}
+        correct = hits(test_features, y_test)
+        out = {"top1": 100.0 * correct.float().mean().item(),
+               "train_top1": 100.0 * hits(x_train, y_train).float().mean().item(), "loss": float(loss_sum) / n}
+    if return_correct:
+        out["correct"] = correct
+    return out
 
 
 # --------------------------------------------------------------------------- fine-tuning
@@ -431,17 +443,17 @@ def layer_decay_param_groups(
     return [groups[key] for key in sorted(groups)]
 
 
-def _top1(model: nn.Module, dataset: Dataset, batch_size: int, normalize, precision: str) -> float:
-    device, correct, total = _device_of(model), 0, 0
+def _correct(model: nn.Module, dataset: Dataset, batch_size: int, normalize, precision: str) -> Tensor:
+    """(M,) bool: whether ``model`` classifies each image of ``dataset`` right."""
+    device, hits = _device_of(model), []
     with _eval_mode(model):
         for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
             with _autocast(device, precision):
                 logits = model(_prepare(x, device, normalize))
-            correct += (logits.argmax(1).cpu() == torch.as_tensor(y)).sum().item()
-            total += len(y)
-    if total == 0:
+            hits.append(logits.argmax(1).cpu() == torch.as_tensor(y))
+    if not hits:
         raise ValueError("test_set is empty; accuracy is undefined")
-    return 100.0 * correct / total
+    return torch.cat(hits)
 
 
 def finetune(
@@ -449,7 +461,8 @@ def finetune(
     layer_decay: float = 0.75, drop_path: float = 0.1, label_smoothing: float = 0.1, mixup: float = 0.0,
     cutmix: float = 0.0, warmup_epochs: int = 1, weight_decay: float = 0.05, batch_size: int = 128,
     min_lr: float = 1e-6, normalize: dict | None = None, precision: str = "auto", seed: int = 0,
-    num_workers: int = 0, progress: bool = False,
+    num_workers: int = 0, progress: bool = False, crop_scale: Sequence[float] | None = None,
+    return_correct: bool = False,
 ) -> dict[str, float]:
     """Fine-tune a deep copy of ``backbone`` end to end: {"top1": test %, "train_loss", "epochs", "steps"}.
 
@@ -457,7 +470,11 @@ def finetune(
     depth rising linearly to ``drop_path``, AdamW with ``layer_decay_param_groups``, linear
     warm-up then cosine to ``min_lr`` per step, label smoothing, and MixUp (alpha ``mixup``) /
     CutMix (alpha ``cutmix``) from torchvision.transforms.v2 (one of them per batch when both
-    are > 0). ``train_set`` / ``test_set``: Datasets of (image, label) or (images, labels) tensors.
+    are > 0). ``crop_scale=(lo, hi)`` adds a random resized crop of that area fraction and a
+    horizontal flip to every training image, drawn per image (``batch_augment``); None trains on
+    the images as they are. A fixed sin-cos ``pos_embed`` is trained in the copy, as MAE's
+    fine-tuning does. ``train_set`` / ``test_set``: Datasets of (image, label) or (images,
+    labels) tensors. ``return_correct=True`` adds "correct", a bool tensor (M,) per test image.
     """
     if not isinstance(backbone, nn.Module) or not hasattr(backbone, "reset_classifier"):
         raise TypeError(f"backbone must be a vitssl_core.ViT, got {type(backbone).__name__}")
@@ -473,11 +490,14 @@ def finetune(
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha < 0:
             raise ValueError(f"{name}={alpha!r} must be a number >= 0 (0 turns it off)")
     _check_normalize(normalize)
+    if crop_scale is not None:
+        crop_scale = _check_scale("crop_scale", crop_scale)
     if len(train_set) == 0:
         raise ValueError("train_set is empty")
 
     model = copy.deepcopy(backbone)
     model.reset_classifier(num_classes)
+    model.pos_embed.requires_grad_(True)
     device = _device_of(model)
     depth = len(model.blocks)
     for i, blk in enumerate(model.blocks):  # stochastic depth 0 -> drop_path over the blocks (timm's rule)
@@ -506,6 +526,9 @@ def finetune(
             loss_sum, seen = 0.0, 0
             for x, y in loader:
                 x, y = _prepare(x, device, normalize), torch.as_tensor(y).long().to(device)
+                if crop_scale is not None:  # crop and flip commute with the per-channel normalisation
+                    B, _, H, W = x.shape
+                    x = resized_crop(x, crop_boxes(B, H, W, crop_scale, device), H, torch.rand(B, device=device) < 0.5)
                 if mix is not None:
                     x, y = mix(x, y)  # y becomes soft targets (B, num_classes)
                 for group in opt.param_groups:
@@ -522,8 +545,56 @@ def finetune(
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             epoch_loss = loss_sum / max(seen, 1)
     bar.close()
-    top1 = _top1(model, test_set, max(batch_size, 256), normalize, precision)
-    return {"top1": top1, "train_loss": epoch_loss, "epochs": epochs, "steps": step}
+    correct = _correct(model, test_set, max(batch_size, 256), normalize, precision)
+    out = {"top1": 100.0 * correct.float().mean().item(), "train_loss": epoch_loss, "epochs": epochs, "steps": step}
+    if return_correct:
+        out["correct"] = correct
+    return out
+
+
+# --------------------------------------------------------------------------- paired comparison
+def correct_to_hex(correct: Tensor) -> str:
+    """Per-image correctness (M,) bool -> a hex string of its bits (M / 4 characters): fits in a JSON card."""
+    bits = correct.bool().cpu().flatten()
+    padded = torch.cat([bits, bits.new_zeros(-len(bits) % 8)]).view(-1, 8)
+    values = (padded.long() << torch.arange(7, -1, -1)).sum(1)  # (M/8,) bytes, first image in the top bit
+    return bytes(values.tolist()).hex()
+
+
+def correct_from_hex(text: str, n: int) -> Tensor:
+    """Inverse of ``correct_to_hex``: the first ``n`` bits as a bool tensor (n,)."""
+    try:
+        raw = torch.tensor(list(bytes.fromhex(text)), dtype=torch.long)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"text is not the hex string correct_to_hex writes ({err})") from None
+    if not 0 <= n <= 8 * len(raw):
+        raise ValueError(f"n={n} does not fit the {8 * len(raw)} bits of text")
+    return ((raw[:, None] >> torch.arange(7, -1, -1)) & 1).flatten()[:n].bool()
+
+
+def mcnemar(correct_a: Tensor, correct_b: Tensor) -> dict[str, float]:
+    """McNemar's exact test of two classifiers scored on the same test images.
+
+    ``correct_a``, ``correct_b``: bool (M,), per image. Only the discordant images count: ``a_only``
+    (A right, B wrong) and ``b_only``; under "A and B are equally good" each discordant image is
+    a fair coin. Returns {"a_only", "b_only", "difference" (points, A - B), "p_value" (two-sided)}.
+    """
+    for name, c in (("correct_a", correct_a), ("correct_b", correct_b)):
+        if not isinstance(c, Tensor) or c.ndim != 1:
+            raise ValueError(f"{name} must be a 1-D tensor of per-image correctness, got "
+                             f"{tuple(getattr(c, 'shape', ()))}")
+    if correct_a.shape != correct_b.shape or len(correct_a) == 0:
+        raise ValueError(f"correct_a {tuple(correct_a.shape)} and correct_b {tuple(correct_b.shape)} must score "
+                         "the same, non-empty test set")
+    a, b = correct_a.bool().cpu(), correct_b.bool().cpu()
+    a_only, b_only = int((a & ~b).sum()), int((~a & b).sum())
+    n, k = a_only + b_only, min(a_only, b_only)
+    # P(X <= k) for X ~ Binomial(n, 1/2), in log space (n can be thousands), doubled for two sides.
+    log_terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2)
+                 for i in range(k + 1)]
+    top = max(log_terms)
+    p = min(1.0, 2 * math.exp(top) * sum(math.exp(t - top) for t in log_terms)) if n else 1.0
+    return {"a_only": a_only, "b_only": b_only, "difference": 100.0 * (a_only - b_only) / len(a), "p_value": p}
 
 
 # --------------------------------------------------------------------------- label efficiency

@@ -30,7 +30,7 @@ __all__ = ["MAE"]
 
 _BACKBONE = "backbone."
 # MAE's own top-level names; every other key belongs to the encoder.
-_DECODER_NAMES = ("mask_token", "decoder_embed", "decoder_pos_embed", "decoder_blocks", "decoder_norm", "decoder_pred")
+DECODER_NAMES = ("mask_token", "decoder_embed", "decoder_pos_embed", "decoder_blocks", "decoder_norm", "decoder_pred")
 
 
 def _strip_backbone_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
@@ -59,7 +59,7 @@ def _add_backbone_prefix(module: nn.Module, state_dict: dict, prefix: str, *args
     """load_state_dict pre-hook: the inverse renaming; keys already under ``backbone.`` are left alone."""
     for key in [k for k in state_dict if k.startswith(prefix)]:
         name = key[len(prefix):]
-        if name.split(".", 1)[0] not in _DECODER_NAMES and not name.startswith(_BACKBONE):
+        if name.split(".", 1)[0] not in DECODER_NAMES and not name.startswith(_BACKBONE):
             state_dict[prefix + _BACKBONE + name] = state_dict.pop(key)
 
 

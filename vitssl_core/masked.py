@@ -4,8 +4,9 @@ Unlike MAE (``mae.py``), both methods run the *full* sequence through the ViT, w
 ``mask_token`` in place of every hidden patch (the ViT's ``forward_features(x, mask=...,
 mask_token=...)`` hook), and predict something for the hidden patches only:
 
-- ``SimMIM`` (Xie et al., 2022, "SimMIM: A Simple Framework for Masked Image Modeling"): a
-  linear head regresses the raw pixels of each hidden patch; L1 loss over hidden pixels.
+- ``SimMIM`` (Xie et al., 2022, "SimMIM: A Simple Framework for Masked Image Modeling"): patches
+  hidden in random squares of 2x2 patches; a linear head regresses the raw pixels of each
+  hidden patch; L1 loss over hidden pixels.
 - ``BEiT`` (Bao et al., 2022, "BEiT: BERT Pre-Training of Image Transformers"): hidden patches
   chosen by block-wise masking; a linear head classifies each hidden patch into a discrete
   "visual word", and the loss is the cross-entropy of the true words (the article's
@@ -18,13 +19,14 @@ Mask convention (``vitssl_core.masking``): mask == 1 means hidden.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .masking import block_masking, patchify, random_masking, unpatchify
+from .masking import block_masking, default_min_block, patchify, unit_masking, unpatchify
 from .vit import ViT
 
 __all__ = ["BEiT", "PatchTokenizer", "SimMIM", "masked_token_cross_entropy"]
@@ -71,24 +73,49 @@ def masked_token_cross_entropy(logits: Tensor, target_ids: Tensor, mask: Tensor,
 class SimMIM(nn.Module):
     """SimMIM: mask token in, pixels out. ``loss, pred, mask = simmim(imgs)``.
 
-    ``mask_patch_size`` (default the ViT's patch size) is the side of the square that is hidden
-    as a unit; SimMIM hides 32-pixel squares on 224-pixel images, larger than a ViT patch. It
-    must be a multiple of the patch size and divide the image size.
+    Masking follows SimMIM's ``MaskGenerator`` (``masking.unit_masking``): the patch grid is cut
+    into squares of ``mask_unit`` x ``mask_unit`` patches and ``ceil(units * mask_ratio)`` random
+    squares are hidden. SimMIM hides 32-pixel squares over 16-pixel patches, ``mask_unit=2``;
+    that is the default whenever the grid is even (vit_mini_28: 4x4 patches of 7 px, 2x2 units
+    of 14 px), and 1 (single patches) on an odd grid such as 7x7. An explicit unit must divide
+    the grid. ``mask_ratio=0.6`` is SimMIM's.
+
+    Kept deviations from microsoft/SimMIM, and why:
+
+    - The backbone is the package's ViT, shared by every method so that checkpoints compare:
+      absolute position embeddings, no LayerScale (SimMIM: 0.1), no shared relative position
+      bias, no 1/sqrt(2 * layer) rescale of ``attn.proj`` / ``mlp.fc2``.
+    - On a 4x4 grid there are only 4 units, so SimMIM's count rule hides 3 of them: 75 % of the
+      patches at ``mask_ratio=0.6`` (SimMIM at 224 px: 30 of 49 units, 61 %). The rule is kept
+      as is; a unit is also half the image side here, against 1/7 in SimMIM.
+    - The mask is drawn per batch inside ``forward`` (one independent mask per sample), not per
+      image in the data loader; the distribution is the same.
+    - The decoder is one linear layer per token, SimMIM's 1x1 convolution + PixelShuffle up to
+      a fixed order of its outputs (not a deviation). ``mask_token`` is drawn from N(0, 0.02)
+      cut at +-2, i.e. not truncated, where SimMIM cuts at +-1 std: negligible. The base
+      learning rate is scaled by batch/256 in ``train.py`` (SimMIM: /512): set the lr to match.
     """
 
-    def __init__(self, encoder: ViT, mask_ratio: float = 0.6, mask_patch_size: int | None = None):
+    def __init__(self, encoder: ViT, mask_ratio: float = 0.6, mask_unit: int | None = None):
         super().__init__()
         _check_encoder(encoder)
-        if not 0.0 <= mask_ratio < 1.0:
+        if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)) or not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio={mask_ratio!r} must be in [0, 1)")
-        P, img = encoder.patch_size, encoder.img_size[0]
-        mask_patch_size = P if mask_patch_size is None else mask_patch_size
-        if not isinstance(mask_patch_size, int) or mask_patch_size % P or img % mask_patch_size:
-            raise ValueError(f"mask_patch_size={mask_patch_size!r} must be a multiple of patch_size={P} "
-                             f"that divides img_size={img}")
+        gh, gw = encoder.grid_size
+        if mask_unit is None:
+            mask_unit = 2 if gh % 2 == 0 and gw % 2 == 0 else 1
+        if isinstance(mask_unit, bool) or not isinstance(mask_unit, int) or mask_unit < 1 or gh % mask_unit \
+                or gw % mask_unit:
+            raise ValueError(f"mask_unit={mask_unit!r} (patches per side of a hidden square) must be a positive "
+                             f"int that divides the {gh}x{gw} patch grid")
+        units = (gh // mask_unit) * (gw // mask_unit)
+        if math.ceil(units * mask_ratio) >= units:
+            raise ValueError(f"mask_ratio={mask_ratio} hides all {units} units of {mask_unit}x{mask_unit} "
+                             "patches; lower it or use a smaller mask_unit")
+        P = encoder.patch_size
         self.backbone = encoder
         self.mask_ratio = float(mask_ratio)
-        self.mask_patch_size = mask_patch_size
+        self.mask_unit = mask_unit
         self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.embed_dim))
         self.decoder = nn.Linear(encoder.embed_dim, P * P * encoder.in_chans)  # token -> its patch's pixels
         nn.init.trunc_normal_(self.mask_token, std=0.02)
@@ -96,13 +123,8 @@ class SimMIM(nn.Module):
         nn.init.zeros_(self.decoder.bias)
 
     def random_mask(self, batch_size: int, device: torch.device | None = None) -> Tensor:
-        """(B, L) mask, 1 = hidden: random squares of mask_patch_size, upsampled to the patch grid."""
-        scale = self.mask_patch_size // self.backbone.patch_size
-        gh, gw = (g // scale for g in self.backbone.grid_size)
-        _, coarse, _ = random_masking(batch_size, gh * gw, self.mask_ratio, device=device)  # (B, gh*gw)
-        coarse = coarse.view(batch_size, gh, gw)
-        fine = coarse.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)  # (B, gh*s, gw*s)
-        return fine.reshape(batch_size, -1)
+        """(B, L) mask, 1 = hidden: ``ceil(units * mask_ratio)`` random squares of mask_unit patches."""
+        return unit_masking(batch_size, self.backbone.grid_size, self.mask_ratio, self.mask_unit, device=device)
 
     def forward(self, imgs: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(B, C, H, W) -> (loss, pred (B, L, P*P*C), mask (B, L)); L1 over hidden pixels only."""
@@ -308,15 +330,36 @@ class PatchTokenizer(nn.Module):
 class BEiT(nn.Module):
     """BEiT-style masked token prediction: ``loss, logits, mask = beit(imgs)``.
 
-    ``num_masked`` hidden patches per image (default ``round(mask_ratio * L)``; BEiT hides 75 of
-    196, about 0.4) chosen by block-wise masking; the encoder sees the image with the
-    ``mask_token`` at hidden patches, ``lm_head`` predicts the tokenizer's id of each hidden
+    About ``num_masked`` hidden patches per image (default ``round(mask_ratio * L)``; BEiT hides
+    75 of 196, about 0.4) chosen by BEiT's block-wise masking (``masking.block_masking``: blocks
+    of at least ``min_block`` patches, aspect ratio in [0.3, 1/0.3], strictly smaller than the
+    grid, and no top-up, so a mask can fall a few patches short); the encoder sees the image with
+    the ``mask_token`` at hidden patches, ``lm_head`` predicts the tokenizer's id of each hidden
     patch, cross-entropy over hidden patches only. The tokenizer is frozen and saved with the
     state dict; to reload, build ``BEiT(encoder, PatchTokenizer(**tok.config()))`` and load.
+
+    Kept deviations from microsoft/unilm ``beit/``, and why:
+
+    - Visual words come from a k-means codebook over normalised patches (``PatchTokenizer``,
+      256 words by default), not DALL-E's dVAE (8192 words): a dVAE for 28-pixel images would
+      be a project of its own, and k-means fits in seconds. With ``normalize="patch"`` (the
+      default) its words describe patch shape, not brightness, so unlike BEiT's dVAE targets they
+      hardly move with the colour jitter.
+    - ``min_block`` defaults to ``default_min_block(grid)``: BEiT's 16 of 196 patches (a 4x4
+      block on its 14x14 grid) kept at the same share of a smaller grid, so 4 on 7x7 and 1 on
+      the 4x4 grid of vit_mini_28 (where 16 would be the whole grid).
+    - The backbone is the package's ViT, shared by every method: absolute position embeddings,
+      no relative position bias, no LayerScale (BEiT: 0.1) and no ``fix_init_weight`` (the
+      1/sqrt(2 * layer) rescale of ``attn.proj`` / ``mlp.fc2``).
+    - The mask is drawn per batch inside ``forward`` (independently per sample), not per image
+      in the data loader; the distribution is the same. The data recipe (``vitssl`` CLI) is
+      BEiT's crop scale (0.08, 1) and ColorJitter 0.4, brightness and contrast only on grey
+      images (saturation means nothing on one channel); the smallest crops are 8x8 pixels of a
+      28-pixel image, kept as BEiT has them.
     """
 
     def __init__(self, encoder: ViT, tokenizer: PatchTokenizer, num_masked: int | None = None,
-                 mask_ratio: float = 0.4, min_block: int = 4):
+                 mask_ratio: float = 0.4, min_block: int | None = None):
         super().__init__()
         _check_encoder(encoder)
         if not isinstance(tokenizer, PatchTokenizer):
@@ -331,8 +374,9 @@ class BEiT(nn.Module):
             num_masked = max(1, round(mask_ratio * L))
         if isinstance(num_masked, bool) or not isinstance(num_masked, int) or not 1 <= num_masked < L:
             raise ValueError(f"num_masked={num_masked!r} must be an int in [1, L={L})")
+        min_block = default_min_block(encoder.grid_size) if min_block is None else min_block
         if isinstance(min_block, bool) or not isinstance(min_block, int) or min_block < 1:
-            raise ValueError(f"min_block={min_block!r} must be a positive int")
+            raise ValueError(f"min_block={min_block!r} must be a positive int or None")
         self.backbone = encoder
         self.tokenizer = tokenizer.requires_grad_(False)
         self.num_masked, self.min_block = num_masked, min_block
@@ -361,5 +405,5 @@ class BEiT(nn.Module):
         """``batch = (images, labels)``; logs the loss and the token accuracy on hidden patches."""
         loss, logits, mask, target = self.forward_with_targets(_images(batch))
         hit = (logits.detach().argmax(dim=-1) == target).float()
-        acc = (hit * mask).sum() / mask.sum()
+        acc = (hit * mask).sum() / mask.sum().clamp_min(1.0)  # a block mask may (rarely) hide nothing
         return loss, {"loss": loss.detach().item(), "token_acc": acc.item()}

@@ -3,8 +3,10 @@
 ``patchify`` / ``unpatchify`` cut images into flattened P x P patches and paste them back, in
 the pixel order of facebookresearch/mae (He et al., 2022, "Masked Autoencoders Are Scalable
 Vision Learners"): inside a patch the row p runs slowest, then the column q, then the channel c,
-``(p q c)``. ``random_masking`` is MAE's per-sample shuffle; ``block_masking`` is BEiT's
-block-wise masking (Bao et al., 2022, "BEiT: BERT Pre-Training of Image Transformers").
+``(p q c)``. Three ways to choose the hidden patches: ``random_masking`` is MAE's per-sample
+shuffle; ``unit_masking`` is SimMIM's (Xie et al., 2022), random squares of several patches;
+``block_masking`` is BEiT's block-wise masking (Bao et al., 2022, "BEiT: BERT Pre-Training of
+Image Transformers"), random rectangles.
 
 One convention for every mask in this package: **mask == 1 means hidden** (removed, replaced or
 to be predicted), 0 means visible; masks are float (B, L) tensors of 0s and 1s in row-major patch
@@ -23,7 +25,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-__all__ = ["block_masking", "patchify", "random_masking", "unpatchify"]
+__all__ = ["block_masking", "default_min_block", "patchify", "random_masking", "unit_masking", "unpatchify"]
 
 
 def _check_positive_int(name: str, value) -> None:
@@ -114,49 +116,88 @@ def random_masking(
     return ids_keep, mask, ids_restore
 
 
-def _one_block_mask(
-    rng: random.Random, gh: int, gw: int, num_masked: int, min_block: int, max_block: int, log_aspect: tuple[float, float]
-) -> list[list[int]]:
-    """One (gh, gw) 0/1 grid with exactly ``num_masked`` ones, grown from random rectangles."""
+def unit_masking(
+    batch_size: int,
+    grid_size: int | tuple[int, int],
+    mask_ratio: float,
+    unit: int = 1,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """SimMIM's masking: hide ``ceil(U * mask_ratio)`` random squares of ``unit`` x ``unit`` patches.
+
+    The (gh, gw) patch grid is cut into U = (gh / unit) * (gw / unit) aligned squares ("units");
+    every sample hides its own random ``ceil(U * mask_ratio)`` of them (SimMIM's ``MaskGenerator``
+    count, which can differ by one from MAE's ``L - int(L * (1 - r))``), and each hidden unit hides
+    all its patches. SimMIM hides 32-pixel squares over 16-pixel patches: ``unit=2``.
+    Returns a (B, L) float mask, 1 = hidden, in row-major patch order.
+    """
+    _check_positive_int("batch_size", batch_size)
+    _check_positive_int("unit", unit)
+    _check_ratio(mask_ratio)
+    gh, gw = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
+    _check_positive_int("grid_size", gh)
+    _check_positive_int("grid_size", gw)
+    if gh % unit or gw % unit:
+        raise ValueError(f"grid_size={gh}x{gw} is not divisible by unit={unit} (patches per side of a mask unit)")
+    uh, uw = gh // unit, gw // unit
+    num_units = uh * uw
+    num_hidden = math.ceil(num_units * mask_ratio)  # SimMIM: np.ceil(token_count * mask_ratio)
+    if num_hidden >= num_units:
+        raise ValueError(f"mask_ratio={mask_ratio} hides all {num_units} units of {unit}x{unit} patches; lower it")
+    noise = torch.rand(batch_size, num_units, generator=generator).to(device)  # (B, U)
+    hidden = noise.argsort(dim=1)[:, :num_hidden]  # a uniform random subset per sample
+    coarse = torch.zeros(batch_size, num_units, device=device).scatter_(1, hidden, 1.0)  # (B, U)
+    coarse = coarse.view(batch_size, uh, uw)
+    fine = coarse.repeat_interleave(unit, dim=1).repeat_interleave(unit, dim=2)  # (B, gh, gw)
+    return fine.reshape(batch_size, gh * gw)
+
+
+def default_min_block(grid_size: int | tuple[int, int]) -> int:
+    """BEiT's smallest block, 16 patches on its 14x14 grid, kept at the same share of a smaller grid.
+
+    ``max(1, round(16 * L / 196))``: 16 on 14x14, 4 on 7x7, 5 on 8x8, 1 on 4x4.
+    """
+    gh, gw = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
+    return max(1, round(16 * gh * gw / 196))
+
+
+def _add_block(rng: random.Random, grid: list[list[int]], budget: int, min_block: float,
+               log_aspect: tuple[float, float]) -> int:
+    """Hide one random rectangle that uncovers 1..``budget`` new patches; return how many (0: gave up).
+
+    BEiT's ``MaskingGenerator._mask``: up to 10 tries, each with an area drawn uniformly in
+    [min_block, budget] (either order), a log-uniform aspect ratio, a side strictly shorter than
+    the grid's, and a random position; a try that would add nothing or overshoot is dropped.
+    """
+    gh, gw = len(grid), len(grid[0])
+    for _ in range(10):
+        area = rng.uniform(min_block, budget)
+        aspect = math.exp(rng.uniform(*log_aspect))
+        h = round(math.sqrt(area * aspect))
+        w = round(math.sqrt(area / aspect))
+        if h >= gh or w >= gw:  # BEiT: never a block as tall or as wide as the grid
+            continue
+        top, left = rng.randint(0, gh - h), rng.randint(0, gw - w)
+        rows, cols = range(top, top + h), range(left, left + w)
+        new = sum(1 - grid[i][j] for i in rows for j in cols)
+        if 0 < new <= budget:
+            for i in rows:
+                for j in cols:
+                    grid[i][j] = 1
+            return new
+    return 0
+
+
+def _one_block_mask(rng: random.Random, gh: int, gw: int, num_masked: int, min_block: int, max_block: int,
+                    log_aspect: tuple[float, float]) -> list[list[int]]:
+    """One (gh, gw) 0/1 grid with at most ``num_masked`` ones: blocks until the count or a failure."""
     grid = [[0] * gw for _ in range(gh)]
     count = 0
     while count < num_masked:
-        budget = min(num_masked - count, max_block)
-        added = 0
-        for _ in range(10):  # BEiT: up to 10 tries at a rectangle that adds 1..budget new patches
-            area = rng.uniform(min_block, budget)
-            aspect = math.exp(rng.uniform(*log_aspect))
-            h = round(math.sqrt(area * aspect))
-            w = round(math.sqrt(area / aspect))
-            if not (1 <= h <= gh and 1 <= w <= gw) or h * w < 2:
-                continue
-            top, left = rng.randint(0, gh - h), rng.randint(0, gw - w)
-            new = sum(1 - grid[i][j] for i in range(top, top + h) for j in range(left, left + w))
-            if 0 < new <= budget:
-                for i in range(top, top + h):
-                    for j in range(left, left + w):
-                        grid[i][j] = 1
-                added = new
-                break
-        if added == 0:
-            # BEiT gives up here and returns fewer patches; we instead grow the masked region one
-            # patch at a time along its border, so the count is exact and the mask stays blocky.
-            border = [(i, j) for i in range(gh) for j in range(gw) if not grid[i][j] and (
-                (i > 0 and grid[i - 1][j]) or (i < gh - 1 and grid[i + 1][j])
-                or (j > 0 and grid[i][j - 1]) or (j < gw - 1 and grid[i][j + 1]))]
-            if border:
-                i, j = rng.choice(border)
-                grid[i][j] = 1
-                added = 1
-            else:  # nothing masked yet: start with a domino (or one patch if that is all we need)
-                i, j = rng.randrange(gh), rng.randrange(gw)
-                grid[i][j] = 1
-                added = 1
-                nbrs = [(a, b) for a, b in ((i - 1, j), (i + 1, j), (i, j - 1), (i, j + 1)) if 0 <= a < gh and 0 <= b < gw]
-                if budget >= 2 and nbrs:
-                    a, b = rng.choice(nbrs)
-                    grid[a][b] = 1
-                    added = 2
+        added = _add_block(rng, grid, min(num_masked - count, max_block), min_block, log_aspect)
+        if added == 0:  # BEiT stops here, short of num_masked, rather than force a block in
+            break
         count += added
     return grid
 
@@ -165,21 +206,24 @@ def block_masking(
     batch_size: int,
     grid_size: int | tuple[int, int],
     num_masked: int,
-    min_block: int = 4,
+    min_block: int | None = None,
     max_block: int | None = None,
     min_aspect: float = 0.3,
     max_aspect: float | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """BEiT's block-wise masking: (B, L) float mask, 1 = hidden, exactly ``num_masked`` ones per row.
+    """BEiT's block-wise masking: (B, L) float mask, 1 = hidden, at most ``num_masked`` ones per row.
 
-    Rectangles of ``min_block``..``max_block`` patches with aspect ratio in
-    [min_aspect, max_aspect] (default 1/min_aspect) are dropped at random positions until
-    ``num_masked`` patches are hidden; a rectangle may overlap earlier ones but never overshoots.
-    When no rectangle fits the remaining budget, the region grows patch by patch along its border
-    (BEiT would stop short), so with ``num_masked >= 2`` every hidden patch has a hidden
-    4-neighbour. Randomness comes from ``generator`` (or torch's global RNG).
+    The algorithm of unilm ``beit/masking_generator.py``: rectangles are added one at a time,
+    each uncovering at most the patches still missing (and at most ``max_block``, default
+    ``num_masked``), with an area of about ``min_block``..(patches missing), an aspect ratio
+    drawn log-uniformly in [min_aspect, max_aspect] (default 1/min_aspect) and both sides
+    strictly shorter than the grid's; a rectangle may overlap earlier ones. When 10 tries in a
+    row fail to place one, the mask is returned as it is, short of ``num_masked`` (BEiT: 74.5 of
+    75 on average at 14x14, as few as about 66). ``min_block`` defaults to ``default_min_block``
+    (BEiT's 16 of 196 patches, rescaled to the grid). Randomness comes from ``generator`` (or
+    torch's global RNG).
     """
     _check_positive_int("batch_size", batch_size)
     gh, gw = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
@@ -188,8 +232,9 @@ def block_masking(
     L = gh * gw
     if isinstance(num_masked, bool) or not isinstance(num_masked, int) or not 0 <= num_masked < L:
         raise ValueError(f"num_masked={num_masked!r} must be an int in [0, L={L})")
+    min_block = default_min_block((gh, gw)) if min_block is None else min_block
     _check_positive_int("min_block", min_block)
-    max_block = num_masked if max_block is None else max_block
+    max_block = max(1, num_masked) if max_block is None else max_block
     if isinstance(max_block, bool) or not isinstance(max_block, int) or max_block < 1:
         raise ValueError(f"max_block={max_block!r} must be a positive int or None")
     if not 0 < min_aspect <= 1:

@@ -9,8 +9,14 @@ learning rate scaled linearly with the batch (Goyal et al., 2017):
 
 where ``batch_size`` is per process. The loop knows nothing of any method. It relies on the
 method protocol only: an ``nn.Module`` with a ``backbone`` attribute, a
-``training_step(batch) -> (loss, logs)`` and optionally ``on_step_end(step, max_steps)``, called
-after every optimizer step with the index (0 .. max_steps - 1) of the step just taken.
+``training_step(batch) -> (loss, logs)`` and optionally
+- ``on_before_optimizer_step(step, max_steps)``, called once the gradients of a step are
+  complete and clipped, just before the optimizer uses them (DINO drops its frozen last
+  layer's gradients there);
+- ``on_step_end(step, max_steps)``, called after every optimizer step with the index
+  (0 .. max_steps - 1) of the step just taken;
+- ``export_backbone() -> (name, module)``, the backbone to evaluate and ship when it is not
+  ``backbone`` (DINO: its EMA teacher); ``exported_backbone(method)`` reads it.
 
 What a user can count on:
 - Deterministic: fixed seeds, a sampler whose order depends only on (seed, epoch), a DataLoader
@@ -22,8 +28,9 @@ What a user can count on:
   is raised (a second Ctrl-C stops at once); on any other exception the last completed step
   is saved before re-raising. A non-finite loss raises ``FloatingPointError`` naming the step,
   before the weights are touched, and leaves the last good checkpoint as it is.
-- Distributed: under ``torchrun`` the method is wrapped in DDP (gloo on CPU, NCCL on GPU);
-  only rank 0 writes files or shows progress.
+- Distributed: under ``torchrun`` the method is wrapped in DDP (gloo on CPU, NCCL on GPU),
+  its BatchNorm layers turned into SyncBatchNorm on GPUs (``sync_batchnorm``; torch syncs no
+  CPU tensors); only rank 0 writes files or shows progress.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -76,9 +83,13 @@ __all__ = [
     "make_schedules",
     "seed_everything",
     "hardware",
+    "clip_grad_per_param_",
+    "exported_backbone",
+    "sync_batchnorm",
 ]
 
 PRECISIONS = ("auto", "bf16", "fp32")
+CLIP_MODES = ("global", "per_param")
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token")  # any parameter whose name contains one
 HISTORY_FILE = "history.jsonl"
 CONFIG_FILE = "config.json"
@@ -96,6 +107,9 @@ class TrainConfig:
     AVX-512, fp32 elsewhere. ``out_dir=None`` writes nothing (no checkpoints, no history file).
     ``resume=True`` continues the newest checkpoint in ``out_dir`` (or starts fresh if there is
     none); without it an ``out_dir`` that already holds a checkpoint is refused.
+    ``grad_clip`` with ``clip_mode="global"`` scales all gradients by one factor so that their
+    joint norm is at most ``grad_clip`` (``clip_grad_norm_``); ``"per_param"`` clips each
+    parameter's gradient on its own (DINO, ``clip_grad_per_param_``).
     """
 
     epochs: int | None = None
@@ -109,6 +123,7 @@ class TrainConfig:
     weight_decay_end: float | None = None
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float | None = None
+    clip_mode: str = "global"
     accum_steps: int = 1
     precision: str = "auto"
     compile: bool = False
@@ -149,6 +164,8 @@ class TrainConfig:
         self.betas = (float(betas[0]), float(betas[1]))
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r} is not one of {PRECISIONS}")
+        if self.clip_mode not in CLIP_MODES:
+            raise ValueError(f"clip_mode={self.clip_mode!r} is not one of {CLIP_MODES}")
         for name in ("compile", "progress", "resume"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
@@ -254,6 +271,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def sync_batchnorm(module: nn.Module, device: str | torch.device) -> nn.Module:
+    """``module`` with every BatchNorm turned into a SyncBatchNorm when ``device`` is a GPU; unchanged on a CPU.
+
+    Under DDP a plain BatchNorm normalises each process's batch on its own, and a contrastive
+    head can then tell its own samples from the gathered ones by their statistics; MoCo v3 and
+    DINO convert their whole model (``main_moco.py``, ``main_dino.py``) and SimCLR uses a global
+    BN. The converted layers share their parameters and buffers with the old ones, so the state
+    dict keys stay the same and an optimizer built before still holds the right tensors.
+    torch's SyncBatchNorm synchronises only GPU tensors (its forward raises on a CPU in a process
+    group, torch 2.14), so under gloo on CPUs each process keeps its own batch statistics.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    if torch.device(device).type != "cuda":
+        return module
+    return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+
+
 # --------------------------------------------------------------------------- optimizer and schedules
 def param_groups(method: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Two AdamW groups: decayed weights, and undecayed biases / 1-D params / tokens.
@@ -317,6 +352,22 @@ def make_schedules(
     wd_end = config.weight_decay if config.weight_decay_end is None else config.weight_decay_end
     wd = cosine_schedule(config.weight_decay, wd_end, total_steps)
     return lr, wd
+
+
+def clip_grad_per_param_(params: Iterable[Tensor], max_norm: float) -> Tensor:
+    """Clip each parameter's gradient to L2 norm ``max_norm`` on its own (DINO's ``utils.clip_gradients``).
+
+    g <- g * min(1, max_norm / (||g|| + 1e-6)) for every parameter with a gradient, where
+    ``clip_grad_norm_`` scales all of them by one factor from their joint norm. Returns the joint
+    norm before clipping (a 0-dim tensor), what ``clip_grad_norm_`` returns too.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = torch.stack([torch.linalg.vector_norm(g.detach(), 2.0) for g in grads])  # (n,)
+    for g, norm in zip(grads, norms):
+        g.detach().mul_((max_norm / (norm + 1e-6)).clamp(max=1.0))  # a factor of exactly 1 leaves g as it is
+    return torch.linalg.vector_norm(norms, 2.0)
 
 
 # --------------------------------------------------------------------------- small helpers of the loop
@@ -402,6 +453,21 @@ def _check_method(method: Any) -> None:
         raise TypeError(f"method {type(method).__name__} has no training_step(batch) -> (loss, logs)")
 
 
+def exported_backbone(method: nn.Module) -> tuple[str, nn.Module]:
+    """(name, module) of the backbone to evaluate and ship: ``method.export_backbone()`` if the method
+    defines it (DINO: ``("teacher", method.teacher_backbone)``), else ``("backbone", method.backbone)``."""
+    _check_method(method)
+    export = getattr(method, "export_backbone", None)
+    if not callable(export):
+        return "backbone", method.backbone
+    found = export()
+    if not (isinstance(found, tuple) and len(found) == 2 and isinstance(found[0], str)
+            and isinstance(found[1], nn.Module)):
+        raise TypeError(f"{type(method).__name__}.export_backbone() must return (name, nn.Module), got "
+                        f"{type(found).__name__}")
+    return found
+
+
 def _read_history(path: Path, rows: int) -> list[dict[str, Any]]:
     """The first ``rows`` rows of history.jsonl (rows written after the checkpoint are dropped)."""
     history: list[dict[str, Any]] = []
@@ -446,15 +512,20 @@ def train(
     dataset: Dataset,
     config: TrainConfig,
     callback: Callable[[dict[str, Any]], None] | None = None,
+    batch_transform: Callable[[Any], Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``method`` on ``dataset``; return the history (one dict per logged step).
 
     Each history row holds ``step`` (optimizer steps done), ``epoch`` (fractional), ``loss``,
-    ``lr``, ``wd``, ``img_per_s`` (all processes together), ``grad_norm`` when clipping, and
-    the method's logs, averaged over the steps since the previous row (``loss`` over all
-    processes, the method's logs over this process's batches). With ``out_dir`` the rows also
-    go to ``out_dir/history.jsonl`` and checkpoints to ``out_dir/checkpoints``.
-    ``callback(row)`` is called on rank 0 after each row. Rank 0 returns the whole history
+    ``lr``, ``wd``, ``img_per_s`` (all processes together), ``grad_norm`` when clipping (the
+    joint norm before clipping), and the method's logs, averaged over the steps since the
+    previous row (``loss`` over all processes, the method's logs over this process's batches).
+    With ``out_dir`` the rows also go to ``out_dir/history.jsonl`` and checkpoints to
+    ``out_dir/checkpoints``.
+    ``callback(row)`` is called on rank 0 after each row. ``batch_transform(batch) -> batch``
+    runs on every collated batch once it is on the training device, without gradients: batched
+    augmentation (``vitssl_core.batch_augment.BatchViews``) that draws from torch's RNG, so
+    resuming stays exact. Rank 0 returns the whole history
     (also the rows from before a resume); other processes return the rows of this call.
     """
     _check_method(method)
@@ -462,6 +533,8 @@ def train(
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback={callback!r} must be callable or None")
+    if batch_transform is not None and not callable(batch_transform):
+        raise TypeError(f"batch_transform={batch_transform!r} must be callable or None")
     if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
         raise TypeError(f"dataset must be a map-style Dataset (with __len__ and __getitem__), "
                         f"got {type(dataset).__name__}")
@@ -524,6 +597,8 @@ def train(
                 "total_steps": total, "steps_per_epoch": epoch_steps, "precision_used": "bf16" if bf16 else "fp32"})
 
     # ---- model, data
+    if is_distributed():  # BatchNorm over the global batch: SyncBN on GPUs (a no-op on CPUs, see sync_batchnorm)
+        method = sync_batchnorm(method, device)
     step_module = _StepModule(method)
     ddp = None
     model: nn.Module = step_module
@@ -582,6 +657,9 @@ def train(
                 logs_sum: dict[str, float] = {}
                 for micro in range(config.accum_steps):
                     batch = _to_device(next(batches), device)
+                    if batch_transform is not None:
+                        with torch.no_grad():
+                            batch = batch_transform(batch)
                     last_micro = micro == config.accum_steps - 1
                     with ddp.no_sync() if ddp is not None and not last_micro else contextlib.nullcontext():
                         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -611,7 +689,10 @@ def train(
                     group["weight_decay"] = float(wd_schedule[step]) if group["apply_wd"] else 0.0
                 grad_norm = None
                 if config.grad_clip is not None:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
+                    clip = torch.nn.utils.clip_grad_norm_ if config.clip_mode == "global" else clip_grad_per_param_
+                    grad_norm = float(clip(params, config.grad_clip))
+                if callable(getattr(method, "on_before_optimizer_step", None)):
+                    method.on_before_optimizer_step(step, total)
                 updating = True
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                       "today's protocols, keeping its weights and its training record")
     parser.add_argument("--name", required=True, help="NAME of checkpoints/NAME.safetensors and NAME.json")
     parser.add_argument("--out", default=str(ROOT / "checkpoints"), help="default: checkpoints/")
-    parser.add_argument("--finetune-epochs", type=int, default=10, help="default: 10")
+    parser.add_argument("--finetune-epochs", type=int, default=10, help="default: 10; 0 leaves the card's "
+                        "fine-tuning column empty (a row the CPU could not afford under the common protocol)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args(argv)
     if not args.name.isidentifier():
@@ -220,13 +221,15 @@ def main(argv: list[str] | None = None) -> int:
     _, correct = _probe_metrics(f_train, y_train, f_test, y_test)
     if run_card["method"] == "supervised":
         correct.update(_scratch_on_fractions(model, x_train, y_train, x_test, y_test, normalize))
-    correct["finetune"] = _finetune(backbone, x_train, y_train, x_test, y_test, normalize, args.finetune_epochs)
+    if args.finetune_epochs > 0:
+        correct["finetune"] = _finetune(backbone, x_train, y_train, x_test, y_test, normalize, args.finetune_epochs)
     metrics = {k: 100.0 * c.float().mean().item() for k, c in correct.items()}
+    metrics.setdefault("finetune", None)
     if run_card["method"] == "mae" and args.run:
         card["decoder"] = _ship_decoder(Path(args.run), out)
 
     card.update({
-        "feature": feature, "metrics": {k: round(v, 2) for k, v in metrics.items()},
+        "feature": feature, "metrics": {k: None if v is None else round(v, 2) for k, v in metrics.items()},
         "protocols": {
             "feature_choice_knn_on_validation": {k: round(v, 2) for k, v in choice.items()},
             "knn": {**KNN, "n_train": len(y_train), "n_test": len(y_test)},
@@ -234,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             "label_fractions": ("a ViT trained from scratch on the class-balanced subset (seed 0), epochs "
                                 f"{SCRATCH_EPOCHS}" if run_card["method"] == "supervised" else
                                 "linear_probe on a class-balanced subset of the labels (seed 0)"),
-            "finetune": {"epochs": args.finetune_epochs, **FINETUNE},
+            "finetune": {"epochs": args.finetune_epochs, **FINETUNE} if args.finetune_epochs > 0 else None,
         },
         "correct": {k: correct_to_hex(c) for k, c in correct.items()},
         "recipe": recipe, "command": command, "seed": run_card.get("train_config", {}).get("seed", 0),

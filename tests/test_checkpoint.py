@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from vitssl_core import ViT
+from vitssl_core.__main__ import main as cli_main
 from vitssl_core.checkpoint import (
     UnsafeCheckpointError,
     atomic_write_bytes,
@@ -154,60 +155,72 @@ def test_backbone_export_in_float16_and_from_a_training_checkpoint(tmp_path):
 
 
 # --------------------------------------------------------------------------- SIGKILL, then resume
-SCRIPT = textwrap.dedent('''
+# `vitssl pretrain` in a subprocess, with one change: its training callback sleeps once the step
+# after the first checkpoint is logged, so the SIGKILL lands between two checkpoints.
+VICTIM = textwrap.dedent('''
     import sys, time
     import torch
     torch.set_num_threads(1)
-    from torch.utils.data import Subset
-    from torchvision.transforms import v2
-    from vitssl_core import ViT
-    from vitssl_core.data import FashionMNIST
-    from vitssl_core.supervised import Supervised
-    from vitssl_core.train import TrainConfig, train
+    from vitssl_core import __main__ as cli
 
-    out, resume, pause, k = sys.argv[1], sys.argv[2] == "1", float(sys.argv[3]), int(sys.argv[4])
-    torch.manual_seed(0)
-    augment = v2.Compose([v2.RandomCrop(28, padding=3), v2.RandomHorizontalFlip()])  # global torch RNG
-    data = Subset(FashionMNIST(train=False, transform=augment), range(256))  # 16 steps per epoch
-    method = Supervised(ViT(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=2, num_heads=2,
-                            drop_path_rate=0.1), num_classes=10)
-    config = TrainConfig(max_steps=2 * k, batch_size=16, blr=2e-3, warmup_steps=3, weight_decay_end=0.2,
-                         grad_clip=1.0, precision="fp32", num_workers=0, seed=1, out_dir=out,
-                         checkpoint_every=k, log_every=1, progress=False, resume=resume)
-    # after step k, slow down so the killer strikes between checkpoints
-    train(method, data, config, callback=lambda row: time.sleep(pause) if row["step"] >= k else None)
+    k, argv, train = int(sys.argv[1]), sys.argv[2:], cli.train
+    cli.train = lambda *args, **kw: train(*args, **kw, callback=lambda row: time.sleep(600) if row["step"] > k else None)
+    sys.exit(cli.main(argv))
 ''')
+RESUME_TINY = ["--model-arg", "depth=1", "--model-arg", "embed_dim=32", "--model-arg", "num_heads=2",
+               "--model-arg", "patch_size=7", "--model-arg", "drop_path_rate=0.1"]
+RESUME_METHODS = {  # method -> --method-arg pairs that keep its heads tiny
+    "supervised": {},
+    "simclr": {"hidden_dim": 32, "proj_dim": 16},
+    "mocov3": {"hidden_dim": 32, "proj_dim": 16},
+    # The last layer is frozen for 6 steps: the checkpoint (4) and the kill (5) come before, the end (8) after.
+    "dino": {"n_local_crops": 2, "out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16, "freeze_last_layer_steps": 6},
+    "mae": {"decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2},
+    "simmim": {},
+    "beit": {"vocab_size": 16, "tokenizer_images": 64},
+}
 
 
-def test_sigkill_then_resume_gives_bit_identical_weights(tmp_path):
-    """2k steps straight == k steps, SIGKILL, resume for the rest (CPU, fp32, num_workers=0)."""
-    k = 10  # checkpoint at 10 (mid-epoch 0), end at 20 (epoch 1): resume crosses an epoch boundary
-    script = tmp_path / "run.py"
-    script.write_text(SCRIPT)
+@pytest.mark.parametrize("method", list(RESUME_METHODS))
+def test_sigkill_then_resume_gives_bit_identical_weights(method, tmp_path, capsys):
+    """2k steps straight == k steps, SIGKILL after step k + 1, --resume for the rest (CPU, fp32, num_workers 0).
+
+    A real `vitssl pretrain`: the method's own data recipe or batch views, drop-path, warm-up,
+    gradient clipping and a weight-decay cosine; 40 images in batches of 8 make 5 steps per
+    epoch, so the resumed run (from step k = 4) crosses an epoch boundary.
+    """
+    k = 4
+    argv = lambda out, *extra: [  # noqa: E731
+        "pretrain", "--method", method, "--steps", str(2 * k), "--subset", "40", "--batch-size", "8",
+        "--lr", "2e-3", "--warmup-steps", "2", "--weight-decay-end", "0.2", "--grad-clip", "1.0",
+        "--precision", "fp32", "--num-workers", "0", "--seed", "1", "--checkpoint-every", str(k),
+        "--log-every", "1", "--no-progress", "--device", "cpu", "--out", str(tmp_path / out), *RESUME_TINY,
+        *[w for key, value in RESUME_METHODS[method].items() for w in ("--method-arg", f"{key}={value}")], *extra]
+    script = tmp_path / "victim.py"
+    script.write_text(VICTIM)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-
-    def start(out, resume, pause):
-        return subprocess.Popen([sys.executable, str(script), str(tmp_path / out), resume, str(pause), str(k)],
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    reference, victim = start("ref", "0", 0.0), start("run", "0", 2.0)  # both at once: 2 cores
-    pointer = tmp_path / "run" / "checkpoints" / "last.json"
-    deadline = time.monotonic() + 240
-    while not (pointer.is_file() and json.loads(pointer.read_text())["step"] == k):
-        assert victim.poll() is None, f"the run ended before it was killed:\n{victim.communicate()[1][-3000:]}"
-        assert time.monotonic() < deadline, "no checkpoint at step k within 240 s"
-        time.sleep(0.05)
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.communicate()
-    assert victim.returncode == -signal.SIGKILL
-    assert json.loads(pointer.read_text())["step"] == k  # killed before the next checkpoint
-    killed_rows = len((tmp_path / "run" / "history.jsonl").read_text().splitlines())
-    assert k <= killed_rows < 2 * k
-
-    resumed = start("run", "1", 0.0)
-    for proc in (reference, resumed):
-        _, err = proc.communicate(timeout=240)
-        assert proc.returncode == 0, err[-3000:]
+    victim = subprocess.Popen([sys.executable, str(script), str(k), *argv("run")], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the reference runs here while the victim starts: one core each
+    try:
+        assert cli_main(argv("ref")) == 0, capsys.readouterr().err
+        pointer, history = tmp_path / "run" / "checkpoints" / "last.json", tmp_path / "run" / "history.jsonl"
+        deadline = time.monotonic() + 120
+        while not (pointer.is_file() and history.is_file() and len(history.read_text().splitlines()) == k + 1):
+            assert victim.poll() is None, f"the run ended before it was killed:\n{victim.communicate()[1][-3000:]}"
+            assert time.monotonic() < deadline, "no checkpoint at step k and row k + 1 within 120 s"
+            time.sleep(0.02)
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.communicate()
+        assert victim.returncode == -signal.SIGKILL
+        assert json.loads(pointer.read_text())["step"] == k  # killed after step k + 1, before the next checkpoint
+        assert cli_main(argv("run", "--resume")) == 0, capsys.readouterr().err
+    finally:
+        torch.set_num_threads(threads)
+        if victim.poll() is None:
+            victim.kill()
+            victim.communicate()
 
     def final(out):
         step_dir = latest_checkpoint(tmp_path / out)
@@ -216,13 +229,13 @@ def test_sigkill_then_resume_gives_bit_identical_weights(tmp_path):
 
     ref_w, run_w = final("ref"), final("run")
     assert ref_w.keys() == run_w.keys()
-    for name in ref_w:
-        assert torch.equal(ref_w[name], run_w[name]), name
+    assert [name for name in ref_w if not torch.equal(ref_w[name], run_w[name])] == []
+    assert (tmp_path / "ref" / "backbone.safetensors").read_bytes() == (tmp_path / "run" / "backbone.safetensors").read_bytes()
     drop = lambda text: [{k: v for k, v in json.loads(line).items() if k not in ("img_per_s", "wall_s")}  # noqa: E731
                          for line in text.splitlines()]
     ref_rows = drop((tmp_path / "ref" / "history.jsonl").read_text())
     run_rows = drop((tmp_path / "run" / "history.jsonl").read_text())
-    assert [r["step"] for r in run_rows] == list(range(1, 2 * k + 1))  # rows after the checkpoint re-done once
+    assert [r["step"] for r in run_rows] == list(range(1, 2 * k + 1))  # the row after the checkpoint re-done once
     assert run_rows == ref_rows
 
 

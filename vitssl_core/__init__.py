@@ -3,8 +3,8 @@
 The public API the book and users import, bottom-up (dependencies point down this list):
 
 1. ``vit``: the backbone (timm parameter names), presets, positional embeddings.
-2. ``data`` (+ ``scenes``), ``augment``, ``masking``, ``losses``, ``schedules``,
-   ``distributed``: pure pieces.
+2. ``data`` (+ ``scenes``), ``augment`` (per image) and ``batch_augment`` (per batch, on the
+   training device), ``masking``, ``losses``, ``schedules``, ``distributed``: pure pieces.
 3. Methods: ``contrastive`` (SimCLR, MoCo v3), ``dino`` (DINO), ``mae`` (MAE),
    ``masked`` (SimMIM, BEiT), ``supervised`` (the labelled baseline).
 4. ``train`` and ``checkpoint``: one loop for every method, checkpoints that survive a crash.
@@ -15,6 +15,7 @@ The public API the book and users import, bottom-up (dependencies point down thi
 
 from . import data
 from .augment import MultiCrop, TwoViews, asymmetric_augment, dino_augment, local_crop_augment, simclr_augment
+from .batch_augment import BatchView, BatchViews, batch_asymmetric_views, batch_dino_views, batch_simclr_views
 from .checkpoint import load_backbone, load_checkpoint, load_pretrained, save_backbone
 from .contrastive import MoCoV3, SimCLR
 from .dense import (
@@ -31,12 +32,15 @@ from .evaluate import (
     attention_distance,
     attention_maps,
     class_balanced_subset,
+    correct_from_hex,
+    correct_to_hex,
     extract_features,
     finetune,
     knn_accuracy,
     knn_classify,
     label_efficiency,
     linear_probe,
+    mcnemar,
     pca_rgb,
     pixel_features,
     run_protocol,
@@ -44,7 +48,7 @@ from .evaluate import (
 from .losses import info_nce, info_nce_article, moco_infonce
 from .mae import MAE
 from .masked import BEiT, PatchTokenizer, SimMIM, masked_token_cross_entropy
-from .masking import block_masking, patchify, random_masking, unpatchify
+from .masking import block_masking, default_min_block, patchify, random_masking, unit_masking, unpatchify
 from .schedules import cosine_momentum, cosine_schedule
 from .supervised import Supervised
 from .train import TrainConfig, train

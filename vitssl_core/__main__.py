@@ -30,11 +30,11 @@ from torchvision.transforms import v2
 
 from . import data, vit
 from .batch_augment import BatchViews, batch_asymmetric_views, batch_dino_views, batch_simclr_views
-from .checkpoint import (atomic_write_json, latest_checkpoint, load_backbone, load_checkpoint, load_pretrained,
-                         save_backbone)
+from .checkpoint import (UnsafeCheckpointError, atomic_write_json, latest_checkpoint, load_checkpoint,
+                         load_pretrained, save_backbone)
 from .contrastive import MoCoV3, SimCLR
 from .dino import DINO
-from .evaluate import run_protocol
+from .evaluate import FEATURES, PROTOCOLS, run_protocol
 from .mae import MAE
 from .masked import BEiT, PatchTokenizer, SimMIM
 from .supervised import Supervised
@@ -246,9 +246,12 @@ def _dataset_spec(text: str) -> str:
 
 
 def _positive_int(text: str) -> int:
-    value = _non_negative_int(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be an integer > 0")
     return value
 
 
@@ -377,7 +380,10 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                        description="Evaluate the backbone that 'vitssl pretrain' wrote, with one protocol.")
     e.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="a pretrain --out folder, or a backbone.safetensors with its backbone.json beside it")
-    e.add_argument("--protocol", default="knn", help="knn, linear, finetune or label_efficiency (default: knn)")
+    e.add_argument("--protocol", default="knn", choices=PROTOCOLS,
+                   help="knn, linear, finetune or label_efficiency (default: knn)")
+    e.add_argument("--feature", choices=FEATURES, help="what the probes read: the class token, the mean of the patch "
+                   "tokens, or both (default: the card's \"feature\", else cls)")
     e.add_argument("--dataset", type=_dataset_spec, help="default: the data set the backbone was trained on")
     e.add_argument("--data-root", metavar="DIR", help="folder of the data set files")
     e.add_argument("--max-train", type=_positive_int, metavar="N", help="use the first N training images")

@@ -38,6 +38,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file as _st_load_file
 from safetensors.torch import save as _st_save
 from torch import Tensor, nn
@@ -247,15 +248,48 @@ def _unpickling_detail(err: Exception) -> str:
     return line.split(" Please use")[0]  # drop torch's advice to allow-list the class
 
 
+# Pickle opcodes that import or build an arbitrary object: how a pickle runs code. The weights-only
+# unpickler names a refused GLOBAL / STACK_GLOBAL in its message and reports these as "Unsupported operand".
+_CODE_OPCODES = {ord("c"), ord("i"), ord("o"), ord("R"), 0x81, 0x82, 0x83, 0x84, 0x92, 0x93}
+
+
+def _tries_to_run_code(err: pickle.UnpicklingError) -> bool:
+    """Whether torch's weights-only refusal is of an object to import or build (else the bytes are just bad)."""
+    text = str(err)
+    if "GLOBAL" in text:
+        return True
+    operand = text.partition("Unsupported operand ")[2].split(maxsplit=1)
+    return bool(operand) and operand[0].isdigit() and int(operand[0]) in _CODE_OPCODES
+
+
 def _load_state(path: Path, map_location: str | torch.device) -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
+        if not _tries_to_run_code(err):
+            detail = next((line.strip() for line in str(err).splitlines() if "Unsupported operand" in line), "")
+            raise ValueError(f"{path} is corrupt: it is not a training state torch.load can read "
+                             f"({detail or 'not a pickle'}); resume from another checkpoint or start again") from err
         raise UnsafeCheckpointError(
             f"refusing to load {path}: it holds Python objects other than tensors, numbers, strings and "
             f"containers, and unpickling them could run arbitrary code ({_unpickling_detail(err)}). Only load "
             f"training states written by vitssl; the weights in {WEIGHTS_FILE} are safe to read on their own."
         ) from err
+    except (RuntimeError, EOFError, KeyError) as err:  # a truncated or damaged zip, or no zip at all
+        if isinstance(err, RuntimeError) and "PytorchStreamReader" not in str(err):
+            raise  # e.g. map_location names a device this machine lacks
+        detail = str(err).splitlines()[0].split(". This is an internal")[0] if str(err) else ""
+        detail = detail if isinstance(err, RuntimeError) else f"{type(err).__name__} {detail}".strip()
+        raise ValueError(f"{path} is corrupt or truncated: torch.load cannot read it ({detail}); resume from "
+                         "another checkpoint or start again") from err
+
+
+def _read_safetensors(path: Path, device: str = "cpu") -> dict[str, Tensor]:
+    """``safetensors.torch.load_file``, with errors that name the file."""
+    try:
+        return _st_load_file(path, device=device)
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a readable safetensors file ({err}); it is truncated or corrupt") from err
 
 
 def load_checkpoint(
@@ -264,7 +298,7 @@ def load_checkpoint(
     """(model state dict, training state) of the newest checkpoint under ``path`` (see ``latest_checkpoint``).
 
     Raises ``FileNotFoundError`` if there is none, ``UnsafeCheckpointError`` if ``state.pt``
-    would need to run code to be read.
+    would need to run code to be read, ``ValueError`` naming the file if a file is corrupt.
     """
     step_dir = latest_checkpoint(path)
     if step_dir is None:
@@ -275,7 +309,7 @@ def load_checkpoint(
     state = _load_state(step_dir / STATE_FILE, map_location)
     if not isinstance(state, dict):
         raise ValueError(f"{step_dir / STATE_FILE} holds a {type(state).__name__}, expected a dict")
-    weights = _st_load_file(step_dir / WEIGHTS_FILE, device=str(map_location))
+    weights = _read_safetensors(step_dir / WEIGHTS_FILE, device=str(map_location))
     return weights, state
 
 
@@ -316,7 +350,7 @@ def load_backbone(path: str | os.PathLike) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"path={str(path)!r} is not a file; expected a .safetensors file from save_backbone")
-    state = _st_load_file(path)
+    state = _read_safetensors(path)
     if "patch_embed.proj.weight" not in state and "backbone.patch_embed.proj.weight" in state:
         state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     return state
@@ -334,13 +368,19 @@ def load_pretrained(path: str | os.PathLike) -> tuple[ViT, dict[str, Any]]:
     card_path = path if path.suffix == ".json" else path.with_suffix(".json")
     if not card_path.is_file():
         raise FileNotFoundError(f"path={str(path)!r}: no card {card_path.name} (a NAME.json beside NAME.safetensors)")
-    card = json.loads(card_path.read_text())
+    try:
+        card = json.loads(card_path.read_text())
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{card_path} is not valid JSON ({err}); a card is a JSON object") from err
     model = None
     if isinstance(card, dict):  # a shipped card's "model", or the "architecture" of `vitssl pretrain`'s backbone.json
         model = card.get("model") if isinstance(card.get("model"), dict) else card.get("architecture")
     if not isinstance(model, dict):
+        baseline = isinstance(card, dict) and "weights" in card and card["weights"] is None
         raise ValueError(f"{card_path}: the card has no \"model\" mapping of ViT keyword arguments "
-                         "(nor the \"architecture\" of a backbone.json from vitssl pretrain)")
+                         "(nor the \"architecture\" of a backbone.json from vitssl pretrain)"
+                         + (f"; it describes a baseline without weights (method {card.get('method')!r}), "
+                            "nothing to load" if baseline else ""))
     weights = card_path.with_name(card.get("weights") or card_path.with_suffix(".safetensors").name)
     if not weights.is_file():
         raise FileNotFoundError(f"{card_path}: its weights {weights.name} are missing (the card describes a "

@@ -214,7 +214,15 @@ class MoCoV3(nn.Module):
             p.requires_grad = False
         self.temperature = float(temperature)
         self.base_momentum = float(momentum)
-        self.momentum = float(momentum)  # the value used by the last on_step_end
+        # The momentum of the last EMA update, for the logs: a buffer, so a resumed run logs what
+        # an uninterrupted one does. A checkpoint written before it existed loads with the base value.
+        self.register_buffer("last_momentum", torch.tensor(float(momentum), dtype=torch.float64))
+        self.register_load_state_dict_pre_hook(_default_last_momentum)
+
+    @property
+    def momentum(self) -> float:
+        """The momentum of the last ``on_step_end`` (``momentum`` before the first); survives a resume."""
+        return float(self.last_momentum)
 
     def _online_params(self) -> list[nn.Parameter]:
         return list(self.backbone.parameters()) + list(self.projector.parameters())
@@ -245,7 +253,12 @@ class MoCoV3(nn.Module):
         m = cosine_momentum(self.base_momentum, step, max_steps)
         for online, target in zip(self._online_params(), self._momentum_params()):
             target.mul_(m).add_(online.detach(), alpha=1.0 - m)  # target = m target + (1 - m) online
-        self.momentum = m
+        self.last_momentum.fill_(m)
+
+
+def _default_last_momentum(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook: a checkpoint without ``last_momentum`` keeps the module's current value."""
+    state_dict.setdefault(prefix + "last_momentum", module.last_momentum.detach().clone())
 
 
 @torch.no_grad()

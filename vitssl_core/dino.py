@@ -110,6 +110,11 @@ def _without_stochastic_layers(backbone: nn.Module) -> nn.Module:
     return backbone
 
 
+def _default_last_momentum(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook: a checkpoint without ``last_momentum`` keeps the module's current value."""
+    state_dict.setdefault(prefix + "last_momentum", module.last_momentum.detach().clone())
+
+
 # --------------------------------------------------------------------------- the method
 class DINO(nn.Module):
     """DINO: a student (``backbone``, ``head``) and an EMA teacher (``teacher_backbone``, ``teacher_head``).
@@ -206,7 +211,10 @@ class DINO(nn.Module):
         self.student_temp = float(student_temp)
         self.center_momentum = float(center_momentum)
         self.base_momentum = float(momentum)
-        self.momentum = float(momentum)  # the value used by the last on_step_end
+        # The momentum of the last EMA update, for the logs: a buffer like steps_done, so a resumed
+        # run logs what an uninterrupted one does (a checkpoint without it loads with the base value).
+        self.register_buffer("last_momentum", torch.tensor(float(momentum), dtype=torch.float64))
+        self.register_load_state_dict_pre_hook(_default_last_momentum)
         self.freeze_last_layer_steps = freeze_last_layer_steps
 
     def train(self, mode: bool = True) -> "DINO":
@@ -222,6 +230,11 @@ class DINO(nn.Module):
         return list(self.teacher_backbone.parameters()) + list(self.teacher_head.parameters())
 
     # ------------------------------------------------------------------ schedules
+    @property
+    def momentum(self) -> float:
+        """The teacher momentum of the last ``on_step_end`` (``momentum`` before the first); survives a resume."""
+        return float(self.last_momentum)
+
     @property
     def last_layer_frozen(self) -> bool:
         """True during the first ``freeze_last_layer_steps`` optimizer steps (read from ``steps_done``)."""
@@ -305,7 +318,7 @@ class DINO(nn.Module):
         m = cosine_momentum(self.base_momentum, step, max_steps)
         for s, t in zip(self._student_params(), self._teacher_params()):
             t.mul_(m).add_(s.detach(), alpha=1.0 - m)
-        self.momentum = m
+        self.last_momentum.fill_(m)
         self.steps_done.fill_(step + 1)
 
     def export_backbone(self) -> tuple[str, ViT]:

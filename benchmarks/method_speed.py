@@ -57,6 +57,9 @@ def time_method(name: str, base, info: DataInfo, args, per_image: bool = False, 
     kwargs = {"num_classes": info.num_classes} if entry.num_classes else {}
     if entry.needs_dataset:
         kwargs["dataset"] = base
+    if entry.needs_steps:  # DINO's epoch-long schedules, for a run of 100 epochs
+        kwargs["epoch_steps"] = len(base) // args.batch_size
+        kwargs["total_steps"] = 100 * kwargs["epoch_steps"]
     method = entry.build(backbone, **kwargs)
     views = None
     if per_image and entry.views is not None:

@@ -1,12 +1,14 @@
 """Tests for vitssl_core.checkpoint: atomic files, crash consistency, safe loading, backbone export.
 
-The headline test kills a real training process with SIGKILL right after its checkpoint at step
-k, resumes it, and checks that the weights equal (bit for bit) those of a run that never stopped.
+The headline test kills a real `vitssl pretrain` run of every method with SIGKILL after its
+checkpoint at step k, resumes it with --resume, and checks that the weights equal (bit for bit)
+those of a run that never stopped.
 """
 
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -117,6 +119,64 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "garbage", "empty", "json"])
+def test_a_corrupt_state_is_told_apart_from_one_that_would_run_code(tmp_path, damage):
+    step_dir = save_checkpoint(tmp_path, 1, tiny_state(), {"step": 1, "t": torch.zeros(3)})
+    good = (step_dir / "state.pt").read_bytes()
+    (step_dir / "state.pt").write_bytes({
+        "truncated": good[: len(good) // 2], "flipped": good[:100] + bytes(200) + good[300:],
+        "garbage": b"not a checkpoint" * 8, "empty": b"", "json": b'{"step": 1}',
+    }[damage])
+    with pytest.raises(ValueError, match=re.escape(str(step_dir / "state.pt")) + " is corrupt"):
+        load_checkpoint(tmp_path)
+
+
+def test_corrupt_weights_and_cards_name_the_file(tmp_path):
+    from vitssl_core.checkpoint import load_pretrained
+    from vitssl_core.vit import architecture
+
+    step_dir = save_checkpoint(tmp_path / "ck", 1, tiny_state(), {"step": 1})
+    (step_dir / "model.safetensors").write_bytes(b"\xff" * 8 + b"junk")
+    with pytest.raises(ValueError, match=re.escape(str(step_dir / "model.safetensors")) + " is not a readable"):
+        load_checkpoint(tmp_path / "ck")
+    (tmp_path / "b.safetensors").write_bytes(b"junk")
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "b.safetensors")) + " is not a readable"):
+        load_backbone(tmp_path / "b.safetensors")
+    backbone = ViT(**TINY)
+    save_backbone(backbone, tmp_path / "tiny.safetensors")
+    for text, message in (('{"model": ', "tiny.json is not valid JSON"),
+                          (json.dumps({"model": {**architecture(backbone), "bogus": 1}}), "do not build a ViT"),
+                          (json.dumps({"model": {**architecture(backbone), "depth": 1}}),
+                           "tiny.safetensors does not fit the ViT its card tiny.json describes: Unexpected key")):
+        (tmp_path / "tiny.json").write_text(text)
+        with pytest.raises(ValueError, match=re.escape(message)) as info:
+            load_pretrained(tmp_path / "tiny.json")
+        assert str(tmp_path) in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["mocov3", "dino"])
+def test_the_logged_momentum_survives_a_checkpoint_and_old_checkpoints_still_load(name):
+    from vitssl_core.contrastive import MoCoV3
+    from vitssl_core.dino import DINO
+
+    def build():
+        torch.manual_seed(0)
+        vit = ViT(**TINY)
+        return MoCoV3(vit, proj_dim=8, hidden_dim=16, momentum=0.9) if name == "mocov3" else \
+            DINO(vit, out_dim=16, hidden_dim=16, bottleneck_dim=8, n_local_crops=0, momentum=0.9)
+
+    trained = build()
+    trained.on_step_end(3, 10)  # the momentum of step 3 of a 10-step cosine
+    assert trained.momentum > 0.9
+    resumed = build()
+    resumed.load_state_dict(trained.state_dict())
+    assert resumed.momentum == trained.momentum
+    before = {k: v for k, v in trained.state_dict().items() if k != "last_momentum"}  # a checkpoint from before
+    older = build()
+    older.load_state_dict(before)  # strict: the missing buffer keeps its base value
+    assert older.momentum == 0.9
+
+
 # --------------------------------------------------------------------------- backbone export
 def test_backbone_export_has_timm_keys_and_loads_into_timm(tmp_path):
     timm_vit = pytest.importorskip("timm.models.vision_transformer")
@@ -164,7 +224,8 @@ VICTIM = textwrap.dedent('''
     from vitssl_core import __main__ as cli
 
     k, argv, train = int(sys.argv[1]), sys.argv[2:], cli.train
-    cli.train = lambda *args, **kw: train(*args, **kw, callback=lambda row: time.sleep(600) if row["step"] > k else None)
+    pause = lambda row: time.sleep(600) if row["step"] > k else None
+    cli.train = lambda *args, **kw: train(*args, **kw, callback=pause)
     sys.exit(cli.main(argv))
 ''')
 RESUME_TINY = ["--model-arg", "depth=1", "--model-arg", "embed_dim=32", "--model-arg", "num_heads=2",
@@ -230,7 +291,8 @@ def test_sigkill_then_resume_gives_bit_identical_weights(method, tmp_path, capsy
     ref_w, run_w = final("ref"), final("run")
     assert ref_w.keys() == run_w.keys()
     assert [name for name in ref_w if not torch.equal(ref_w[name], run_w[name])] == []
-    assert (tmp_path / "ref" / "backbone.safetensors").read_bytes() == (tmp_path / "run" / "backbone.safetensors").read_bytes()
+    backbone = lambda out: (tmp_path / out / "backbone.safetensors").read_bytes()  # noqa: E731
+    assert backbone("ref") == backbone("run")
     drop = lambda text: [{k: v for k, v in json.loads(line).items() if k not in ("img_per_s", "wall_s")}  # noqa: E731
                          for line in text.splitlines()]
     ref_rows = drop((tmp_path / "ref" / "history.jsonl").read_text())

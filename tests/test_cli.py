@@ -1,6 +1,7 @@
 """Tests for the ``vitssl`` command line (vitssl_core/__main__.py)."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -81,6 +82,84 @@ def test_bad_arguments_give_one_line_and_exit_code_2(capsys, tmp_path, monkeypat
     assert not (tmp_path / "x").exists()  # nothing was trained or written
 
 
+# --------------------------------------------------------------------------- the error contract
+BAD_DEVICE = "cuda:99" if torch.cuda.is_available() else "cuda"
+
+
+def pre(*extra, steps=True):
+    """`vitssl pretrain` with a tiny model; ``extra`` supplies the method and the mistake."""
+    return ["pretrain", *(["--steps", "2"] if steps else []), "--no-progress", "--precision", "fp32",
+            "--out", "x", *TINY_ARGS, *extra]
+
+
+BATTERY = [  # (argv; {tmp} is a folder of good and broken files, {repo} the repository), what the line says
+    (pre("--method", "simclr", "--batch-size", "1", "--subset", "8"), "batch size 1 < 2"),
+    (pre("--method", "supervised", "--device", BAD_DEVICE), f"device='{BAD_DEVICE}'"),
+    (pre("--method", "supervised", "--subset", "8", "--batch-size", "16"), "the dataset has 8 samples"),
+    (pre("--method", "supervised", "--warmup-steps", "100"), "warm-up (100 steps) is longer than the run"),
+    (pre("--method", "nope"), "--method 'nope' is unknown; one of: supervised"),
+    (pre("--method", "supervised", "--epochs", "0", steps=False), "'0' must be an integer > 0"),
+    (pre("--method", "supervised", "--epochs", "-1", steps=False), "'-1' must be an integer > 0"),
+    (pre("--method", "supervised", "--data-root", "{tmp}/no_data"),
+     "--data-root {tmp}/no_data does not hold Fashion-MNIST: train-images-idx3-ubyte"),
+    (pre("--method", "supervised", "--dataset", "cifar10", "--data-root", "{tmp}/no_data"),
+     "does not hold CIFAR-10: expected the folder {tmp}/no_data/cifar-10-batches-py"),
+    (["evaluate", "--checkpoint", "{tmp}/bad_weights"], "backbone.safetensors is not a readable safetensors file"),
+    (["evaluate", "--checkpoint", "{tmp}/bad_card"], "backbone.json is not valid JSON"),
+    (["evaluate", "--checkpoint", "{tmp}/missing"], "expected backbone.safetensors and backbone.json"),
+    (["evaluate", "--checkpoint", "{repo}/checkpoints/pixels.json"], "describes a baseline without weights"),
+    (["evaluate", "--checkpoint", "{tmp}/good", "--protocol", "nope"], "invalid choice: 'nope'"),
+    (["evaluate", "--checkpoint", "{tmp}/good", "--feature", "max"], "invalid choice: 'max'"),
+    (["evaluate", "--checkpoint", "{tmp}/good", "--device", BAD_DEVICE], "CUDA" if BAD_DEVICE == "cuda" else "GPU(s)"),
+    (["evaluate", "--checkpoint", "{tmp}/good", "--data-root", "{tmp}/no_data"], "t10k-images-idx3-ubyte"),
+]
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory):
+    """A good backbone folder, one with corrupt weights, one with a corrupt card, and a folder without data."""
+    from vitssl_core.vit import architecture
+
+    tmp = tmp_path_factory.mktemp("broken")
+    backbone = ViT(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=1, num_heads=2)
+    card = {"weights": "backbone.safetensors", "architecture": architecture(backbone), "dataset": "fashion_mnist"}
+    for name in ("good", "bad_weights", "bad_card"):
+        (tmp / name).mkdir()
+        save_backbone(backbone, tmp / name / "backbone.safetensors")
+        (tmp / name / "backbone.json").write_text(json.dumps(card))
+    (tmp / "bad_weights" / "backbone.safetensors").write_bytes(b"\x00" * 8 + b"not a safetensors file")
+    (tmp / "bad_card" / "backbone.json").write_text('{"architecture": ')
+    (tmp / "no_data").mkdir()
+    return tmp
+
+
+@pytest.mark.parametrize("argv, message", BATTERY, ids=[" ".join(w for w in a if w not in pre()) for a, _ in BATTERY])
+def test_every_bad_input_exits_2_with_one_line(argv, message, broken, capsys, monkeypatch):
+    """The promise of the module docstring: exit status 2, one line on stderr, no traceback."""
+    monkeypatch.chdir(broken)
+    fill = lambda text: text.format(tmp=broken, repo=REPO)  # noqa: E731
+    assert cli.main([fill(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("vitssl: error: ") and "Traceback" not in err, err
+    assert fill(message) in err
+
+
+def test_resuming_another_methods_run_is_one_line(trained, capsys):
+    assert cli.main(smoke(trained, "--resume", "--method", "simmim")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not fit this SimMIM" in err and "missing (" in err, err
+
+
+def test_the_console_entry_point_keeps_the_contract(tmp_path):
+    """`python -m vitssl_core`: a mistake found only once training runs is still one line and status 2."""
+    done = subprocess.run([sys.executable, "-m", "vitssl_core", *pre("--method", "simclr", "--batch-size", "1",
+                                                                     "--subset", "8")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "batch size 1 < 2" in done.stderr
+
+
 # --------------------------------------------------------------------------- config files
 def test_config_file_under_the_command_line(tmp_path, capsys):
     config = tmp_path / "run.yaml"
@@ -140,7 +219,7 @@ def test_pretrain_writes_checkpoint_history_and_backbone_card(trained, capsys):
 
 
 def test_rerun_needs_resume_and_resume_of_a_finished_run_is_a_no_op(trained, capsys):
-    assert cli.main(smoke(trained)) == 1
+    assert cli.main(smoke(trained)) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "already holds a checkpoint" in err
     before = (trained / "backbone.safetensors").read_bytes()
@@ -194,6 +273,18 @@ def test_evaluate_reads_a_shipped_checkpoint_and_its_feature(tmp_path, monkeypat
     assert all(torch.equal(v, backbone.state_dict()[k].half().float()) for k, v in loaded.state_dict().items())
 
 
+def test_evaluate_reads_with_the_cards_feature_unless_told_otherwise(trained, tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(cli, "run_protocol", lambda protocol, bb, **kw: calls.append(kw["feature"]) or {"top1": 1.0})
+    assert cli.main(["evaluate", "--checkpoint", str(trained), "--device", "cpu"]) == 0  # no feature recorded: cls
+    card = json.loads((trained / "backbone.json").read_text())
+    (tmp_path / "backbone.json").write_text(json.dumps({**card, "feature": "avg"}))  # a run that recorded one
+    (tmp_path / "backbone.safetensors").write_bytes((trained / "backbone.safetensors").read_bytes())
+    assert cli.main(["evaluate", "--checkpoint", str(tmp_path), "--device", "cpu"]) == 0
+    assert cli.main(["evaluate", "--checkpoint", str(tmp_path), "--device", "cpu", "--feature", "cls+avg"]) == 0
+    assert calls == ["cls", "avg", "cls+avg"]
+
+
 def test_evaluate_unknown_protocol_is_one_line(trained, capsys):
     assert cli.main(["evaluate", "--checkpoint", str(trained), "--protocol", "nope", "--max-train", "50",
                      "--max-test", "20"]) == 2
@@ -226,5 +317,5 @@ def test_every_method_pretrains_from_the_cli(method, extra, tmp_path, capsys):
 
 
 def test_evaluate_without_a_backbone_says_what_is_missing(tmp_path, capsys):
-    assert cli.main(["evaluate", "--checkpoint", str(tmp_path)]) == 1
+    assert cli.main(["evaluate", "--checkpoint", str(tmp_path)]) == 2
     assert "backbone.json" in capsys.readouterr().err

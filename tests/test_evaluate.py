@@ -87,6 +87,13 @@ def test_extract_features_errors():
         E.extract_features(model, [imgs])
     with pytest.raises(ValueError, match="normalize"):
         E.extract_features(model, imgs, normalize={"mean": 0.5})
+    with pytest.raises(TypeError, match="images have dtype torch.int64; give uint8 pixels"):
+        E.extract_features(model, imgs.long())  # integers other than uint8 would pass for [0, 1] floats
+    with pytest.raises(ValueError, match=r"normalize has 3 mean and 3 std value\(s\) but the images have 1 channel"):
+        E.extract_features(model, imgs, normalize={"mean": [0.5] * 3, "std": [0.2] * 3})  # RGB stats, grey images
+    pixels = torch.randint(0, 256, (2, 28, 28), dtype=torch.uint8)  # uint8 and float64 pixels mean the same
+    torch.testing.assert_close(E.extract_features(model, pixels, precision="fp32"),
+                               E.extract_features(model, pixels.double() / 255, precision="fp32"))
 
 
 def test_pixel_features():

@@ -7,6 +7,7 @@ split; one torch thread, so runs are fast and bit-reproducible on a busy 2-core 
 import json
 import math
 import os
+import re
 import signal
 
 import pytest
@@ -235,6 +236,74 @@ def test_non_finite_loss_names_the_step_and_keeps_the_checkpoint(tmp_path, fmnis
     assert json.loads((tmp_path / "checkpoints" / "last.json").read_text())["step"] == 4
     for k, v in method.state_dict().items():  # step 5 did not touch the weights
         assert torch.equal(weights[k], v), k
+
+
+class _InfGradient(torch.autograd.Function):
+    """The identity forward; an infinite gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+class InfGradAfter(NaNAfter):
+    """Supervised whose loss stays finite but whose gradients are infinite from its ``bad``-th call on."""
+
+    def training_step(self, batch):
+        self.n += 1
+        loss, logs = Supervised.training_step(self, batch)
+        return (_InfGradient.apply(loss) if self.n >= self.bad else loss), logs
+
+
+@pytest.mark.parametrize("clip", [{}, {"grad_clip": 1.0}, {"grad_clip": 1.0, "clip_mode": "per_param"}])
+def test_non_finite_gradients_stop_like_a_non_finite_loss(tmp_path, fmnist, clip):
+    torch.manual_seed(0)
+    method = InfGradAfter(tiny_vit(), num_classes=10, bad=5)
+    with pytest.raises(FloatingPointError, match=r"gradient norm is (inf|nan) at step 5 of 8 .*step_00000004"):
+        train(method, fmnist, config(max_steps=8, checkpoint_every=2, out_dir=str(tmp_path), **clip))
+    weights, state = load_checkpoint(tmp_path)
+    assert state["step"] == 4  # the last good checkpoint is kept
+    for k, v in method.state_dict().items():  # AdamW never saw the gradients of step 5
+        assert torch.equal(weights[k], v), k
+
+
+def _method_and_batch(name: str, x, y):
+    from vitssl_core.contrastive import MoCoV3, SimCLR
+    from vitssl_core.dino import DINO
+    from vitssl_core.mae import MAE
+    from vitssl_core.masked import BEiT, PatchTokenizer, SimMIM
+
+    views = ([x, x], y)
+    return {
+        "supervised": lambda: (Supervised(tiny_vit(), num_classes=10), (x, y)),
+        "simclr": lambda: (SimCLR(tiny_vit(), proj_dim=8, hidden_dim=16), views),
+        "mocov3": lambda: (MoCoV3(tiny_vit(), proj_dim=8, hidden_dim=16), views),
+        "dino": lambda: (DINO(tiny_vit(), out_dim=16, hidden_dim=16, bottleneck_dim=8, n_local_crops=0), views),
+        "mae": lambda: (MAE(tiny_vit(), decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2), (x, y)),
+        "simmim": lambda: (SimMIM(tiny_vit()), (x, y)),
+        "beit": lambda: (BEiT(tiny_vit(), PatchTokenizer.fit(torch.rand(8, 1, 28, 28), patch_size=7, vocab_size=4,
+                                                             seed=0)), (x, y)),
+    }[name]()
+
+
+@pytest.mark.parametrize("name", ["supervised", "simclr", "mocov3", "dino", "mae", "simmim", "beit"])
+def test_every_method_names_images_of_the_wrong_dtype(name):
+    """uint8 or float64 images into a float32 method: a TypeError naming the dtype, not conv2d's complaint."""
+    torch.manual_seed(0)
+    pixels, labels = torch.rand(4, 1, 28, 28), torch.zeros(4, dtype=torch.long)
+    for images, message in (((pixels * 255).to(torch.uint8), "x has dtype torch.uint8; the model takes float"),
+                            (pixels.double(), "x has dtype torch.float64 but the model's weights are torch.float32")):
+        method, batch = _method_and_batch(name, images, labels)
+        with pytest.raises(TypeError, match=re.escape(message)):
+            method.training_step(batch)
+    method, batch = _method_and_batch(name, pixels, labels)
+    assert torch.isfinite(method.training_step(batch)[0])  # float32 is fine
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # and so is float32 under autocast
+        assert torch.isfinite(method.training_step(batch)[0])
 
 
 def test_existing_checkpoint_is_not_overwritten_without_resume(tmp_path, fmnist):

@@ -328,8 +328,9 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     what.add_argument("--method", help=f"one of: {', '.join(METHODS)}")
     what.add_argument("--dataset", type=_dataset_spec, help=f"fashion_mnist, cifar10 or folder:PATH "
                       f"(PATH/<class>/<image>) (default: {d['dataset']})")
-    what.add_argument("--data-root", metavar="DIR", help="folder of the data set files (cifar10: the one "
-                      "holding cifar-10-batches-py; fashion_mnist: searched as vitssl_core.data explains)")
+    what.add_argument("--data-root", metavar="DIR", help="folder that holds the data set files (cifar10: "
+                      "cifar-10-batches-py; fashion_mnist: the IDX files, plain or .gz); without it Fashion-MNIST "
+                      "is searched for as vitssl_core.data explains")
     what.add_argument("--subset", type=_positive_int, metavar="N", help="train on the first N images only")
     what.add_argument("--model", help=f"backbone preset: {', '.join(PRESETS)} (default: {d['model']})")
     what.add_argument("--model-arg", dest="model_args", action="append", type=_key_value, metavar="KEY=VALUE",
@@ -385,7 +386,7 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     e.add_argument("--feature", choices=FEATURES, help="what the probes read: the class token, the mean of the patch "
                    "tokens, or both (default: the card's \"feature\", else cls)")
     e.add_argument("--dataset", type=_dataset_spec, help="default: the data set the backbone was trained on")
-    e.add_argument("--data-root", metavar="DIR", help="folder of the data set files")
+    e.add_argument("--data-root", metavar="DIR", help="folder that holds the data set files (as for pretrain)")
     e.add_argument("--max-train", type=_positive_int, metavar="N", help="use the first N training images")
     e.add_argument("--max-test", type=_positive_int, metavar="N", help="use the first N test images")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
@@ -480,8 +481,25 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 # --------------------------------------------------------------------------- pretrain
+def _check_data_root(spec: str, data_root: str | None, splits: tuple[bool, ...]) -> None:
+    """A --data-root must hold the data set itself: the library would quietly search other folders after it."""
+    if data_root is None or spec.startswith("folder:"):
+        return
+    root = Path(data_root)
+    if spec == "fashion_mnist":
+        names = [name for train in splits for name in data.FASHION_MNIST_FILES[train]]
+        missing = [n for n in names if not (root / n).is_file() and not (root / f"{n}.gz").is_file()]
+        if missing:
+            raise _CliError(f"--data-root {data_root} does not hold Fashion-MNIST: {', '.join(missing)} missing; "
+                            f"the folder must hold {', '.join(names)} (each plain or .gz)")
+    elif spec == "cifar10" and not (root / "cifar-10-batches-py").is_dir():
+        raise _CliError(f"--data-root {data_root} does not hold CIFAR-10: expected the folder "
+                        f"{root / 'cifar-10-batches-py'} (cifar-10-python.tar.gz extracted there)")
+
+
 def _load_dataset(spec: str, data_root: str | None, img_size: int) -> tuple[Dataset, str, int]:
     """(data set of (float image in [0, 1], label), NORMALIZE key, number of classes)."""
+    _check_data_root(spec, data_root, (True,))
     try:
         if spec == "fashion_mnist":
             return data.FashionMNIST(root=data_root, train=True), "fashion_mnist", 10
@@ -543,8 +561,10 @@ def _pretrain(args: argparse.Namespace) -> int:
             history = train(method, dataset, config, batch_transform=views)
         except KeyboardInterrupt as err:
             raise _CliError(f"stopped ({err}); continue with the same command and --resume", code=130) from None
-        except (FloatingPointError, FileExistsError) as err:
+        except FloatingPointError as err:
             raise _CliError(str(err), code=1) from None
+        except (ValueError, FileExistsError, UnsafeCheckpointError) as err:  # this run's settings, data or --out
+            raise _CliError("; ".join([str(err), *getattr(err, "__notes__", [])])) from None
 
         if info.rank == 0:
             out = Path(args.out)
@@ -581,34 +601,38 @@ def _find_backbone(path: str) -> tuple[vit.ViT, dict[str, Any]]:
     p = Path(path)
     weights = p / "backbone.safetensors" if p.is_dir() else p
     shipped = weights.with_suffix(".json")
-    if weights.name != "backbone.safetensors" and shipped.is_file():
-        return load_pretrained(shipped)
-    card_path = weights.with_name("backbone.json")
-    if not weights.is_file() or not card_path.is_file():
+    card_path = shipped if weights.name != "backbone.safetensors" and shipped.is_file() \
+        else weights.with_name("backbone.json")
+    if card_path != shipped and (not weights.is_file() or not card_path.is_file()):
         raise _CliError(f"--checkpoint {path}: expected backbone.safetensors and backbone.json (written by "
-                        "'vitssl pretrain' when training ends), or a shipped NAME.safetensors with NAME.json", code=1)
-    card = json.loads(card_path.read_text())
-    backbone = vit.ViT(**card["architecture"])
-    backbone.load_state_dict(load_backbone(weights))
-    return backbone, card
+                        "'vitssl pretrain' when training ends), or a shipped NAME.safetensors with NAME.json")
+    try:
+        return load_pretrained(card_path)  # the card's "architecture" (or "model") and its weights
+    except (OSError, ValueError, TypeError) as err:  # missing weights, a corrupt file, a card without a model
+        raise _CliError(f"--checkpoint {path}: {err}") from None
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    backbone, card = _find_backbone(args.checkpoint)
-    seed_everything(args.seed)
     try:
         device = resolve_device(args.device)
     except ValueError as err:
         raise _CliError(str(err)) from None
+    backbone, card = _find_backbone(args.checkpoint)
+    seed_everything(args.seed)
     backbone.to(device).eval()
+    dataset = args.dataset or card.get("dataset", "fashion_mnist")
+    _check_data_root(dataset, args.data_root, (True, False))
+    # The feature the card was measured with, so the CLI and the shipped cards measure the same thing.
+    feature = args.feature or (card["feature"] if card.get("feature") in FEATURES else "cls")
     kwargs = {k: v for k, v in (("data_root", args.data_root), ("max_train", args.max_train),
                                 ("max_test", args.max_test)) if v is not None}
     try:
-        metrics = run_protocol(args.protocol, backbone, feature=card.get("feature", "cls"),
-                               normalize=card.get("normalize"),
-                               dataset=args.dataset or card.get("dataset", "fashion_mnist"), **kwargs)
+        metrics = run_protocol(args.protocol, backbone, feature=feature, normalize=card.get("normalize"),
+                               dataset=dataset, **kwargs)
     except ValueError as err:
         raise _CliError(str(err)) from None
+    except data.DatasetNotFoundError as err:  # not there and no download: the machine's, not the arguments'
+        raise _CliError(str(err), code=1) from None
     text = json.dumps(metrics, indent=2, default=float)
     if args.out:
         atomic_write_json(args.out, json.loads(text))
@@ -623,7 +647,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parse_args(argv)
         return _pretrain(args) if args.command == "pretrain" else _evaluate(args)
     except _CliError as err:
-        print(f"vitssl: error: {err}", file=sys.stderr)
+        text = str(err)
+        if err.code == 2:  # the promise: one line
+            text = " ".join(line.strip() for line in text.splitlines() if line.strip())
+        print(f"vitssl: error: {text}", file=sys.stderr)
         return err.code
 
 

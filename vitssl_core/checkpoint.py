@@ -385,7 +385,14 @@ def load_pretrained(path: str | os.PathLike) -> tuple[ViT, dict[str, Any]]:
     if not weights.is_file():
         raise FileNotFoundError(f"{card_path}: its weights {weights.name} are missing (the card describes a "
                                 "baseline without weights?)")
-    backbone = ViT(**model)
+    try:
+        backbone = ViT(**model)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{card_path}: its ViT keyword arguments {model} do not build a ViT ({err})") from err
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_backbone(weights).items()}
-    backbone.load_state_dict(state)
+    try:
+        backbone.load_state_dict(state)
+    except RuntimeError as err:  # torch lists every key; its first complaint says enough
+        first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+        raise ValueError(f"{weights} does not fit the ViT its card {card_path.name} describes: {first[:300]}") from err
     return backbone.eval(), card

@@ -139,13 +139,19 @@ def _prepare(x: Tensor, device: torch.device, normalize: dict | None) -> Tensor:
     if not isinstance(x, Tensor) or x.ndim not in (3, 4):
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"images must be a tensor (N, H, W) or (N, C, H, W), got {shape}")
+    if x.dtype != torch.uint8 and not x.is_floating_point():  # int64 or bool pixels would pass for [0, 1] floats
+        raise TypeError(f"images have dtype {x.dtype}; give uint8 pixels in [0, 255] or float pixels in [0, 1]")
     x = x.to(device).float().div_(255) if x.dtype == torch.uint8 else x.to(device, torch.float32)
     if x.ndim == 3:
         x = x.unsqueeze(1)  # (B, 1, H, W): one grey channel
     if normalize is not None:
-        mean = torch.as_tensor(normalize["mean"], dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        std = torch.as_tensor(normalize["std"], dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        x = (x - mean) / std
+        mean = torch.as_tensor(normalize["mean"], dtype=torch.float32, device=device).reshape(-1)
+        std = torch.as_tensor(normalize["std"], dtype=torch.float32, device=device).reshape(-1)
+        C = x.shape[1]
+        if mean.numel() not in (1, C) or std.numel() not in (1, C):
+            raise ValueError(f"normalize has {mean.numel()} mean and {std.numel()} std value(s) but the images have "
+                             f"{C} channel(s); give one value per channel ({C}) or one for all")
+        x = (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
     return x
 
 

@@ -390,6 +390,13 @@ class ViT(nn.Module):
             raise ValueError(f"x must have shape (B, C, H, W) with 4 dims, got {x.ndim} dims {tuple(x.shape)}")
         if x.shape[1] != self.in_chans:
             raise ValueError(f"x has {x.shape[1]} channels but the model was built with in_chans={self.in_chans}")
+        if not x.is_floating_point():
+            raise TypeError(f"x has dtype {x.dtype}; the model takes float images (uint8 pixels: x.float() / 255)")
+        weight = self.patch_embed.proj.weight
+        cast = torch.is_autocast_enabled(x.device.type) and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        if x.dtype != weight.dtype and not cast:  # else conv2d fails 14 frames deep
+            raise TypeError(f"x has dtype {x.dtype} but the model's weights are {weight.dtype}; convert the images "
+                            f"(x.to({weight.dtype})) or the model (model.to({x.dtype}))")
         H, W = x.shape[-2:]
         P = self.patch_size
         if self.dynamic_img_size:

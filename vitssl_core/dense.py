@@ -7,8 +7,9 @@ patch tokens are a (B, D, H/P, W/P) feature map, and dense tasks read that map:
   al., 2023): a 1x1 convolution classifies every patch token and the logits are bilinearly
   upsampled to pixels; ``decoder="light"`` puts two conv + 2x-upsample stages in between.
   Scored with the mean intersection over union (mIoU) of a confusion matrix.
-* ``DetectionHead`` is FCOS (Tian et al., 2019) on the single patch grid, which ViTDet (Li et
-  al., 2022) showed is enough for a plain ViT: every patch centre that lies inside a box predicts
+* ``DetectionHead`` is FCOS (Tian et al., 2019) on the patch grid alone, one scale for
+  simplicity (ViTDet, Li et al., 2022, builds a simple feature pyramid from a plain ViT's last
+  map instead): every patch centre that lies inside a box predicts
   that box's class (sigmoid focal loss, Lin et al., 2017), its distances (l, t, r, b) to the four
   sides (GIoU loss, Rezatofighi et al., 2019) and a centre-ness score; inference keeps confident
   locations and removes duplicates with class-wise NMS. Scored with COCO's mAP through

@@ -41,26 +41,30 @@ def make(vit_kw=None, **kw):
     return DINO(tiny_vit(**(vit_kw or {})), **{**args, **kw})
 
 
+def multi_crop(ds) -> MultiCrop:
+    """``ds`` as MultiCrop items: 2 global 28 px and 2 local 12 px crops, DINO's grey recipe."""
+    g1, g2, local = dino_augment(28, 12, grayscale=True, mean=MEAN, std=STD)
+    return MultiCrop(ds, g1, g2, local, n_local=2)
+
+
 @pytest.fixture(scope="module")
-def batch():
+def fmnist_test():
     try:
-        ds = data.FashionMNIST(train=False, download=False)
+        return data.FashionMNIST(train=False, download=False)
     except data.DatasetNotFoundError as err:  # pragma: no cover
         pytest.skip(f"Fashion-MNIST not available: {err}")
+
+
+@pytest.fixture(scope="module")
+def batch(fmnist_test):
     torch.manual_seed(0)
-    g1, g2, local = dino_augment(28, 12, grayscale=True, mean=MEAN, std=STD)
-    return next(iter(DataLoader(MultiCrop(ds, g1, g2, local, n_local=2), batch_size=16, shuffle=True)))
+    return next(iter(DataLoader(multi_crop(fmnist_test), batch_size=16, shuffle=True)))
 
 
 @pytest.fixture(scope="module")
-def crops_data():
-    """48 real Fashion-MNIST images as MultiCrop items (2 global 28 px, 2 local 12 px crops) for train()."""
-    try:
-        ds = data.FashionMNIST(train=False, download=False)
-    except data.DatasetNotFoundError as err:  # pragma: no cover
-        pytest.skip(f"Fashion-MNIST not available: {err}")
-    g1, g2, local = dino_augment(28, 12, grayscale=True, mean=MEAN, std=STD)
-    return MultiCrop(Subset(ds, range(48)), g1, g2, local, n_local=2)
+def crops_data(fmnist_test):
+    """48 real Fashion-MNIST images as MultiCrop items for train()."""
+    return multi_crop(Subset(fmnist_test, range(48)))
 
 
 def run_config(**kw):

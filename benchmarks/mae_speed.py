@@ -115,7 +115,7 @@ def scaling(a, device) -> None:
               f"{1e3 * med:7.1f} ms/step, {a.batch_size / med:8.1f} img/s, {med / base:.2f}x the 0.75 step time")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--img-size", type=int, default=28)
@@ -133,7 +133,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
     p.add_argument("--skip-bf16", action="store_true")
-    a = p.parse_args()
+    p.add_argument("--quick", action="store_true", help="tiny models, one round: a smoke test in seconds")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.embed_dim, a.depth, a.num_heads, a.dec_dim, a.dec_depth, a.dec_heads = 32, 1, 2, 32, 1, 2
+        a.batch_size, a.warmup, a.rounds = 4, 0, 1
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
@@ -142,7 +146,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, device {device}, "
           f"threads {torch.get_num_threads()}")
     ours, hf = build_ours(a, a.mask_ratio), build_hf(a, a.mask_ratio)
-    n = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)
+
+    def n(m):
+        return sum(p.numel() for p in m.parameters() if p.requires_grad)
+
     print(f"encoder D={a.embed_dim} depth={a.depth} heads={a.num_heads}, decoder D={a.dec_dim} "
           f"depth={a.dec_depth} heads={a.dec_heads}, {a.img_size}x{a.img_size}x{a.in_chans} patch {a.patch_size}, "
           f"batch {a.batch_size}, mask ratio {a.mask_ratio}; trainable params ours {n(ours):,} HF {n(hf):,}")

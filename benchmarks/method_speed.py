@@ -27,7 +27,7 @@ import statistics
 import time
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from vitssl_core import data, vit
 from vitssl_core.__main__ import METHODS, DataInfo, _dino_local_size
@@ -35,6 +35,14 @@ from vitssl_core.augment import MultiCrop, TwoViews, asymmetric_augment, dino_au
 from vitssl_core.train import param_groups
 
 PARTS = ("data", "views", "forward", "backward", "update")
+# --quick: a smoke test of every code path in seconds, not a measurement.
+QUICK_VIT = {"embed_dim": 32, "depth": 1, "num_heads": 2}
+QUICK_METHOD_ARGS = {
+    "simclr": {"hidden_dim": 32}, "mocov3": {"hidden_dim": 32},
+    "dino": {"out_dim": 64, "hidden_dim": 32, "n_local_crops": 2},
+    "mae": {"decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2},
+    "beit": {"vocab_size": 16, "tokenizer_images": 64},
+}
 
 
 def _per_image_dataset(name: str, base, info: DataInfo, method):
@@ -52,8 +60,10 @@ def time_method(name: str, base, info: DataInfo, args, per_image: bool = False, 
     """Median seconds of each part of a step, and images/s, for one method."""
     torch.manual_seed(0)
     entry = METHODS[name]
-    backbone = vit.vit_mini_28()
+    backbone = vit.vit_mini_28(**(QUICK_VIT if args.quick else {}))
     kwargs = {"num_classes": info.num_classes} if entry.num_classes else {}
+    if args.quick:
+        kwargs.update(QUICK_METHOD_ARGS.get(name, {}))
     if entry.needs_dataset:
         kwargs["dataset"] = base
     if entry.needs_steps:  # DINO's epoch-long schedules, for a run of 100 epochs
@@ -99,7 +109,7 @@ def time_method(name: str, base, info: DataInfo, args, per_image: bool = False, 
             "outside": (median["data"] + median["views"] + median["update"]) / step}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--batch-size", type=int, default=256)
@@ -109,10 +119,15 @@ def main() -> None:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--compare-per-image", action="store_true", help="also time the per-image view pipelines")
     parser.add_argument("--compile", action="store_true", help="also time the step under torch.compile")
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="a tiny ViT, small heads, one step: a smoke test")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batch_size, args.steps, args.warmup = 8, 1, 0
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     base = data.FashionMNIST(train=True)
+    if args.quick:
+        base = Subset(base, range(64))
     stats = data.NORMALIZE["fashion_mnist"]
     info = DataInfo("fashion_mnist", 28, 1, tuple(stats["mean"]), tuple(stats["std"]), 10)
     print(f"vit_mini_28, batch {args.batch_size}, {args.precision}, {torch.get_num_threads()} thread(s), "

@@ -42,14 +42,17 @@ def timed_step(method: Supervised, optimizer: torch.optim.Optimizer, batch, bf16
     return time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=32, help="batch of the timed steps")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per precision (after 1 untimed)")
     parser.add_argument("--curve-steps", type=int, default=30, help="steps of each loss curve")
     parser.add_argument("--curve-batch-size", type=int, default=16, help="batch of the loss curves")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="tiny batches, two steps each: a smoke test")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batch_size, args.steps, args.curve_steps, args.curve_batch_size = 4, 1, 2, 4
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"{args.threads} thread(s); precision='auto' here means {resolve_precision('auto', 'cpu')}", flush=True)
@@ -86,7 +89,7 @@ def main() -> None:
     init = Supervised(vit_tiny_28(), num_classes=10)
     curves = {}
     for precision in ("fp32", "bf16"):
-        config = TrainConfig(max_steps=args.curve_steps, batch_size=args.curve_batch_size, blr=1e-3, warmup_steps=3,
+        config = TrainConfig(max_steps=args.curve_steps, batch_size=args.curve_batch_size, blr=1e-3, warmup_steps=min(3, args.curve_steps // 2),
                              precision=precision, log_every=1, progress=False, seed=0)
         curves[precision] = [row["loss"] for row in train(copy.deepcopy(init), dataset, config)]
     rel = [abs(b - a) / abs(a) for a, b in zip(curves["fp32"], curves["bf16"])]

@@ -236,7 +236,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations per model first (default 1)")
     p.add_argument("--threads", type=_csv(_positive_int), default=[1],
                    help="comma-separated torch thread counts to try, e.g. 1,2 (default 1)")
+    p.add_argument("--quick", action="store_true",
+                   help="vit_tiny_28 only, fp32, batch 4, one timed iteration: a smoke test in seconds")
     args = p.parse_args(argv)
+    if args.quick:
+        args.configs, args.precisions, args.batch, args.iters, args.warmup = ["vit_tiny_28"], ["fp32"], 4, 1, 0
     if args.warmup < 0:
         p.error(f"--warmup={args.warmup} must be >= 0")
     return args

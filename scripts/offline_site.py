@@ -134,3 +134,49 @@ def setup(app: Sphinx) -> dict:
     # After every other handler has added its scripts (default priority 500).
     app.connect("html-page-context", _drop_duplicate_scripts, priority=900)
     return {"version": "1.0", "parallel_read_safe": True, "parallel_write_safe": True}
+
+
+def quick_check() -> list[str]:
+    """Build a one-page site with a diagram in a temporary folder; return what is wrong with it (nothing: [])."""
+    import sys
+    import tempfile
+
+    from sphinx.application import Sphinx
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # as _config.yml's local_extensions does
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp, "src"), Path(tmp, "html")
+        (src / "_static" / "mermaid").mkdir(parents=True)
+        (src / "_static" / MERMAID_JS).write_text("/* stands in for the file fetch_static.sh copies */\n")
+        (src / "_static" / "mathjax.js").write_text("/* likewise */\n")
+        (src / "conf.py").write_text("extensions = ['offline_site']\nhtml_static_path = ['_static']\n"
+                                     "mathjax_path = 'mathjax.js'\n")
+        (src / "index.rst").write_text("Quick\n=====\n\n.. mermaid::\n\n   graph LR\n     a --> b\n\n"
+                                       "Maths: :math:`x^2`.\n\n.. toctree::\n\n   plain\n")
+        (src / "plain.rst").write_text("Plain\n=====\n\nText only.\n")
+        app = Sphinx(str(src), str(src), str(out), str(Path(tmp, "doctrees")), "html", status=None,
+                     warningiserror=True)
+        app.build()
+        page, plain = (out / "index.html").read_text(), (out / "plain.html").read_text()
+    problems = []
+    if f'src="_static/{MERMAID_JS}' not in page or "DOMContentLoaded" not in page:
+        problems.append("the page with a diagram does not load mermaid.min.js and its drawing script")
+    if 'type="module"' in page:
+        problems.append("sphinxcontrib-mermaid's ES-module import is still on the page")
+    if MERMAID_JS in plain:
+        problems.append("a page without a diagram loads Mermaid")
+    if page.count("const THEBE_JS_URL") > 1:
+        problems.append("an inline script appears twice")
+    return problems
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Smoke test of this Sphinx extension (the book loads it itself).")
+    parser.add_argument("--quick", action="store_true", required=True,
+                        help="build a one-page site in a temporary folder and check its scripts")
+    parser.parse_args()
+    found = quick_check()
+    print("\n".join(found) or "offline_site: a one-page site builds and loads Mermaid without ES modules")
+    raise SystemExit(1 if found else 0)

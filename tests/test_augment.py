@@ -13,11 +13,8 @@ MEAN, STD = data.NORMALIZE["fashion_mnist"]["mean"], data.NORMALIZE["fashion_mni
 
 
 @pytest.fixture(scope="module")
-def fmnist():
-    try:
-        return data.FashionMNIST(train=False, download=False)
-    except data.DatasetNotFoundError as err:  # pragma: no cover - the book's machines have the data
-        pytest.skip(f"Fashion-MNIST not available: {err}")
+def fmnist(needs_fashion_mnist):
+    return data.FashionMNIST(train=False, download=False)
 
 
 class Repeat(Dataset):

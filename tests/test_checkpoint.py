@@ -243,7 +243,7 @@ RESUME_METHODS = {  # method -> --method-arg pairs that keep its heads tiny
 
 
 @pytest.mark.parametrize("method", list(RESUME_METHODS))
-def test_sigkill_then_resume_gives_bit_identical_weights(method, tmp_path, capsys):
+def test_sigkill_then_resume_gives_bit_identical_weights(method, tmp_path, capsys, needs_fashion_mnist):
     """2k steps straight == k steps, SIGKILL after step k + 1, --resume for the rest (CPU, fp32, num_workers 0).
 
     A real `vitssl pretrain`: the method's own data recipe or batch views, drop-path, warm-up,

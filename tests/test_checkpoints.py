@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from vitssl_core import ViT, load_pretrained
-from vitssl_core.data import DatasetNotFoundError, load_fashion_mnist_tensors
+from vitssl_core.data import load_fashion_mnist_tensors
 from vitssl_core.evaluate import (FEATURES, correct_from_hex, extract_features, knn_accuracy, linear_probe,
                                   pixel_features)
 from vitssl_core.mae import DECODER_NAMES, MAE
@@ -57,9 +57,9 @@ def test_card_is_complete(path):
         assert key in card, f"{path.name} lacks {key!r}"
     assert card["name"] == path.stem
     assert set(card["metrics"]) == set(METRICS)
-    for key, value in card["metrics"].items():
-        assert value is None or 0 < value <= 100, (key, value)
-    for key, bits in card.get("correct", {}).items():  # per-image record of each metric, for paired tests
+    # Each number with a per-image record (for paired tests) must be that record's share of right
+    # answers; kNN is also measured again from the weights below (test_knn_accuracy_matches_card).
+    for key, bits in card.get("correct", {}).items():
         hits = correct_from_hex(bits, 10_000)
         assert abs(100 * hits.float().mean().item() - card["metrics"][key]) < 0.006, (path.name, key)
     if card["weights"] is None:
@@ -108,13 +108,8 @@ def test_mae_decoder_ships_with_official_key_names():
 
 
 @pytest.fixture(scope="module")
-def fashion_mnist():
-    try:
-        return load_fashion_mnist_tensors(train=True), load_fashion_mnist_tensors(train=False)
-    except DatasetNotFoundError:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+def fashion_mnist(needs_fashion_mnist):
+    return load_fashion_mnist_tensors(train=True, download=False), load_fashion_mnist_tensors(train=False, download=False)
 
 
 @pytest.fixture

@@ -13,7 +13,9 @@ import yaml
 
 from vitssl_core import ViT
 from vitssl_core import __main__ as cli
-from vitssl_core.checkpoint import load_backbone, load_checkpoint, save_backbone
+from vitssl_core.checkpoint import load_backbone, load_checkpoint, load_pretrained, save_backbone
+from vitssl_core.data import load_fashion_mnist_tensors
+from vitssl_core.evaluate import FEATURES, extract_features, knn_accuracy, run_protocol
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_ARGS = ["--model-arg", "depth=2", "--model-arg", "embed_dim=32", "--model-arg", "num_heads=2",
@@ -26,7 +28,7 @@ def smoke(out, *extra):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, needs_fashion_mnist):
     """One CLI pre-training run of 4 steps, shared by the tests that read its outputs."""
     out = tmp_path_factory.mktemp("cli") / "run"
     threads = torch.get_num_threads()
@@ -134,7 +136,7 @@ def broken(tmp_path_factory):
 
 
 @pytest.mark.parametrize("argv, message", BATTERY, ids=[" ".join(w for w in a if w not in pre()) for a, _ in BATTERY])
-def test_every_bad_input_exits_2_with_one_line(argv, message, broken, capsys, monkeypatch):
+def test_every_bad_input_exits_2_with_one_line(argv, message, broken, capsys, monkeypatch, needs_fashion_mnist):
     """The promise of the module docstring: exit status 2, one line on stderr, no traceback."""
     monkeypatch.chdir(broken)
     fill = lambda text: text.format(tmp=broken, repo=REPO)  # noqa: E731
@@ -150,7 +152,7 @@ def test_resuming_another_methods_run_is_one_line(trained, capsys):
     assert err.count("\n") == 1 and "does not fit this SimMIM" in err and "missing (" in err, err
 
 
-def test_the_console_entry_point_keeps_the_contract(tmp_path):
+def test_the_console_entry_point_keeps_the_contract(tmp_path, needs_fashion_mnist):
     """`python -m vitssl_core`: a mistake found only once training runs is still one line and status 2."""
     done = subprocess.run([sys.executable, "-m", "vitssl_core", *pre("--method", "simclr", "--batch-size", "1",
                                                                      "--subset", "8")],
@@ -254,7 +256,11 @@ def test_evaluate_knn_end_to_end_on_real_data(trained, capsys):
                      "--max-test", "200", "--device", "cpu"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["n_train"] == 500 and metrics["n_test"] == 200
-    assert 10.0 < metrics["top1"] <= 100.0  # well above chance even for a 4-step backbone on real images
+    # The reference: the library's protocol on the same backbone, feature and normalisation
+    backbone, card = load_pretrained(trained / "backbone.json")
+    same = run_protocol("knn", backbone, feature=metrics["feature"], normalize=card["normalize"],
+                        dataset="fashion_mnist", max_train=500, max_test=200)
+    assert metrics["top1"] == pytest.approx(same["top1"])
 
 
 def test_evaluate_reads_a_shipped_checkpoint_and_its_feature(tmp_path, monkeypatch, capsys):
@@ -276,13 +282,40 @@ def test_evaluate_reads_a_shipped_checkpoint_and_its_feature(tmp_path, monkeypat
 def test_evaluate_reads_with_the_cards_feature_unless_told_otherwise(trained, tmp_path, monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(cli, "run_protocol", lambda protocol, bb, **kw: calls.append(kw["feature"]) or {"top1": 1.0})
-    assert cli.main(["evaluate", "--checkpoint", str(trained), "--device", "cpu"]) == 0  # no feature recorded: cls
     card = json.loads((trained / "backbone.json").read_text())
-    (tmp_path / "backbone.json").write_text(json.dumps({**card, "feature": "avg"}))  # a run that recorded one
+    assert cli.main(["evaluate", "--checkpoint", str(trained), "--device", "cpu"]) == 0  # the one pretrain chose
+    other = next(f for f in FEATURES if f != card["feature"])
+    (tmp_path / "backbone.json").write_text(json.dumps({**card, "feature": other}))
     (tmp_path / "backbone.safetensors").write_bytes((trained / "backbone.safetensors").read_bytes())
     assert cli.main(["evaluate", "--checkpoint", str(tmp_path), "--device", "cpu"]) == 0
     assert cli.main(["evaluate", "--checkpoint", str(tmp_path), "--device", "cpu", "--feature", "cls+avg"]) == 0
-    assert calls == ["cls", "avg", "cls+avg"]
+    (tmp_path / "backbone.json").write_text(json.dumps({k: v for k, v in card.items() if k != "feature"}))
+    assert cli.main(["evaluate", "--checkpoint", str(tmp_path), "--device", "cpu"]) == 0  # none recorded: cls
+    assert calls == [card["feature"], other, "cls+avg", "cls"]
+
+
+def test_pretrain_chooses_the_feature_by_knn_on_held_out_training_images(trained):
+    card = json.loads((trained / "backbone.json").read_text())
+    choice = card["feature_choice"]
+    assert choice["held_out"] == "the last 25 of the 128 training images"  # a fifth of --subset 128
+    # Recompute by hand: each feature extracted on its own, kNN of the last 25 training images
+    # against the first 103 (the test split plays no part), the best one recorded.
+    backbone = ViT(**card["architecture"])
+    backbone.load_state_dict(load_backbone(trained / "backbone.safetensors"))
+    images, labels = load_fashion_mnist_tensors(train=True)
+    images, labels = images[:128], labels[:128]
+    expected = {}
+    for feature in FEATURES:
+        f = extract_features(backbone, images, feature, normalize=card["normalize"], precision="fp32")
+        expected[feature] = knn_accuracy(f[:103], labels[:103], f[103:], labels[103:], k=20, temperature=0.07)
+    assert choice["top1"] == pytest.approx(expected, abs=1e-9)
+    assert card["feature"] == max(expected, key=expected.get)
+
+
+def test_pretrain_feature_validation_0_records_no_feature(tmp_path, needs_fashion_mnist, capsys):
+    assert cli.main(smoke(tmp_path / "run", "--feature-validation", "0")) == 0
+    card = json.loads((tmp_path / "run" / "backbone.json").read_text())
+    assert "feature" not in card and "feature_choice" not in card
 
 
 def test_evaluate_unknown_protocol_is_one_line(trained, capsys):
@@ -301,7 +334,7 @@ def test_evaluate_unknown_protocol_is_one_line(trained, capsys):
     ("simmim", []),
     ("beit", ["--method-arg", "vocab_size=16", "--method-arg", "tokenizer_images=64"]),
 ])
-def test_every_method_pretrains_from_the_cli(method, extra, tmp_path, capsys):
+def test_every_method_pretrains_from_the_cli(method, extra, tmp_path, capsys, needs_fashion_mnist):
     out = tmp_path / method
     argv = ["pretrain", "--method", method, "--steps", "3", "--subset", "64", "--batch-size", "16",
             "--log-every", "1", "--no-progress", "--precision", "fp32", "--out", str(out),

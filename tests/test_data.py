@@ -1,7 +1,5 @@
 """Tests for vitssl_core.data: the IDX reader, Fashion-MNIST search and loading, constants."""
 
-import os
-
 import gzip
 import struct
 
@@ -210,35 +208,26 @@ def test_image_folder_gives_float_tensors(tmp_path):
 # --- the real Fashion-MNIST -------------------------------------------------------------
 
 
-def _real_folder():
-    for folder in data.fashion_mnist_dirs():
-        if data._find_split(folder, True) and data._find_split(folder, False):
-            return folder
-    return None
-
-
-REAL = _real_folder()
-# In CI (CI=true) the data is installed by .ci/run, so a missing data set fails instead of skipping.
-needs_real = pytest.mark.skipif(
-    REAL is None and not os.environ.get("CI"), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)"
-)
+@pytest.fixture(scope="module")
+def real(needs_fashion_mnist):
+    """The folder that holds the real Fashion-MNIST (conftest's rule: skip locally, fail in CI)."""
+    return needs_fashion_mnist
 
 
 @pytest.fixture(scope="module")
-def train_set():
-    return data.FashionMNIST(root=REAL, train=True, download=False)
+def train_set(real):
+    return data.FashionMNIST(root=real, train=True, download=False)
 
 
 @pytest.fixture(scope="module")
-def test_set():
-    return data.FashionMNIST(root=REAL, train=False, download=False)
+def test_set(real):
+    return data.FashionMNIST(root=real, train=False, download=False)
 
 
-@needs_real
-def test_real_train_and_test_sets(train_set, test_set):
+def test_real_train_and_test_sets(train_set, test_set, real):
     assert len(train_set) == 60000 and len(test_set) == 10000
     assert train_set.data.shape == (60000, 28, 28) and train_set.data.dtype == torch.uint8
-    assert train_set.root == REAL
+    assert train_set.root == real
     image, label = train_set[0]
     assert image.shape == (1, 28, 28) and image.dtype == torch.float32
     assert 0.0 <= image.min() and image.max() <= 1.0 and image.max() > 0.5
@@ -248,11 +237,10 @@ def test_real_train_and_test_sets(train_set, test_set):
     assert torch.bincount(test_set.targets).tolist() == [1000] * 10
 
 
-@needs_real
-def test_real_via_env_and_default_search(monkeypatch):
-    monkeypatch.setenv("VITSSL_DATA", str(REAL))
+def test_real_via_env_and_default_search(monkeypatch, real):
+    monkeypatch.setenv("VITSSL_DATA", str(real))
     ds = data.FashionMNIST(train=False, download=False)
-    assert ds.root == REAL and len(ds) == 10000
+    assert ds.root == real and len(ds) == 10000
     monkeypatch.delenv("VITSSL_DATA")
     images, labels = data.load_fashion_mnist_tensors(train=False)
     assert images.shape == (10000, 28, 28) and images.dtype == torch.uint8
@@ -260,30 +248,28 @@ def test_real_via_env_and_default_search(monkeypatch):
     torch.testing.assert_close(images, ds.data)
 
 
-@needs_real
-def test_real_transform_is_applied_per_sample(train_set):
+def test_real_transform_is_applied_per_sample(train_set, real):
     calls = []
 
     def flip(x):
         calls.append(x.shape)
         return x.flip(-1)
 
-    ds = data.FashionMNIST(root=REAL, train=False, transform=flip, download=False)
-    plain = data.FashionMNIST(root=REAL, train=False, download=False)
+    ds = data.FashionMNIST(root=real, train=False, transform=flip, download=False)
+    plain = data.FashionMNIST(root=real, train=False, download=False)
     for i in (0, 5):
         image, label = ds[i]
         torch.testing.assert_close(image, plain[i][0].flip(-1))
         assert label == plain[i][1]
     assert calls == [(1, 28, 28), (1, 28, 28)]
     normalized, _ = data.FashionMNIST(
-        root=REAL, train=False, transform=data.normalize("fashion_mnist"), download=False
+        root=real, train=False, transform=data.normalize("fashion_mnist"), download=False
     )[0]
     torch.testing.assert_close(
         normalized, (plain[0][0] - data.FASHION_MNIST_MEAN[0]) / data.FASHION_MNIST_STD[0]
     )
 
 
-@needs_real
 def test_real_mean_std_match_constants(train_set):
     pixels = train_set.data.double() / 255
     assert abs(pixels.mean().item() - data.FASHION_MNIST_MEAN[0]) < 1e-3

@@ -2,9 +2,11 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from sklearn.metrics import jaccard_score
+from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 from vitssl_core import dense
 from vitssl_core.dense import (
@@ -33,7 +35,7 @@ def tiny_vit(**overrides):
 
 
 @pytest.fixture(scope="module")
-def scenes():
+def scenes(needs_fashion_mnist):
     return FashionScenes("train", num_scenes=16, seed=0)
 
 
@@ -99,13 +101,19 @@ def test_detection_loss_gives_every_parameter_a_gradient(batch):
 
 @pytest.mark.parametrize("head_cls", [SegmentationHead, DetectionHead])
 def test_resolution_mismatch_raises_with_advice(head_cls, batch):
-    head = head_cls(tiny_vit(img_size=32), num_classes=11)
+    head = head_cls(tiny_vit(img_size=32), num_classes=11).eval()
+    dynamic = head_cls(tiny_vit(img_size=32, dynamic_img_size=True), num_classes=11).eval()
+    dynamic.load_state_dict(head.state_dict())  # the same weights, 32 px positions
     with pytest.raises(ValueError, match=r"set_img_size\(64\).*dynamic_img_size=True"):
         head(batch[0])
-    head.backbone.set_img_size(64)  # the suggested fix works
-    assert head(batch[0]) is not None
-    dynamic = head_cls(tiny_vit(img_size=32, dynamic_img_size=True), num_classes=11)
-    assert dynamic(batch[0]) is not None
+    head.backbone.set_img_size(64)  # the suggested fix works, and both fixes agree
+    with torch.no_grad():
+        fixed, resized = head(batch[0]), dynamic(batch[0])
+    if head_cls is SegmentationHead:
+        assert fixed.shape == (8, 11, 64, 64)
+    else:  # one prediction per patch of the 8 x 8 grid, for the 10 foreground classes
+        assert fixed["cls_logits"].shape == (8, 64, 10) and fixed["ltrb"].shape == (8, 64, 4)
+    torch.testing.assert_close(fixed, resized)
 
 
 def test_bad_head_arguments_raise():
@@ -278,10 +286,21 @@ def test_train_dense_segmentation_history_and_evaluation(scenes):
     history = train_dense(head, scenes, epochs=3, lr=3e-3, batch_size=8, task="segmentation", seed=0)
     assert len(history["loss"]) == len(history["lr"]) == 6 and len(history["epoch_loss"]) == 3
     assert history["epoch_loss"][-1] < history["epoch_loss"][0]
-    result = evaluate_segmentation(head, scenes, batch_size=8)
+    result = evaluate_segmentation(head, scenes, batch_size=5)  # batches of 5, 5, 5 and 1
     assert set(result) == {"miou", "miou_foreground", "pixel_accuracy", "per_class_iou"}
-    assert 0.0 <= result["miou"] <= 1.0 and 0.5 < result["pixel_accuracy"] <= 1.0
     assert head.training  # evaluation restores the mode
+    # The reference: every image predicted alone, all pixels of the data set pooled by torchmetrics.
+    head.eval()
+    preds = torch.cat([head.predict(scenes[i][0][None]) for i in range(len(scenes))])  # (16, H, W)
+    head.train()
+    truth = semantic_targets([scenes[i][1] for i in range(len(scenes))], preds.shape[-2:])
+    iou = MulticlassJaccardIndex(11, average="none", ignore_index=dense.IGNORE_INDEX,
+                                 zero_division=float("nan"))(preds, truth).double()
+    torch.testing.assert_close(torch.tensor(result["per_class_iou"], dtype=torch.float64), iou, equal_nan=True)
+    assert result["miou"] == pytest.approx(float(iou.nanmean()))
+    assert result["miou_foreground"] == pytest.approx(float(iou[1:].nanmean()))
+    accuracy = MulticlassAccuracy(11, average="micro", ignore_index=dense.IGNORE_INDEX)(preds, truth)
+    assert result["pixel_accuracy"] == pytest.approx(float(accuracy))
 
 
 def test_train_dense_detection_with_frozen_backbone_and_bf16(scenes):
@@ -290,8 +309,93 @@ def test_train_dense_detection_with_frozen_backbone_and_bf16(scenes):
     history = train_dense(head, scenes, epochs=1, lr=1e-3, batch_size=8, task="detection", amp=True)
     assert len(history["loss"]) == 2 and all(math.isfinite(x) for x in history["loss"])
     assert all(torch.equal(v, head.backbone.state_dict()[k]) for k, v in before.items())
-    result = evaluate_detection(head, scenes, batch_size=8)
-    assert set(result) == {"map_50", "map"} and 0.0 <= result["map"] <= result["map_50"] <= 1.0
+    result = evaluate_detection(head, scenes, batch_size=5)  # batches of 5, 5, 5 and 1
+    assert set(result) == {"map_50", "map"}
+    # The reference: every image predicted alone, one COCO evaluation over the 16 images.
+    head.eval()
+    alone = [head.predict(scenes[i][0][None])[0] for i in range(len(scenes))]
+    truths = [{"boxes": scenes[i][1]["boxes"], "labels": scenes[i][1]["labels"]} for i in range(len(scenes))]
+    assert result == pytest.approx(detection_map(alone, truths), abs=1e-6)
+
+
+# --------------------------------------------------------------------------- data-set-level metrics by hand
+def _lookup(scenes):
+    """Image pixels -> scene index, so a stand-in head can answer with that scene's own truth."""
+    return {scenes[i][0].numpy().tobytes(): i for i in range(len(scenes))}
+
+
+class OracleSegmentation(SegmentationHead):
+    """Predicts the true class map for the scenes in ``known`` and all background for the others."""
+
+    def __init__(self, scenes, known):
+        super().__init__(tiny_vit(), num_classes=11)
+        self.scenes, self.known, self.index = scenes, set(known), _lookup(scenes)
+
+    def predict(self, images):
+        maps = []
+        for image in images:
+            i = self.index[image.numpy().tobytes()]
+            truth = semantic_targets([self.scenes[i][1]])[0]
+            maps.append(truth if i in self.known else torch.zeros_like(truth))
+        return torch.stack(maps)
+
+
+class OracleDetection(DetectionHead):
+    """Predicts the true boxes (score 1) for the scenes in ``known`` and nothing for the others."""
+
+    def __init__(self, scenes, known):
+        super().__init__(tiny_vit(), num_classes=11)
+        self.scenes, self.known, self.index = scenes, set(known), _lookup(scenes)
+
+    def predict(self, images, score_thresh=0.05, nms_iou=0.5, max_det=100):
+        out = []
+        for image in images:
+            i = self.index[image.numpy().tobytes()]
+            boxes, labels = self.scenes[i][1]["boxes"], self.scenes[i][1]["labels"]
+            keep = slice(None) if i in self.known else slice(0)
+            out.append({"boxes": boxes[keep], "scores": torch.ones(len(labels))[keep], "labels": labels[keep]})
+        return out
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_evaluate_segmentation_pools_pixels_over_every_batch(scenes, batch_size):
+    n = len(scenes)
+    truth = semantic_targets([scenes[i][1] for i in range(n)])  # (16, H, W)
+    assert evaluate_segmentation(OracleSegmentation(scenes, range(n)), scenes, batch_size)["miou"] == 1.0
+    # Right on the even scenes, all background on the odd ones. By hand, per class c >= 1:
+    # IoU = (its pixels in even scenes) / (its pixels anywhere); background: every background pixel
+    # is right, and the odd scenes' foreground pixels are wrongly background too.
+    even, odd = truth[0::2], truth[1::2]
+    counts = lambda maps: torch.bincount(maps.reshape(-1), minlength=11).double()  # noqa: E731
+    iou = counts(even) / counts(truth)
+    iou[0] = counts(truth)[0] / (counts(truth)[0] + counts(odd)[1:].sum())
+    iou[counts(truth) == 0] = float("nan")
+    result = evaluate_segmentation(OracleSegmentation(scenes, range(0, n, 2)), scenes, batch_size)
+    torch.testing.assert_close(torch.tensor(result["per_class_iou"], dtype=torch.float64), iou, equal_nan=True)
+    assert result["miou"] == pytest.approx(float(iou.nanmean()))
+    assert result["miou_foreground"] == pytest.approx(float(iou[1:].nanmean()))
+    right = counts(truth)[0] + counts(even)[1:].sum()
+    assert result["pixel_accuracy"] == pytest.approx(float(right / truth.numel()))
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_evaluate_detection_pools_images_over_every_batch(scenes, batch_size):
+    n = len(scenes)
+    assert evaluate_detection(OracleDetection(scenes, range(n)), scenes, batch_size) == {"map_50": 1.0, "map": 1.0}
+    # Exact boxes on the even scenes, none on the odd ones. By hand, class c is found with
+    # precision 1 up to recall r_c = (its boxes in even scenes) / (its boxes), and never after:
+    # COCO's AP is the share of its 101 recall thresholds t = 0, 0.01, ..., 1 with t <= r_c (0 for
+    # a class never detected). torchmetrics hands pycocotools the thresholds in float32, so
+    # t = 0.6 is 0.6000000238 and a recall of 3/5 falls short of it. Exact boxes have IoU 1, so
+    # every IoU threshold gives the same AP.
+    labels = [scenes[i][1]["labels"] for i in range(n)]
+    total = torch.bincount(torch.cat(labels), minlength=11).numpy()
+    found = torch.bincount(torch.cat(labels[0::2]), minlength=11).numpy()
+    thresholds = torch.linspace(0.0, 1.0, 101).double().numpy()  # float32 values, as torchmetrics gives them
+    ap = [(thresholds <= found[c] / total[c]).mean() if found[c] else 0.0 for c in range(11) if total[c] > 0]
+    assert 0 < found.sum() < total.sum()  # not a trivial case: part of the recall is lost
+    result = evaluate_detection(OracleDetection(scenes, range(0, n, 2)), scenes, batch_size)
+    assert result == pytest.approx({"map_50": float(np.mean(ap)), "map": float(np.mean(ap))}, abs=1e-6)
 
 
 def test_train_dense_checks_task_and_resolution_before_training(scenes):

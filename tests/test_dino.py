@@ -48,11 +48,8 @@ def multi_crop(ds) -> MultiCrop:
 
 
 @pytest.fixture(scope="module")
-def fmnist_test():
-    try:
-        return data.FashionMNIST(train=False, download=False)
-    except data.DatasetNotFoundError as err:  # pragma: no cover
-        pytest.skip(f"Fashion-MNIST not available: {err}")
+def fmnist_test(needs_fashion_mnist):
+    return data.FashionMNIST(train=False, download=False)
 
 
 @pytest.fixture(scope="module")
@@ -467,7 +464,7 @@ def test_cli_dino_sizes_dinos_epoch_schedules_to_the_run():
     assert own.freeze_last_layer_steps == 7  # --method-arg still wins
 
 
-def test_cli_pretrain_ships_the_teacher(tmp_path, capsys):
+def test_cli_pretrain_ships_the_teacher(tmp_path, capsys, needs_fashion_mnist):
     out = tmp_path / "dino"
     argv = ["pretrain", "--method", "dino", "--steps", "3", "--subset", "64", "--batch-size", "16",
             "--log-every", "1", "--no-progress", "--precision", "fp32", "--device", "cpu", "--out", str(out),

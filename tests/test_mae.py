@@ -21,7 +21,7 @@ def tiny_mae(**kw):
 
 
 @pytest.fixture(scope="module")
-def fmnist():
+def fmnist(needs_fashion_mnist):
     """16 real Fashion-MNIST test images, normalised like the training data: (16, 1, 28, 28)."""
     images, _ = load_fashion_mnist_tensors(train=False)
     x = images[:16].float().div(255).unsqueeze(1)

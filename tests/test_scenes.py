@@ -11,12 +11,12 @@ from vitssl_core.scenes import FashionScenes, collate_detection, scene_class_nam
 
 
 @pytest.fixture(scope="module")
-def train_scenes():
+def train_scenes(needs_fashion_mnist):
     return FashionScenes("train", num_scenes=60, seed=0)
 
 
 @pytest.fixture(scope="module")
-def test_scenes():
+def test_scenes(needs_fashion_mnist):
     return FashionScenes("test", num_scenes=30, seed=0)
 
 
@@ -175,7 +175,7 @@ def test_bad_arguments_raise(kwargs, match):
         FashionScenes(**kwargs)
 
 
-def test_impossible_scene_raises_a_clear_error():
+def test_impossible_scene_raises_a_clear_error(needs_fashion_mnist):
     crowded = FashionScenes("train", num_scenes=1, canvas=34, min_items=4, max_items=4, max_overlap=0.0)
     with pytest.raises(RuntimeError, match="min_items=4"):
         crowded[0]

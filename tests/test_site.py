@@ -14,7 +14,11 @@ For each page we check that
 - every ``<img>`` loaded (``naturalWidth > 0``);
 - no JavaScript error was thrown;
 - every link to a page of the site points to a file that exists, and its ``#anchor`` to an id
-  in that file.
+  in that file;
+- no page shows raw Markdown table syntax (a ``| --- |`` rule in the prose, the mark of a table
+  that went through a CommonMark renderer) or a stray repr in a cell's output, such as
+  ``(None, None)`` or ``<Figure size 640x480 with 1 Axes>`` (``rendering_problems``, which reads
+  the HTML on disk and is unit-tested below on HTML strings).
 
 Pages opened from ``file://`` (a reader double-clicking ``index.html``) must work too: the
 front page's maths and the diagrams are checked that way as well. A screenshot of the front
@@ -27,6 +31,7 @@ Skips when the site, selenium, /usr/bin/chromium or /usr/bin/chromedriver is mis
 from __future__ import annotations
 
 import functools
+import html
 import http.server
 import json
 import os
@@ -141,6 +146,87 @@ def _parse(path: Path) -> _AssetParser:
 def _is_external(url: str) -> bool:
     """True for a URL that names a host (http(s)://host/..., //host/...)."""
     return bool(urlsplit(url).netloc)
+
+
+# ------------------------------------------------------------------------------------------
+# What a page shows: raw Markdown tables and stray reprs
+
+# A table rule such as "| --- | ---: |" or "|:---|---|": at least two cells of three dashes.
+_RAW_TABLE = re.compile(r"\|\s*:?-{3,}:?\s*\|(?:\s*:?-{3,}:?\s*\|?)*")
+# A whole output block that is only the repr of what a cell's last line returned.
+_STRAY_REPR = re.compile(
+    r"\((?:None,\s*)*None,?\)"                                 # (None, None), (None,)
+    r"|\[(?:None,\s*)*None\]"                                  # [None, None]
+    r"|None"
+    r"|\[?<(?:Figure|Axes|matplotlib\.)[^>]*>(?:,\s*<[^>]*>)*\]?"  # <Figure size 640x480 with 1 Axes>,
+    #                                                          [<matplotlib.lines.Line2D at 0x7f...>]
+    r"|(?:Text|Line2D)\(.*\)"                                    # Text(0.5, 1.0, 'title')
+)
+_VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param",
+         "source", "track", "wbr"}
+
+
+class _TextParser(HTMLParser):
+    """The prose a reader sees (outside code, scripts and maths) and every cell output's text."""
+
+    HIDDEN = {"pre", "code", "script", "style", "textarea", "mjx-container"}
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.stack: list[tuple[str, bool, bool]] = []   # (tag, hides text, is a cell output)
+        self.prose: list[str] = []
+        self.outputs: list[list[str]] = []              # one list of text pieces per output block
+
+    def _hidden(self) -> bool:
+        return any(h for _, h, _ in self.stack)
+
+    def _in_output(self) -> bool:
+        return any(o for _, _, o in self.stack)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in _VOID:
+            return
+        classes = (dict(attrs).get("class") or "").split()
+        hides = tag in self.HIDDEN or "math" in classes
+        is_output = "cell_output" in classes
+        if is_output and not self._in_output():
+            self.outputs.append([])
+        self.stack.append((tag, hides, is_output))
+
+    def handle_endtag(self, tag: str) -> None:
+        for i in range(len(self.stack) - 1, -1, -1):   # tolerate unclosed inner tags
+            if self.stack[i][0] == tag:
+                del self.stack[i:]
+                break
+
+    def handle_data(self, data: str) -> None:
+        if self._in_output():
+            self.outputs[-1].append(data)
+        if not self._hidden():
+            self.prose.append(data)
+
+
+def rendering_problems(page_html: str) -> list[str]:
+    """What a reader should not see on a page: raw Markdown tables in the prose, stray reprs.
+
+    ``page_html`` is one page's HTML. A raw table is a ``| --- |`` rule outside code, maths and
+    scripts. A stray repr is an output block (a ``cell_output`` element) that holds one line such
+    as ``(None, None)`` or ``<Figure size 640x480 with 1 Axes>``.
+    """
+    if not isinstance(page_html, str):
+        raise TypeError(f"page_html must be a str, got {type(page_html).__name__}")
+    parser = _TextParser()
+    parser.feed(page_html)
+    parser.close()
+    problems = []
+    prose = "".join(parser.prose)
+    for m in _RAW_TABLE.finditer(prose):
+        problems.append(f"raw Markdown table: {prose[max(0, m.start() - 40):m.end() + 20]!r}")
+    for pieces in parser.outputs:
+        for line in "".join(pieces).splitlines():
+            if _STRAY_REPR.fullmatch(line.strip()):
+                problems.append(f"stray repr in an output: {line.strip()!r}")
+    return problems
 
 
 # ------------------------------------------------------------------------------------------
@@ -480,6 +566,60 @@ def test_pages_work_from_file_urls(browser):
         problems += [f"{page}: {m}" for m in errors if not any(a in m for a in CONSOLE_ALLOWED + BROWSER_OWN)]
     assert checked_math and checked_diagrams, "found no page with maths or diagrams to check"
     _fail_if(problems, "pages opened from file://")
+
+
+def test_no_raw_markdown_tables_or_stray_reprs():
+    """Generated tables render as tables, and no cell leaves a repr like (None, None) behind."""
+    if not (SITE / "index.html").is_file():
+        if STRICT:
+            pytest.fail(f"VITSSL_SITE_TEST=1 but {SITE / 'index.html'} not found", pytrace=False)
+        pytest.skip(f"{SITE / 'index.html'} not found: run jupyter-book build .")
+    problems = []
+    for page in site_pages():
+        problems += [f"{page}: {p}" for p in rendering_problems((SITE / page).read_text(encoding="utf-8"))]
+    _fail_if(problems, "pages that show raw Markdown or stray reprs")
+
+
+def _output(text: str) -> str:
+    """A cell output block as myst-nb writes it, with the text HTML-escaped."""
+    return f'<div class="cell_output docutils container"><div class="output text_plain"><pre>{html.escape(text)}</pre></div></div>'
+
+
+def test_rendering_problems_finds_a_raw_table():
+    raw = "<p>| method | kNN |\n| --- | ---: |\n| SimCLR | 81.2 |</p>"
+    assert len(rendering_problems(raw)) == 1
+    assert "raw Markdown table" in rendering_problems(raw)[0]
+    assert rendering_problems("<p>|:---|---|</p>")  # alignment colons, no spaces
+
+
+def test_rendering_problems_finds_stray_reprs():
+    for text in ("(None, None)", "(None,)", "[None, None, None]", "None",
+                 "<Figure size 640x480 with 1 Axes>", "Text(0.5, 1.0, 'accuracy')",
+                 "[<matplotlib.lines.Line2D at 0x7f3a2c1d0e50>]"):
+        problems = rendering_problems(_output(text))
+        assert len(problems) == 1 and "stray repr" in problems[0], (text, problems)
+    # a repr on its own line after printed text counts too
+    assert rendering_problems(_output("kNN 81.2 %\n(None, None)"))
+
+
+def test_rendering_problems_accepts_a_good_page():
+    good = (
+        "<table><thead><tr><th>method</th><th>kNN</th></tr></thead>"
+        "<tbody><tr><td>SimCLR</td><td>81.2</td></tr></tbody></table>"
+        # a table written inside code or maths is not a rendering problem
+        '<div class="cell_input"><pre>print("| --- | --- |")</pre></div>'
+        "<p>Use <code>| --- | --- |</code> to write a table.</p>"
+        '<div class="math notranslate">\\[ |x| - |y| \\]</div>'
+        # an output that prints a table rule, or mentions None inside a sentence, is fine
+        + _output("| --- | --- |\nbest k: None of the above\n(None, 3)")
+        + "<p>A head returns (None, None) when no mask is given.</p>"
+    )
+    assert rendering_problems(good) == []
+
+
+def test_rendering_problems_rejects_a_non_string():
+    with pytest.raises(TypeError, match="page_html must be a str"):
+        rendering_problems(b"<p>bytes</p>")
 
 
 def test_site_pages_excludes_static_files(tmp_path):

@@ -30,7 +30,7 @@ from vitssl_core.train import (
 
 
 @pytest.fixture(scope="module")
-def fmnist():
+def fmnist(needs_fashion_mnist):
     """The first 256 images of the real Fashion-MNIST test split: ((1, 28, 28) in [0, 1], label)."""
     return Subset(FashionMNIST(train=False), range(256))
 
@@ -62,7 +62,9 @@ def test_supervised_logits_loss_and_accuracy(fmnist):
     assert method(images).shape == (8, 10)
     loss, logs = method.training_step((images, labels))
     assert loss.ndim == 0 and abs(loss.item() - math.log(10)) < 0.5  # near-uniform at init
-    assert set(logs) == {"acc"} and 0.0 <= logs["acc"] <= 1.0
+    with torch.no_grad():
+        by_hand = (method(images).argmax(1) == labels).float().mean().item()
+    assert set(logs) == {"acc"} and logs["acc"] == pytest.approx(by_hand)
     loss.backward()
     assert all(p.grad is not None for p in method.parameters() if p.requires_grad)
 

@@ -4,10 +4,12 @@ The public API the book and users import, bottom-up (dependencies point down thi
 
 1. ``vit``: the backbone (timm parameter names), presets, positional embeddings.
 2. ``data`` (+ ``scenes``), ``augment`` (per image) and ``batch_augment`` (per batch, on the
-   training device), ``masking``, ``losses``, ``schedules``, ``distributed``: pure pieces.
+   training device), ``masking``, ``losses``, ``schedules``, ``distributed``, ``runtime``
+   (device, precision, seeding): pure pieces.
 3. Methods: ``contrastive`` (SimCLR, MoCo v3), ``dino`` (DINO), ``mae`` (MAE),
    ``masked`` (SimMIM, BEiT), ``supervised`` (the labelled baseline).
-4. ``train`` and ``checkpoint``: one loop for every method, checkpoints that survive a crash.
+4. ``train`` and ``checkpoint``: one loop for every method, checkpoints that survive a crash;
+   ``recipes``: each method's small-image defaults, shared by the CLI and Python users.
 5. ``evaluate`` and ``dense``: kNN, linear probe, fine-tuning, attention maps; detection and
    segmentation heads.
 6. ``python -m vitssl_core`` (the ``vitssl`` command) wires them together.

@@ -1,11 +1,14 @@
 """The ``vitssl`` command line: pre-train a ViT with one method, then evaluate its backbone.
 
-``vitssl pretrain`` builds a backbone from a preset (``vitssl_core.vit``), a method from
-``METHODS``, a data set from ``vitssl_core.data``, and runs ``vitssl_core.train.train``; at the
-end it writes ``backbone.safetensors`` (timm keys) and a ``backbone.json`` card next to the
-checkpoints: the backbone the method exports (``train.exported_backbone``; DINO's EMA teacher),
-named in the card's ``"exported"``. ``vitssl evaluate`` reads that pair back and hands the
-backbone to ``vitssl_core.evaluate.run_protocol``. The same command runs under ``torchrun``.
+``vitssl pretrain`` builds a backbone from a preset (``vitssl_core.vit``), a method with its
+small-image recipe (``vitssl_core.recipes``, which Python users call too), a data set from
+``vitssl_core.data``, and runs ``vitssl_core.train.train``; at the end it writes
+``backbone.safetensors`` (timm keys) and a ``backbone.json`` card next to the checkpoints: the
+backbone the method exports (``train.exported_backbone``; DINO's EMA teacher), named in the
+card's ``"exported"``, and the feature the probes should read (``"feature"``), chosen by kNN on
+held-out training images (``evaluate.choose_feature``). ``vitssl evaluate`` reads that pair back
+and hands the backbone, with that feature, to ``vitssl_core.evaluate.run_protocol``. The same
+command runs under ``torchrun``.
 
 This module is the only place that parses arguments; the library takes keyword arguments.
 Exit codes: 0 done, 1 failed while running, 2 bad arguments (one line on stderr), 130 stopped
@@ -20,192 +23,22 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, NoReturn, Sequence
 
 import torch
 import yaml
-from torch import nn
 from torch.utils.data import Dataset, Subset
-from torchvision.transforms import v2
 
-from . import data, vit
-from .batch_augment import BatchViews, batch_asymmetric_views, batch_dino_views, batch_simclr_views
+from . import data, recipes, vit
 from .checkpoint import (UnsafeCheckpointError, atomic_write_json, latest_checkpoint, load_checkpoint,
                          load_pretrained, save_backbone)
-from .contrastive import MoCoV3, SimCLR
-from .dino import DINO
-from .evaluate import FEATURES, PROTOCOLS, run_protocol
-from .mae import MAE
-from .masked import BEiT, PatchTokenizer, SimMIM
-from .supervised import Supervised
-from .vit import ViT
-from .train import (CHECKPOINT_DIR, TrainConfig, cleanup_distributed, exported_backbone, resolve_device,
-                    seed_everything, setup_distributed, steps_per_epoch, train)
+from .evaluate import FEATURES, PROTOCOLS, choose_feature, run_protocol
+from .recipes import METHODS, PRESETS, DataInfo, MethodEntry  # noqa: F401 (MethodEntry: tests add methods)
+from .runtime import cleanup_distributed, resolve_device, seed_everything, setup_distributed
+from .train import CHECKPOINT_DIR, TrainConfig, exported_backbone, steps_per_epoch, train
 
-PRESETS: dict[str, Callable[..., vit.ViT]] = {
-    "vit_mini_28": vit.vit_mini_28,
-    "vit_tiny_28": vit.vit_tiny_28,
-    "vit_small_28": vit.vit_small_28,
-    "vit_tiny_32": vit.vit_tiny_32,
-    "vit_small_32": vit.vit_small_32,
-    "vit_tiny": vit.vit_tiny,
-    "vit_small": vit.vit_small,
-    "vit_base": vit.vit_base,
-}
-
-
-# --------------------------------------------------------------------------- methods
-@dataclasses.dataclass(frozen=True)
-class DataInfo:
-    """What a method's data recipe may need to know about the images."""
-
-    name: str  # "fashion_mnist", "cifar10" or "folder:PATH"
-    img_size: int
-    in_chans: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    num_classes: int
-
-    @property
-    def grayscale(self) -> bool:
-        return self.in_chans == 1
-
-
-@dataclasses.dataclass(frozen=True)
-class MethodEntry:
-    """How the CLI builds one method.
-
-    ``build(backbone, **method_args) -> method``; with ``num_classes=True`` it also receives
-    ``num_classes=`` from the data set. ``data(dataset, info, method) -> dataset`` turns a data set
-    of (float image (C, H, W) in [0, 1], label) into what the method's ``training_step`` expects,
-    e.g. ``_Transformed(dataset, transform)``; ``views(info, method) -> BatchViews`` instead makes
-    the views of every batch on the training device (the data set stays plain images).
-    """
-
-    build: Callable[..., nn.Module]
-    data: Callable[[Dataset, DataInfo, nn.Module], Dataset] | None = None
-    views: Callable[[DataInfo, nn.Module], BatchViews] | None = None
-    num_classes: bool = False
-    needs_dataset: bool = False  # build() also receives dataset= (e.g. to fit BEiT's tokenizer)
-    needs_steps: bool = False  # build() also receives epoch_steps= and total_steps= (DINO's epoch-long schedules)
-
-
-class _Transformed(Dataset):
-    """A data set of (image, label) with ``transform`` applied to every image."""
-
-    def __init__(self, dataset: Dataset, transform: Callable[[torch.Tensor], Any]):
-        self.dataset, self.transform = dataset, transform
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        image, label = self.dataset[index]
-        return self.transform(image), label
-
-
-def _supervised_data(dataset: Dataset, info: DataInfo, method: nn.Module) -> Dataset:
-    """DeiT-style light augmentation for small images: padded random crop, flip, normalise."""
-    return _Transformed(dataset, v2.Compose([
-        v2.RandomCrop(info.img_size, padding=info.img_size // 8),
-        v2.RandomHorizontalFlip(),
-        v2.Normalize(mean=list(info.mean), std=list(info.std)),
-    ]))
-
-
-def _masked_data(scale: tuple[float, float], jitter: float = 0.0) -> Callable[[Dataset, DataInfo, nn.Module], Dataset]:
-    """MAE/SimMIM/BEiT recipe: colour jitter (if ``jitter``), random resized crop (area fraction
-    ``scale``), flip, normalise. BEiT's ``ColorJitter(0.4, 0.4, 0.4)`` comes first, on the whole
-    image; on grey images only brightness and contrast (saturation means nothing on one channel)."""
-    def recipe(dataset: Dataset, info: DataInfo, method: nn.Module) -> Dataset:
-        colour = [] if not jitter else [
-            v2.ColorJitter(brightness=jitter, contrast=jitter) if info.grayscale
-            else v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter)]
-        return _Transformed(dataset, v2.Compose([
-            *colour,
-            v2.RandomResizedCrop(info.img_size, scale=scale, antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.Normalize(mean=list(info.mean), std=list(info.std)),
-        ]))
-    return recipe
-
-
-# Multi-view recipes draw their views for a whole batch on the training device (batch_augment):
-# the same recipes as augment.py's per-sample pipelines, without their per-image Python cost.
-def _simclr_views(info: DataInfo, method: nn.Module) -> BatchViews:
-    return BatchViews(batch_simclr_views(info.img_size, info.grayscale, mean=info.mean, std=info.std))
-
-
-def _mocov3_views(info: DataInfo, method: nn.Module) -> BatchViews:
-    return BatchViews(batch_asymmetric_views(info.img_size, info.grayscale, mean=info.mean, std=info.std))
-
-
-def _dino_local_size(img_size: int, patch_size: int) -> int:
-    """Local crops of about 3/7 of the image side, rounded to whole patches (12 px for 28/4)."""
-    return max(patch_size, round(img_size * 3 / 7 / patch_size) * patch_size)
-
-
-def _dino_views(info: DataInfo, method: nn.Module) -> BatchViews:
-    local = _dino_local_size(info.img_size, method.backbone.patch_size)
-    return BatchViews(batch_dino_views(info.img_size, local, info.grayscale, method.n_local_crops,
-                                       mean=info.mean, std=info.std))
-
-
-# Small-image defaults: the papers' heads (2048-65536 wide) are sized for ImageNet; these fit
-# Fashion-MNIST/CIFAR and a CPU. Every value can be overridden with --method-arg KEY=VALUE.
-def _simclr(backbone: ViT, **kw: Any) -> nn.Module:
-    return SimCLR(backbone, **{"hidden_dim": 512, "temperature": 0.2, **kw})
-
-
-def _mocov3(backbone: ViT, **kw: Any) -> nn.Module:
-    # MoCoV3's defaults are the ViT recipe: momentum 0.99 -> 1 (cosine), temperature 0.2, fixed
-    # sin-cos positions, xavier init and a frozen random patch projection (init_backbone=True).
-    return MoCoV3(backbone, **{"hidden_dim": 1024, "momentum": 0.99, "temperature": 0.2, **kw})
-
-
-def _dino(backbone: ViT, epoch_steps: int, total_steps: int, **kw: Any) -> nn.Module:
-    """DINO with small-image heads, EMA 0.996 -> 1, and DINO's epoch-long schedules in this run's steps.
-
-    ``DINO`` counts steps and cannot know an epoch's length; the CLI can (``epoch_steps`` from the
-    data set and the batch). DINO freezes the last layer for the first epoch: here for
-    min(1 epoch, half the run) steps, so a short run still trains it. The teacher temperature
-    0.07 comes with a 30-epoch warm-up from 0.04 (DINO's README; it warns that a hot teacher
-    early is unstable): here max(1, min(30 epochs, half the run)) steps, so a short run spends
-    its second half at the final temperature. ``--method-arg`` overrides any of these.
-    """
-    kw = {"out_dim": 4096, "hidden_dim": 1024, "n_local_crops": 6, "warmup_teacher_temp": 0.04,
-          "teacher_temp": 0.07, "momentum": 0.996,
-          "warmup_teacher_temp_steps": max(1, min(30 * epoch_steps, total_steps // 2)),
-          "freeze_last_layer_steps": min(epoch_steps, total_steps // 2), **kw}
-    if kw["n_local_crops"] > 0:
-        backbone.dynamic_img_size = True  # local crops are smaller than the global ones
-    return DINO(backbone, **kw)
-
-
-def _mae(backbone: ViT, **kw: Any) -> nn.Module:
-    return MAE(backbone, **{"decoder_embed_dim": 128, "decoder_depth": 4, "decoder_num_heads": 4, **kw})
-
-
-def _beit(backbone: ViT, dataset: Dataset, vocab_size: int = 256, tokenizer_images: int = 10000,
-          **kw: Any) -> nn.Module:
-    """Fit the k-means patch tokenizer on the first ``tokenizer_images`` training images, then build BEiT."""
-    n = min(len(dataset), tokenizer_images)
-    images = torch.stack([dataset[i][0] for i in range(n)])  # (n, C, H, W) in [0, 1]
-    tokenizer = PatchTokenizer.fit(images, patch_size=backbone.patch_size, vocab_size=vocab_size, seed=0)
-    return BEiT(backbone, tokenizer, **kw)
-
-
-# One entry per method name. To add one: MethodEntry(build=<class or function>, data=<recipe>).
-METHODS: dict[str, MethodEntry] = {
-    "supervised": MethodEntry(build=Supervised, data=_supervised_data, num_classes=True),
-    "simclr": MethodEntry(build=_simclr, views=_simclr_views),
-    "mocov3": MethodEntry(build=_mocov3, views=_mocov3_views),
-    "dino": MethodEntry(build=_dino, views=_dino_views, needs_steps=True),
-    "mae": MethodEntry(build=_mae, data=_masked_data((0.2, 1.0))),
-    "simmim": MethodEntry(build=SimMIM, data=_masked_data((0.67, 1.0))),  # SimMIMTransform: crop (0.67, 1), flip
-    # BEiT's DataAugmentationForBEiT: ColorJitter(0.4, 0.4, 0.4), flip, crop (0.08, 1)
-    "beit": MethodEntry(build=_beit, data=_masked_data((0.08, 1.0), jitter=0.4), needs_dataset=True),
-}
+# The methods' small-image recipes live in the library (recipes.py); these names stay here for older imports.
+_dino, _dino_local_size = recipes.dino, recipes.dino_local_size
 
 
 # --------------------------------------------------------------------------- argument parsing
@@ -216,7 +49,20 @@ class _CliError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line (no usage dump) and exceptions, not exits."""
+    """An ArgumentParser whose errors are one line (no usage dump) and exceptions, not exits.
+
+    ``option(container, *flags, **kw)`` adds an option to this parser or one of its groups and
+    keeps its Action in ``options`` (dest -> Action): argparse's own list of actions is private.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.options: dict[str, argparse.Action] = {}
+
+    def option(self, container: Any, *flags: str, **kwargs: Any) -> argparse.Action:
+        action = container.add_argument(*flags, **kwargs)
+        self.options[action.dest] = action
+        return action
 
     def error(self, message: str) -> NoReturn:
         raise _CliError(f"{message} (see '{self.prog} --help')")
@@ -245,24 +91,22 @@ def _dataset_spec(text: str) -> str:
     raise argparse.ArgumentTypeError(f"{text!r} is not fashion_mnist, cifar10 or folder:PATH")
 
 
-def _positive_int(text: str) -> int:
+def _whole_number(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be an integer > 0")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{text!r} must be an integer > 0" if minimum == 1 else f"{text!r} must be >= 0")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _whole_number(text, 1)
 
 
 def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
-    return value
+    return _whole_number(text, 0)
 
 
 def _float(text: str) -> float:
@@ -276,7 +120,7 @@ PRETRAIN_DEFAULTS: dict[str, Any] = {
     "dataset": "fashion_mnist", "model": "vit_tiny_28", "batch_size": 128, "lr": 5e-4, "min_lr": 1e-6,
     "weight_decay": 0.05, "betas": [0.9, 0.999], "accum_steps": 1, "precision": "auto", "compile": False,
     "seed": 0, "num_workers": 0, "device": "auto", "resume": False, "checkpoint_every": 1000, "log_every": 10,
-    "progress": True, "model_args": [], "method_args": [], "clip_mode": "global",
+    "progress": True, "model_args": [], "method_args": [], "clip_mode": "global", "feature_validation": 5000,
 }
 
 PRETRAIN_EPILOG = """\
@@ -295,7 +139,8 @@ examples:
 
 the learning rate after warm-up is lr * batch_size * accum_steps * processes / 256.
 outputs in --out: checkpoints/ (resumable), history.jsonl, config.json, and at the end
-backbone.safetensors (timm parameter names) with its backbone.json card.
+backbone.safetensors (timm parameter names) with its backbone.json card, which names the
+feature (cls, avg or cls+avg) that kNN preferred on held-out training images (--feature-validation).
 """
 
 EVALUATE_EPILOG = """\
@@ -315,7 +160,7 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """(the ``vitssl`` parser, its ``pretrain`` subparser)."""
     parser = _Parser(prog="vitssl", description="Self-supervised Vision Transformers: pre-train and evaluate.",
                      epilog="run 'vitssl pretrain --help' or 'vitssl evaluate --help' for examples.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{pretrain,evaluate}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{pretrain,evaluate,show}", parser_class=_Parser)
     d = PRETRAIN_DEFAULTS
     p = sub.add_parser("pretrain", help="pre-train a backbone with one method", epilog=PRETRAIN_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -325,56 +170,60 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     p.add_argument("--config", metavar="FILE", help="YAML or JSON file whose keys are these option names "
                    "(batch_size or batch-size; model_args / method_args as mappings); flags override it")
     what = p.add_argument_group("what to train")
-    what.add_argument("--method", help=f"one of: {', '.join(METHODS)}")
-    what.add_argument("--dataset", type=_dataset_spec, help=f"fashion_mnist, cifar10 or folder:PATH "
-                      f"(PATH/<class>/<image>) (default: {d['dataset']})")
-    what.add_argument("--data-root", metavar="DIR", help="folder that holds the data set files (cifar10: "
-                      "cifar-10-batches-py; fashion_mnist: the IDX files, plain or .gz); without it Fashion-MNIST "
-                      "is searched for as vitssl_core.data explains")
-    what.add_argument("--subset", type=_positive_int, metavar="N", help="train on the first N images only")
-    what.add_argument("--model", help=f"backbone preset: {', '.join(PRESETS)} (default: {d['model']})")
-    what.add_argument("--model-arg", dest="model_args", action="append", type=_key_value, metavar="KEY=VALUE",
-                      help="override a ViT keyword, e.g. depth=6 or drop_path_rate=0.1 (repeatable)")
-    what.add_argument("--method-arg", dest="method_args", action="append", type=_key_value, metavar="KEY=VALUE",
-                      help="keyword for the method, e.g. label_smoothing=0.1 (repeatable)")
+    p.option(what, "--method", help=f"one of: {', '.join(METHODS)}")
+    p.option(what, "--dataset", type=_dataset_spec, help=f"fashion_mnist, cifar10 or folder:PATH "
+             f"(PATH/<class>/<image>) (default: {d['dataset']})")
+    p.option(what, "--data-root", metavar="DIR", help="folder that holds the data set files (cifar10: "
+             "cifar-10-batches-py; fashion_mnist: the IDX files, plain or .gz); without it Fashion-MNIST "
+             "is searched for as vitssl_core.data explains")
+    p.option(what, "--subset", type=_positive_int, metavar="N", help="train on the first N images only")
+    p.option(what, "--model", help=f"backbone preset: {', '.join(PRESETS)} (default: {d['model']})")
+    p.option(what, "--model-arg", dest="model_args", action="append", type=_key_value, metavar="KEY=VALUE",
+             help="override a ViT keyword, e.g. depth=6 or drop_path_rate=0.1 (repeatable)")
+    p.option(what, "--method-arg", dest="method_args", action="append", type=_key_value, metavar="KEY=VALUE",
+             help="keyword for the method, e.g. label_smoothing=0.1 (repeatable)")
     how = p.add_argument_group("schedule and optimiser")
     length = how.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=_positive_int, metavar="N", help="passes over the data")
-    length.add_argument("--steps", type=_positive_int, metavar="N", help="optimizer steps (instead of --epochs)")
-    how.add_argument("--batch-size", type=_positive_int, metavar="N",
-                     help=f"images per step per process (default: {d['batch_size']})")
-    how.add_argument("--lr", type=_float, metavar="BLR",
-                     help=f"base learning rate for a batch of 256 (default: {d['lr']})")
-    how.add_argument("--min-lr", type=_float, help=f"final learning rate of the cosine (default: {d['min_lr']})")
+    p.option(length, "--epochs", type=_positive_int, metavar="N", help="passes over the data")
+    p.option(length, "--steps", type=_positive_int, metavar="N", help="optimizer steps (instead of --epochs)")
+    p.option(how, "--batch-size", type=_positive_int, metavar="N",
+             help=f"images per step per process (default: {d['batch_size']})")
+    p.option(how, "--lr", type=_float, metavar="BLR",
+             help=f"base learning rate for a batch of 256 (default: {d['lr']})")
+    p.option(how, "--min-lr", type=_float, help=f"final learning rate of the cosine (default: {d['min_lr']})")
     warm = how.add_mutually_exclusive_group()
-    warm.add_argument("--warmup-epochs", type=_float, help="linear warm-up length in epochs (default: none)")
-    warm.add_argument("--warmup-steps", type=_non_negative_int, help="linear warm-up length in steps")
-    how.add_argument("--weight-decay", type=_float, help=f"AdamW weight decay (default: {d['weight_decay']})")
-    how.add_argument("--weight-decay-end", type=_float,
-                     help="final weight decay of a cosine schedule (default: constant)")
-    how.add_argument("--betas", type=_float, nargs=2, metavar=("B1", "B2"), help="AdamW betas (default: 0.9 0.999)")
-    how.add_argument("--grad-clip", type=_float, metavar="NORM", help="clip the gradient norm (default: off)")
-    how.add_argument("--clip-mode", choices=("global", "per_param"), help="global: one factor from the joint "
-                     "norm of all gradients; per_param: each parameter's gradient on its own, as DINO "
-                     "(default: global)")
-    how.add_argument("--accum-steps", type=_positive_int, metavar="N",
-                     help="micro-batches per optimizer step (default: 1)")
+    p.option(warm, "--warmup-epochs", type=_float, help="linear warm-up length in epochs (default: none)")
+    p.option(warm, "--warmup-steps", type=_non_negative_int, help="linear warm-up length in steps")
+    p.option(how, "--weight-decay", type=_float, help=f"AdamW weight decay (default: {d['weight_decay']})")
+    p.option(how, "--weight-decay-end", type=_float,
+             help="final weight decay of a cosine schedule (default: constant)")
+    p.option(how, "--betas", type=_float, nargs=2, metavar=("B1", "B2"), help="AdamW betas (default: 0.9 0.999)")
+    p.option(how, "--grad-clip", type=_float, metavar="NORM", help="clip the gradient norm (default: off)")
+    p.option(how, "--clip-mode", choices=("global", "per_param"), help="global: one factor from the joint "
+             "norm of all gradients; per_param: each parameter's gradient on its own, as DINO "
+             "(default: global)")
+    p.option(how, "--accum-steps", type=_positive_int, metavar="N",
+             help="micro-batches per optimizer step (default: 1)")
     run = p.add_argument_group("how to run")
-    run.add_argument("--precision", choices=("auto", "bf16", "fp32"), help="bf16 autocast or fp32; auto: bf16 on "
-                     "GPUs with bf16 and AVX-512 CPUs (default: auto)")
-    run.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the training step")
-    run.add_argument("--seed", type=_non_negative_int, metavar="N", help="seed of every RNG (default: 0)")
-    run.add_argument("--num-workers", type=_non_negative_int, metavar="N",
-                     help="DataLoader worker processes; 0 makes a resumed "
-                     "run bit-identical (default: 0)")
-    run.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto = the GPU if there is one)")
-    run.add_argument("--out", metavar="DIR", help="folder for checkpoints, history.jsonl and the backbone (required)")
-    run.add_argument("--resume", action=argparse.BooleanOptionalAction, help="continue the checkpoint in --out")
-    run.add_argument("--checkpoint-every", type=_positive_int, metavar="STEPS", help="default: 1000 (and at the end)")
-    run.add_argument("--log-every", type=_positive_int, metavar="STEPS", help="history row every STEPS (default: 10)")
-    run.add_argument("--progress", action=argparse.BooleanOptionalAction, help="progress bar (default: on)")
-    run.add_argument("--print-config", action="store_true", default=None,
-                     help="print the resolved options as YAML and exit")
+    p.option(run, "--precision", choices=("auto", "bf16", "fp32"), help="bf16 autocast or fp32; auto: bf16 on "
+             "GPUs with bf16 and AVX-512 CPUs (default: auto)")
+    p.option(run, "--compile", action=argparse.BooleanOptionalAction, help="torch.compile the training step")
+    p.option(run, "--seed", type=_non_negative_int, metavar="N", help="seed of every RNG (default: 0)")
+    p.option(run, "--num-workers", type=_non_negative_int, metavar="N",
+             help="DataLoader worker processes; 0 makes a resumed "
+             "run bit-identical (default: 0)")
+    p.option(run, "--device", help="auto, cpu, cuda or cuda:N (default: auto = the GPU if there is one)")
+    p.option(run, "--out", metavar="DIR", help="folder for checkpoints, history.jsonl and the backbone (required)")
+    p.option(run, "--resume", action=argparse.BooleanOptionalAction, help="continue the checkpoint in --out")
+    p.option(run, "--checkpoint-every", type=_positive_int, metavar="STEPS", help="default: 1000 (and at the end)")
+    p.option(run, "--log-every", type=_positive_int, metavar="STEPS", help="history row every STEPS (default: 10)")
+    p.option(run, "--progress", action=argparse.BooleanOptionalAction, help="progress bar (default: on)")
+    p.option(run, "--feature-validation", type=_non_negative_int, metavar="N",
+             help="after training, hold out the last N training images (at most a fifth) and record in "
+             "backbone.json the feature (cls, avg or cls+avg) whose kNN accuracy on them is best; "
+             "'vitssl evaluate' reads it by default; 0 skips the choice (default: 5000)")
+    p.option(run, "--print-config", action="store_true", default=None,
+             help="print the resolved options as YAML and exit")
 
     e = sub.add_parser("evaluate", help="evaluate a pre-trained backbone", epilog=EVALUATE_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -384,7 +233,8 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     e.add_argument("--protocol", default="knn", choices=PROTOCOLS,
                    help="knn, linear, finetune or label_efficiency (default: knn)")
     e.add_argument("--feature", choices=FEATURES, help="what the probes read: the class token, the mean of the patch "
-                   "tokens, or both (default: the card's \"feature\", else cls)")
+                   "tokens, or both (default: the card's \"feature\", which 'vitssl pretrain' chooses on "
+                   "held-out training images; else cls)")
     e.add_argument("--dataset", type=_dataset_spec, help="default: the data set the backbone was trained on")
     e.add_argument("--data-root", metavar="DIR", help="folder that holds the data set files (as for pretrain)")
     e.add_argument("--max-train", type=_positive_int, metavar="N", help="use the first N training images")
@@ -392,10 +242,22 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     e.add_argument("--seed", type=_non_negative_int, default=0, help="default: 0")
     e.add_argument("--out", metavar="FILE", help="also write the metrics to this JSON file")
+
+    s = sub.add_parser("show", help="draw attention maps or MAE reconstructions for one image",
+                       description="Draw what a trained backbone sees in one image file (PNG/JPEG, resized to the "
+                       "model's input): the last block's class-token attention per head with DINO's 60 %% mask, "
+                       "or an MAE card's reconstruction.")
+    s.add_argument("kind", choices=("attention", "reconstruction"), help="attention or reconstruction")
+    s.add_argument("--checkpoint", required=True, metavar="NAME",
+                   help="a shipped card name (dino, mae, ...) or a path to NAME.json / NAME.safetensors")
+    s.add_argument("--image", required=True, metavar="FILE", help="a PNG or JPEG image")
+    s.add_argument("--out", required=True, metavar="FILE.png", help="where to save the figure")
+    s.add_argument("--mask-ratio", type=float, default=0.75, help="reconstruction: share of patches hidden (0.75)")
+    s.add_argument("--seed", type=_non_negative_int, default=0, help="reconstruction: which mask (default: 0)")
     return parser, p
 
 
-def _config_argv(path: str, sub: argparse.ArgumentParser, given: argparse.Namespace) -> list[str]:
+def _config_argv(path: str, sub: _Parser, given: argparse.Namespace) -> list[str]:
     """The options in a YAML/JSON file as command-line words (so they are checked exactly like flags)."""
     try:
         loaded = yaml.safe_load(Path(path).read_text())  # JSON is YAML too
@@ -405,7 +267,7 @@ def _config_argv(path: str, sub: argparse.ArgumentParser, given: argparse.Namesp
         raise _CliError(f"--config {path}: not valid YAML/JSON ({getattr(err, 'problem', err)})") from err
     if not isinstance(loaded, dict):
         raise _CliError(f"--config {path}: expected a mapping of option names to values, got {type(loaded).__name__}")
-    actions = {a.dest: a for a in sub._actions if a.option_strings and a.dest not in ("help", "config")}
+    actions = {dest: a for dest, a in sub.options.items() if dest != "config"}
     exclusive = {"epochs": "steps", "steps": "epochs", "warmup_epochs": "warmup_steps", "warmup_steps": "warmup_epochs"}
     argv: list[str] = []
     for raw_key, value in loaded.items():
@@ -518,44 +380,11 @@ def _pretrain(args: argparse.Namespace) -> int:
         shown = {k: v for k, v in sorted(vars(args).items()) if k not in ("command", "config", "print_config")}
         print(yaml.safe_dump(shown, sort_keys=False), end="")
         return 0
-    entry = METHODS[args.method]
     info = setup_distributed()
     try:
         seed_everything(args.seed)  # the same initial weights in every process and every rerun
-        try:
-            backbone = PRESETS[args.model](**args.model_args)
-        except (TypeError, ValueError) as err:
-            raise _CliError(f"--model {args.model} with --model-arg {args.model_args}: {err}") from None
-        base, norm_key, num_classes = _load_dataset(args.dataset, args.data_root, backbone.img_size[0])
-        if args.subset is not None:
-            base = Subset(base, range(min(args.subset, len(base))))
-        shape = tuple(base[0][0].shape)
-        want = (backbone.in_chans, *backbone.img_size)
-        if shape[0] != want[0] or (shape[1:] != want[1:] and not backbone.dynamic_img_size):
-            raise _CliError(f"--model {args.model} takes {'x'.join(map(str, want))} images but "
-                            f"--dataset {args.dataset} "
-                            f"gives {'x'.join(map(str, shape))}; choose a matching preset or set --model-arg "
-                            "img_size=.. / in_chans=..")
-        stats = data.NORMALIZE[norm_key]
-        data_info = DataInfo(args.dataset, backbone.img_size[0], backbone.in_chans, tuple(stats["mean"]),
-                             tuple(stats["std"]), num_classes)
-        kwargs = dict(args.method_args)
-        if entry.num_classes:
-            kwargs.setdefault("num_classes", num_classes)
-        if entry.needs_dataset:
-            kwargs["dataset"] = base
-        if entry.needs_steps:  # the training data set holds one item per image of base, as train() will count
-            try:
-                kwargs["epoch_steps"] = steps_per_epoch(len(base), config, info.world_size)
-            except ValueError as err:
-                raise _CliError(str(err)) from None
-            kwargs["total_steps"] = config.max_steps or config.epochs * kwargs["epoch_steps"]
-        try:
-            method = entry.build(backbone, **kwargs)
-        except (TypeError, ValueError) as err:
-            raise _CliError(f"--method {args.method} with --method-arg {args.method_args}: {err}") from None
-        dataset = entry.data(base, data_info, method) if entry.data is not None else base
-        views = entry.views(data_info, method) if entry.views is not None else None
+        method, base, data_info = _build_method(args, config, info.world_size)
+        dataset, views = recipes.training_data(args.method, base, data_info, method)
 
         try:
             history = train(method, dataset, config, batch_transform=views)
@@ -567,24 +396,81 @@ def _pretrain(args: argparse.Namespace) -> int:
             raise _CliError("; ".join([str(err), *getattr(err, "__notes__", [])])) from None
 
         if info.rank == 0:
-            out = Path(args.out)
-            exported, export = exported_backbone(method)  # DINO ships its teacher, the others their backbone
-            save_backbone(export, out / "backbone.safetensors")
-            card = {
-                "format": "vitssl-backbone/1", "weights": "backbone.safetensors", "exported": exported,
-                "model": args.model, "model_args": args.model_args, "architecture": vit.architecture(export),
-                "method": args.method, "method_args": args.method_args, "dataset": args.dataset,
-                "normalize": {"mean": list(stats["mean"]), "std": list(stats["std"])},
-                "steps": history[-1]["step"] if history else 0, "final_loss": history[-1]["loss"] if history else None,
-                "train_config": dataclasses.asdict(config), "world_size": info.world_size,
-                "torch_version": str(torch.__version__), **_segments(out),
-            }
-            atomic_write_json(out / "backbone.json", card)
-            loss = f", final loss {card['final_loss']:.4f}" if history else ""
-            print(f"vitssl: trained {card['steps']} steps{loss}; backbone in {out / 'backbone.safetensors'}")
+            _write_card(args, config, info.world_size, method, history, base, data_info)
         return 0
     finally:
         cleanup_distributed()
+
+
+def _build_method(args: argparse.Namespace, config: TrainConfig,
+                  world_size: int) -> tuple[torch.nn.Module, Dataset, DataInfo]:
+    """(method with its recipe's defaults, the plain training images, what the recipes know of them)."""
+    try:
+        backbone = PRESETS[args.model](**args.model_args)
+    except (TypeError, ValueError) as err:
+        raise _CliError(f"--model {args.model} with --model-arg {args.model_args}: {err}") from None
+    base, norm_key, num_classes = _load_dataset(args.dataset, args.data_root, backbone.img_size[0])
+    if args.subset is not None:
+        base = Subset(base, range(min(args.subset, len(base))))
+    shape = tuple(base[0][0].shape)
+    want = (backbone.in_chans, *backbone.img_size)
+    if shape[0] != want[0] or (shape[1:] != want[1:] and not backbone.dynamic_img_size):
+        raise _CliError(f"--model {args.model} takes {'x'.join(map(str, want))} images but --dataset {args.dataset} "
+                        f"gives {'x'.join(map(str, shape))}; choose a matching preset or set --model-arg "
+                        "img_size=.. / in_chans=..")
+    stats = data.NORMALIZE[norm_key]
+    info = DataInfo(args.dataset, backbone.img_size[0], backbone.in_chans, tuple(stats["mean"]), tuple(stats["std"]),
+                    num_classes)
+    steps = {}
+    if METHODS[args.method].needs_steps:  # the training data set holds one item per image of base
+        try:
+            steps["epoch_steps"] = steps_per_epoch(len(base), config, world_size)
+        except ValueError as err:
+            raise _CliError(str(err)) from None
+        steps["total_steps"] = config.max_steps or config.epochs * steps["epoch_steps"]
+    try:
+        method = recipes.build_method(args.method, backbone, info, dataset=base, **steps, **args.method_args)
+    except (TypeError, ValueError) as err:
+        raise _CliError(f"--method {args.method} with --method-arg {args.method_args}: {err}") from None
+    return method, base, info
+
+
+def _write_card(args: argparse.Namespace, config: TrainConfig, world_size: int, method: torch.nn.Module,
+                history: list[dict[str, Any]], base: Dataset, info: DataInfo) -> None:
+    """backbone.safetensors and its backbone.json card in --out, with the feature chosen on training images."""
+    out = Path(args.out)
+    exported, export = exported_backbone(method)  # DINO ships its teacher, the others their backbone
+    save_backbone(export, out / "backbone.safetensors")
+    normalize = {"mean": list(info.mean), "std": list(info.std)}
+    card = {
+        "format": "vitssl-backbone/1", "weights": "backbone.safetensors", "exported": exported,
+        "model": args.model, "model_args": args.model_args, "architecture": vit.architecture(export),
+        "method": args.method, "method_args": args.method_args, "dataset": args.dataset, "normalize": normalize,
+        **_feature_choice(export, base, normalize, args.feature_validation, args.precision),
+        "steps": history[-1]["step"] if history else 0, "final_loss": history[-1]["loss"] if history else None,
+        "train_config": dataclasses.asdict(config), "world_size": world_size,
+        "torch_version": str(torch.__version__), **_segments(out),
+    }
+    atomic_write_json(out / "backbone.json", card)
+    loss = f", final loss {card['final_loss']:.4f}" if history else ""
+    chose = f"; probes read {card['feature']!r}" if "feature" in card else ""
+    print(f"vitssl: trained {card['steps']} steps{loss}; backbone in {out / 'backbone.safetensors'}{chose}")
+
+
+def _feature_choice(backbone: vit.ViT, base: Dataset, normalize: dict, validation: int,
+                    precision: str) -> dict[str, Any]:
+    """{"feature", "feature_choice"} for the card: kNN on the last training images against the others.
+
+    At most a fifth of the images is held out; none (and no "feature") with ``validation=0``
+    or fewer than 5 images. The test split plays no part.
+    """
+    held_out = min(validation, len(base) // 5)
+    if held_out == 0:
+        return {}
+    feature, scores = choose_feature(backbone, base, validation=held_out, normalize=normalize, precision=precision)
+    return {"feature": feature, "feature_choice": {
+        "protocol": "weighted kNN (k=20 or fewer, T=0.07) of the held-out images against the others",
+        "held_out": f"the last {held_out} of the {len(base)} training images", "top1": scores}}
 
 
 def _segments(out: Path) -> dict[str, Any]:
@@ -640,11 +526,25 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- show
+def _show(args: argparse.Namespace) -> int:
+    from .visualize import render  # matplotlib only when a picture is asked for
+
+    try:
+        out = render(args.kind, args.checkpoint, args.image, args.out, mask_ratio=args.mask_ratio, seed=args.seed)
+    except (OSError, ValueError, TypeError) as err:
+        raise _CliError(f"show {args.kind}: {err}") from None
+    print(out)
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``vitssl``; returns the exit code (``--help`` exits through SystemExit(0))."""
     try:
         args = parse_args(argv)
+        if args.command == "show":
+            return _show(args)
         return _pretrain(args) if args.command == "pretrain" else _evaluate(args)
     except _CliError as err:
         text = str(err)

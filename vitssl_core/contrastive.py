@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .losses import info_nce, moco_infonce
-from .schedules import cosine_momentum
+from .schedules import cosine_momentum, ema_update_
 from .vit import ViT
 
 __all__ = ["SimCLR", "MoCoV3", "mlp_head"]
@@ -69,6 +69,15 @@ def _check_positive_int(name: str, v) -> None:
         raise ValueError(f"{name}={v!r} must be a positive int")
 
 
+def _check_common(backbone, proj_dim, hidden_dim, temperature) -> None:
+    """The arguments SimCLR and MoCo v3 share."""
+    _check_backbone(backbone)
+    _check_positive_int("proj_dim", proj_dim)
+    _check_positive_int("hidden_dim", hidden_dim)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature={temperature!r} must be a float > 0")
+
+
 def _two_views(batch) -> tuple[Tensor, Tensor]:
     """([x1, x2], labels) or [x1, x2] -> (x1, x2), each (B, C, H, W) with the same shape."""
     views = batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 and \
@@ -102,11 +111,7 @@ class SimCLR(nn.Module):
 
     def __init__(self, backbone: ViT, proj_dim: int = 128, hidden_dim: int = 2048, temperature: float = 0.1):
         super().__init__()
-        _check_backbone(backbone)
-        _check_positive_int("proj_dim", proj_dim)
-        _check_positive_int("hidden_dim", hidden_dim)
-        if not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ValueError(f"temperature={temperature!r} must be a float > 0")
+        _check_common(backbone, proj_dim, hidden_dim, temperature)
         self.backbone = backbone
         # SimCLR v1: 2-layer head; BN after the hidden layer, none on the output.
         self.projector = nn.Sequential(
@@ -188,11 +193,7 @@ class MoCoV3(nn.Module):
     def __init__(self, backbone: ViT, proj_dim: int = 256, hidden_dim: int = 4096, temperature: float = 0.2,
                  momentum: float = 0.99, freeze_patch_embed: bool | None = None, init_backbone: bool = True):
         super().__init__()
-        _check_backbone(backbone)
-        _check_positive_int("proj_dim", proj_dim)
-        _check_positive_int("hidden_dim", hidden_dim)
-        if not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ValueError(f"temperature={temperature!r} must be a float > 0")
+        _check_common(backbone, proj_dim, hidden_dim, temperature)
         if not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum={momentum!r} must be in [0, 1]")
         if not isinstance(init_backbone, bool):
@@ -251,8 +252,7 @@ class MoCoV3(nn.Module):
     def on_step_end(self, step: int, max_steps: int) -> None:
         """EMA of the online encoder into the momentum encoder with m = cosine_momentum(momentum, step, max_steps)."""
         m = cosine_momentum(self.base_momentum, step, max_steps)
-        for online, target in zip(self._online_params(), self._momentum_params()):
-            target.mul_(m).add_(online.detach(), alpha=1.0 - m)  # target = m target + (1 - m) online
+        ema_update_(self._momentum_params(), self._online_params(), m)  # target = m target + (1 - m) online
         self.last_momentum.fill_(m)
 
 

@@ -284,8 +284,3 @@ def normalize(dataset_name: str) -> v2.Normalize:
         raise ValueError(f"dataset_name={dataset_name!r} is unknown; allowed: {sorted(NORMALIZE)}")
     stats = NORMALIZE[dataset_name]
     return v2.Normalize(mean=list(stats["mean"]), std=list(stats["std"]))
-
-
-# Scenes of several Fashion-MNIST items on one canvas, for detection and segmentation; they live
-# in their own module and are re-exported here so every dataset is found in ``vitssl_core.data``.
-from .scenes import FashionScenes, collate_detection, scene_class_names  # noqa: E402

@@ -60,7 +60,8 @@ from torchvision.ops import batched_nms, generalized_box_iou_loss, sigmoid_focal
 from tqdm import tqdm
 
 from .scenes import collate_detection
-from .schedules import cosine_schedule
+from .runtime import to_device
+from .schedules import cosine_schedule, decays
 
 __all__ = [
     "IGNORE_INDEX",
@@ -556,18 +557,6 @@ def detection_map(predictions: list[dict], targets: list[dict]) -> dict[str, flo
 
 
 # --------------------------------------------------------------------------- training and evaluation
-def _to_device(targets, device):
-    if isinstance(targets, Tensor):
-        return targets.to(device)
-    out = []
-    for t in targets:
-        if isinstance(t, dict):
-            out.append({k: v.to(device) if isinstance(v, Tensor) else v for k, v in t.items()})
-        else:
-            out.append(t.to(device) if isinstance(t, Tensor) else t)
-    return out
-
-
 def _head_for(head, task: str) -> None:
     if task not in _TASKS:
         raise ValueError(f"task={task!r} is not one of {_TASKS}")
@@ -590,13 +579,10 @@ def _use_bf16(device: torch.device, amp: bool | None) -> bool:
 
 
 def _param_groups(head: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for name, p in head.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.ndim <= 1 or name.endswith("bias") or any(k in name for k in ("pos_embed", "cls_token", "mask_token"))
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW groups under the package's one weight-decay rule (``schedules.decays``)."""
+    trainable = [(name, p) for name, p in head.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in trainable if decays(n, p)], "weight_decay": weight_decay},
+            {"params": [p for n, p in trainable if not decays(n, p)], "weight_decay": 0.0}]
 
 
 def train_dense(
@@ -645,7 +631,7 @@ def train_dense(
         for images, targets in loader:
             for group in optimizer.param_groups:
                 group["lr"] = float(schedule[step])
-            images, targets = images.to(device), _to_device(targets, device)
+            images, targets = images.to(device), to_device(targets, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 outputs = head(images)
             loss = head.loss(outputs, targets)["loss"]

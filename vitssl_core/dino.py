@@ -15,7 +15,7 @@ centre momentum 0.9, EMA 0.996 -> 1 on a cosine, 8 local crops). For small data 
 a few thousand steps) use ``out_dim`` 1024-4096 (65536 prototypes for 60000 images is more
 than one per image and slow on a CPU), ``hidden_dim`` 512-1024, and local crops of 12 or 16 px
 for 28 px images. Every schedule counts optimizer steps; ``vitssl pretrain --method dino``
-converts DINO's epoch counts for the run at hand (``__main__._dino``).
+converts DINO's epoch counts for the run at hand (``recipes.dino``).
 
 Local crops are smaller than the model's ``img_size``, so the backbone must be built with
 ``dynamic_img_size=True`` (the positional embedding is interpolated per resolution); DINO
@@ -35,7 +35,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from .distributed import all_reduce_sum, get_world_size
 from .losses import dino_cross_entropy, sharpen
-from .schedules import cosine_momentum
+from .schedules import cosine_momentum, ema_update_
 from .vit import DropPath, ViT
 
 __all__ = ["DINOHead", "DINO"]
@@ -146,7 +146,7 @@ class DINO(nn.Module):
       and the freeze is ``freeze_last_layer_steps`` long (DINO: ``--freeze_last_layer`` epochs).
       DINO alone cannot know the epoch length, so ``vitssl pretrain`` converts, knowing the data
       set and the batch: freeze min(1 epoch, half the run), warm up max(1, min(30 epochs, half the
-      run)) steps (``__main__._dino``). A library user passes steps.
+      run)) steps (``recipes.dino``). A library user passes steps, or calls ``recipes.dino``.
     - The teacher head follows ``train()``/``eval()``: its only mode-dependent layers are the
       optional BatchNorms (``use_bn_in_head``), and DINO's teacher, never put in eval mode,
       normalises with the batch's statistics; so does this one while training.
@@ -282,7 +282,7 @@ class DINO(nn.Module):
         """center <- m center + (1 - m) mean over every rank's rows of teacher_out (n, K)."""
         batch_sum = all_reduce_sum(teacher_out.float().sum(dim=0, keepdim=True))  # (1, K)
         batch_mean = batch_sum / (teacher_out.shape[0] * get_world_size())
-        self.center.mul_(self.center_momentum).add_(batch_mean, alpha=1.0 - self.center_momentum)
+        ema_update_([self.center], [batch_mean], self.center_momentum)
 
     def training_step(self, batch) -> tuple[Tensor, dict[str, float]]:
         crops = self._crops(batch)
@@ -316,8 +316,7 @@ class DINO(nn.Module):
     def on_step_end(self, step: int, max_steps: int) -> None:
         """teacher <- m teacher + (1 - m) student, m = cosine_momentum(momentum, step, max_steps); advance the step."""
         m = cosine_momentum(self.base_momentum, step, max_steps)
-        for s, t in zip(self._student_params(), self._teacher_params()):
-            t.mul_(m).add_(s.detach(), alpha=1.0 - m)
+        ema_update_(self._teacher_params(), self._student_params(), m)
         self.last_momentum.fill_(m)
         self.steps_done.fill_(step + 1)
 

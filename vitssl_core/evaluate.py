@@ -41,8 +41,8 @@ from tqdm import tqdm
 from . import data
 from .augment import _check_scale
 from .batch_augment import crop_boxes, resized_crop
-from .schedules import cosine_schedule
-from .train import resolve_precision
+from .runtime import autocast
+from .schedules import cosine_schedule, decays
 from .vit import DropPath, ViT
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "pixel_features",
     "knn_classify",
     "knn_accuracy",
+    "choose_feature",
     "linear_probe",
     "layer_decay_param_groups",
     "finetune",
@@ -118,13 +119,6 @@ def _num_classes(labels: Tensor, num_classes: int | None) -> int:
 
 def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
-
-
-def _autocast(device: torch.device, precision: str):
-    """bf16 autocast for "bf16", or for "auto" where bf16 is fast (CUDA with bf16, CPU with AVX-512)."""
-    if resolve_precision(precision, device) == "bf16":  # the trainer's rule, one place for the whole package
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _check_normalize(normalize) -> None:
@@ -231,7 +225,7 @@ def extract_features(
     with _eval_mode(backbone):
         for x in _batches(images, batch_size):
             x = _prepare(x, device, normalize)
-            with _autocast(device, precision):
+            with autocast(device, precision):  # the package's one precision rule (runtime)
                 if n_last == 1:
                     layers = [backbone.forward_features(x)]  # [(B, N, D)]
                 else:
@@ -315,6 +309,40 @@ def knn_accuracy(
     return 100.0 * (preds.cpu() == test_labels.cpu()).float().mean().item()
 
 
+def choose_feature(
+    backbone: ViT, images: Images, labels: Tensor | None = None, validation: int = 5000, normalize: dict | None = None,
+    k: int = 20, temperature: float = 0.07, precision: str = "auto", batch_size: int = 256,
+) -> tuple[str, dict[str, float]]:
+    """(best feature, {feature: kNN top-1 %}): which of ``FEATURES`` the probes should read, chosen on training data.
+
+    The last ``validation`` images are held out and classified by weighted kNN (``knn_accuracy``,
+    k = min(k, the rest)) against the features of all the images before them; the feature
+    with the best accuracy wins (ties go to the first of "cls", "avg", "cls+avg"). Give training
+    images only: the test set must play no part in a choice that is then measured on it.
+    ``labels`` (N,) may be left out for a Dataset of (image, label).
+    """
+    if labels is None:
+        if not isinstance(images, Dataset):
+            raise ValueError("labels is needed when images is a tensor")
+        labels = _labels_of(images)
+    n = len(images)
+    labels = _check_labels("labels", labels, n, "images")
+    _check_positive_int("validation", validation)
+    if validation >= n:
+        raise ValueError(f"validation={validation} leaves none of the {n} images to classify them by; "
+                         f"hold out fewer (e.g. {max(1, n // 5)})")
+    both = extract_features(backbone, images, "cls+avg", batch_size=batch_size, normalize=normalize,
+                            precision=precision)  # (N, 2D): the class token, then the patch mean
+    dim = both.shape[1] // 2
+    views = {"cls": both[:, :dim], "avg": both[:, dim:], "cls+avg": both}
+    fit, held_out = slice(0, n - validation), slice(n - validation, None)
+    y = labels.to(both.device)
+    k = min(k, n - validation)
+    scores = {name: knn_accuracy(f[fit], y[fit], f[held_out], y[held_out], k=k, temperature=temperature)
+              for name, f in views.items()}
+    return max(scores, key=scores.get), scores
+
+
 # --------------------------------------------------------------------------- linear probe
 def linear_probe(
     train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor, epochs: int = 100,
@@ -332,6 +360,7 @@ def linear_probe(
     192 features probe for 100 epochs in seconds on a CPU. The optimiser is AdamW by default
     (lr 1e-3, no weight decay: converges in a few dozen epochs), or "sgd" (momentum 0.9, DINO's
     linear eval; give it a larger lr, e.g. 0.1). Cosine lr schedule to 0, shuffled mini-batches.
+    ``weight_decay`` applies to the weight, not the bias (``schedules.decays``, every loop's rule).
     """
     _check_features("train_features", train_features)
     _check_features("test_features", test_features)
@@ -367,10 +396,12 @@ def linear_probe(
     probe = nn.Sequential(norm, linear).eval()
     with torch.no_grad():
         z_train = norm(x_train)  # (N, F) standardised once; only the linear layer trains
+    groups = [{"params": [p for n, p in linear.named_parameters() if decays(n, p) == d],
+               "weight_decay": weight_decay if d else 0.0} for d in (True, False)]  # the package's rule: no bias decay
     if optimizer == "adamw":
-        opt = torch.optim.AdamW(linear.parameters(), lr=lr, weight_decay=weight_decay)
+        opt = torch.optim.AdamW(groups, lr=lr)
     else:
-        opt = torch.optim.SGD(linear.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+        opt = torch.optim.SGD(groups, lr=lr, momentum=0.9)
     bs = min(batch_size, n)
     steps_per_epoch = math.ceil(n / bs)
     schedule = cosine_schedule(lr, 0.0, epochs * steps_per_epoch).tolist()
@@ -413,17 +444,14 @@ def _layer_id(name: str, depth: int) -> int:
     return depth + 1
 
 
-def _no_decay(name: str, param: Tensor) -> bool:
-    return param.ndim <= 1 or name.endswith("bias") or any(t in name for t in ("pos_embed", "cls_token", "mask_token"))
-
-
 def layer_decay_param_groups(
     model: nn.Module, base_lr: float, weight_decay: float, layer_decay: float = 0.75,
 ) -> list[dict]:
     """AdamW parameter groups with layer-wise lr decay (BEiT): lr = base_lr * layer_decay ** (depth + 1 - id).
 
     Layer ids: patch_embed / cls_token / pos_embed 0, block i is i + 1, the final norm and head
-    depth + 1 (full lr). 1-D parameters, biases, pos_embed and cls_token get no weight decay.
+    depth + 1 (full lr). Weight decay follows the trainer's rule (``schedules.decays``): none for
+    1-D parameters, biases, pos_embed, cls_token, mask_token and the model's ``no_weight_decay()``.
     Each group carries ``lr_scale`` (to re-apply a schedule), ``layer_id`` and ``param_names``.
     """
     if not hasattr(model, "blocks"):
@@ -434,11 +462,12 @@ def layer_decay_param_groups(
     if isinstance(layer_decay, bool) or not isinstance(layer_decay, (int, float)) or not 0 < layer_decay <= 1:
         raise ValueError(f"layer_decay={layer_decay!r} must be in (0, 1] (1 disables the decay)")
     depth = len(model.blocks)
+    exempt = set(model.no_weight_decay()) if callable(getattr(model, "no_weight_decay", None)) else set()
     groups: dict[tuple[int, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:  # e.g. a frozen sin-cos pos_embed
             continue
-        lid, decay = _layer_id(name, depth), not _no_decay(name, param)
+        lid, decay = _layer_id(name, depth), decays(name, param, exempt)  # the trainer's weight-decay rule
         scale = layer_decay ** (depth + 1 - lid)
         group = groups.setdefault((lid, decay), {
             "params": [], "param_names": [], "lr": base_lr * scale, "lr_scale": scale,
@@ -454,12 +483,44 @@ def _correct(model: nn.Module, dataset: Dataset, batch_size: int, normalize, pre
     device, hits = _device_of(model), []
     with _eval_mode(model):
         for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-            with _autocast(device, precision):
+            with autocast(device, precision):  # the package's one precision rule (runtime)
                 logits = model(_prepare(x, device, normalize))
             hits.append(logits.argmax(1).cpu() == torch.as_tensor(y))
     if not hits:
         raise ValueError("test_set is empty; accuracy is undefined")
     return torch.cat(hits)
+
+
+def _finetune_copy(backbone: ViT, num_classes: int, drop_path: float) -> ViT:
+    """A deep copy with a new ``num_classes`` head, a trainable pos_embed and stochastic depth 0 -> drop_path."""
+    model = copy.deepcopy(backbone)
+    model.reset_classifier(num_classes)
+    model.pos_embed.requires_grad_(True)
+    depth = len(model.blocks)
+    for i, blk in enumerate(model.blocks):  # stochastic depth 0 -> drop_path over the blocks (timm's rule)
+        for m in blk.modules():
+            if isinstance(m, DropPath):
+                m.drop_prob = drop_path * i / max(depth - 1, 1)
+    return model
+
+
+def _batch_mixer(mixup: float, cutmix: float, num_classes: int):
+    """MixUp / CutMix on a whole batch, (images, int labels) -> (mixed images, soft labels); None if both are 0."""
+    mixers = ([v2.MixUp(alpha=float(mixup), num_classes=num_classes)] if mixup > 0 else []) + \
+             ([v2.CutMix(alpha=float(cutmix), num_classes=num_classes)] if cutmix > 0 else [])
+    return v2.RandomChoice(mixers) if len(mixers) > 1 else (mixers[0] if mixers else None)
+
+
+def _finetune_augment(crop_scale: tuple[float, float] | None, mix):
+    """(x, y) -> (x, y): a random resized crop and flip per image (if ``crop_scale``), then ``mix`` (if any)."""
+    def augment(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        if crop_scale is not None:  # crop and flip commute with the per-channel normalisation
+            B, _, H, W = x.shape
+            x = resized_crop(x, crop_boxes(B, H, W, crop_scale, x.device), H, torch.rand(B, device=x.device) < 0.5)
+        if mix is not None:
+            x, y = mix(x, y)  # y becomes soft targets (B, num_classes)
+        return x, y
+    return augment
 
 
 def finetune(
@@ -501,45 +562,25 @@ def finetune(
     if len(train_set) == 0:
         raise ValueError("train_set is empty")
 
-    model = copy.deepcopy(backbone)
-    model.reset_classifier(num_classes)
-    model.pos_embed.requires_grad_(True)
-    device = _device_of(model)
-    depth = len(model.blocks)
-    for i, blk in enumerate(model.blocks):  # stochastic depth 0 -> drop_path over the blocks (timm's rule)
-        for m in blk.modules():
-            if isinstance(m, DropPath):
-                m.drop_prob = drop_path * i / max(depth - 1, 1)
-    groups = layer_decay_param_groups(model, lr, weight_decay, layer_decay)
-    opt = torch.optim.AdamW(groups, lr=lr)
-
-    # MixUp / CutMix act on a whole batch: (images, int labels) -> (mixed images, soft labels).
-    mixers = ([v2.MixUp(alpha=float(mixup), num_classes=num_classes)] if mixup > 0 else []) + \
-             ([v2.CutMix(alpha=float(cutmix), num_classes=num_classes)] if cutmix > 0 else [])
-    mix = v2.RandomChoice(mixers) if len(mixers) > 1 else (mixers[0] if mixers else None)
-
-    gen = torch.Generator().manual_seed(seed)
+    model = _finetune_copy(backbone, num_classes, drop_path)
+    opt = torch.optim.AdamW(layer_decay_param_groups(model, lr, weight_decay, layer_decay), lr=lr)
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=len(train_set) > batch_size,
-                        generator=gen, num_workers=num_workers)
-    steps_per_epoch = len(loader)
-    schedule = cosine_schedule(lr, min_lr, epochs * steps_per_epoch, warmup_epochs * steps_per_epoch)
-    bar = tqdm(total=epochs * steps_per_epoch, disable=not progress, desc="finetune")
+                        generator=torch.Generator().manual_seed(seed), num_workers=num_workers)
+    schedule = cosine_schedule(lr, min_lr, epochs * len(loader), warmup_epochs * len(loader))
+    augment = _finetune_augment(crop_scale, _batch_mixer(mixup, cutmix, num_classes))
+    device = _device_of(model)
+    bar = tqdm(total=epochs * len(loader), disable=not progress, desc="finetune")
     step, epoch_loss = 0, float("nan")
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)  # drop path and MixUp/CutMix draws, without moving the caller's RNG
+        torch.manual_seed(seed)  # drop path, crops and MixUp/CutMix draws, without moving the caller's RNG
         model.train()
         for _ in range(epochs):
             loss_sum, seen = 0.0, 0
             for x, y in loader:
-                x, y = _prepare(x, device, normalize), torch.as_tensor(y).long().to(device)
-                if crop_scale is not None:  # crop and flip commute with the per-channel normalisation
-                    B, _, H, W = x.shape
-                    x = resized_crop(x, crop_boxes(B, H, W, crop_scale, device), H, torch.rand(B, device=device) < 0.5)
-                if mix is not None:
-                    x, y = mix(x, y)  # y becomes soft targets (B, num_classes)
+                x, y = augment(_prepare(x, device, normalize), torch.as_tensor(y).long().to(device))
                 for group in opt.param_groups:
                     group["lr"] = float(schedule[step]) * group["lr_scale"]
-                with _autocast(device, precision):
+                with autocast(device, precision):  # the package's one precision rule (runtime)
                     logits = model(x)  # (B, num_classes)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
                 opt.zero_grad(set_to_none=True)
@@ -786,6 +827,8 @@ def _load_split(dataset: str, train: bool, data_root, img_size: int) -> tuple[Im
 def _labels_of(ds: Dataset) -> Tensor:
     if hasattr(ds, "targets"):
         return torch.as_tensor(ds.targets).long()
+    if isinstance(ds, torch.utils.data.Subset) and hasattr(ds.dataset, "targets"):
+        return torch.as_tensor(ds.dataset.targets).long()[torch.as_tensor(ds.indices, dtype=torch.long)]
     if isinstance(ds, TensorDataset):
         return ds.tensors[1].long()
     return torch.tensor([int(item[1]) for item in ds])
@@ -798,6 +841,11 @@ def _limit(images: Images, labels: Tensor, n: int | None) -> tuple[Images, Tenso
     if isinstance(images, Tensor):
         return images[:n], labels[:n]
     return torch.utils.data.Subset(images, range(n)), labels[:n]
+
+
+def _with_labels(images: Images, labels: Tensor) -> Images | tuple[Tensor, Tensor]:
+    """An (images, labels) pair for image tensors; a Dataset already holds its labels."""
+    return (images, labels) if isinstance(images, Tensor) else images
 
 
 def run_protocol(
@@ -838,8 +886,7 @@ def run_protocol(
 
     if protocol == "finetune":
         num_classes = kwargs.pop("num_classes", int(max(y_train.max(), y_test.max())) + 1)
-        pair = (lambda d, y: (d, y) if isinstance(d, Tensor) else d)
-        return {**out, **finetune(backbone, pair(train, y_train), pair(test, y_test), num_classes,
+        return {**out, **finetune(backbone, _with_labels(train, y_train), _with_labels(test, y_test), num_classes,
                                   normalize=normalize, **kwargs)}
 
     extract = {k: kwargs.pop(k) for k in _EXTRACT_KWARGS if k in kwargs}

@@ -2,16 +2,26 @@
 
 A schedule is a float64 tensor with one value per optimisation step, so resuming at step k
 reads ``schedule[k]`` and a plot of the schedule is a plot of the tensor.
+
+The two rules every optimisation loop of the package shares live here too:
+- ``decays(name, param)``: which parameters get weight decay (the trainer's ``param_groups``,
+  fine-tuning's ``layer_decay_param_groups``);
+- ``ema_update_(targets, sources, m)``: an exponential moving average, targets <- m targets +
+  (1 - m) sources (MoCo v3's momentum encoder, DINO's teacher and centre).
 """
 
 from __future__ import annotations
 
 import math
 
+from collections.abc import Iterable
+
 import torch
 from torch import Tensor
 
-__all__ = ["cosine_schedule", "cosine_momentum"]
+__all__ = ["cosine_schedule", "cosine_momentum", "ema_update_", "decays", "NO_DECAY_NAMES"]
+
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token")  # any parameter whose name contains one
 
 
 def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0,
@@ -43,3 +53,36 @@ def cosine_momentum(base: float, step: int, max_steps: int) -> float:
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= max_steps:
         raise ValueError(f"step={step!r} must be an int in [0, max_steps={max_steps}]")
     return 1.0 - (1.0 - base) * (math.cos(math.pi * step / max_steps) + 1.0) / 2.0
+
+
+@torch.no_grad()
+def ema_update_(targets: Iterable[Tensor], sources: Iterable[Tensor], momentum: float) -> None:
+    """In place, for each pair: target <- m target + (1 - m) source, with m = ``momentum`` (no gradient).
+
+    ``targets`` and ``sources`` are matching sequences of tensors of equal shapes (e.g. the
+    parameters of a momentum encoder and of the online encoder, in the same order).
+    """
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum={momentum!r} must be a number in [0, 1]")
+    targets, sources = list(targets), list(sources)
+    if len(targets) != len(sources):
+        raise ValueError(f"{len(targets)} targets but {len(sources)} sources; they must pair up")
+    for target, source in zip(targets, sources):
+        if target.shape != source.shape:
+            raise ValueError(f"an EMA target of shape {tuple(target.shape)} is paired with a source of shape "
+                             f"{tuple(source.shape)}")
+        target.mul_(momentum).add_(source.detach(), alpha=1.0 - momentum)
+
+
+def decays(name: str, param: Tensor, exempt: Iterable[str] = ()) -> bool:
+    """Whether AdamW should decay the parameter ``name``: the package's one weight-decay rule.
+
+    No decay (timm's and MAE's rule) for biases, parameters with one dimension (norms,
+    LayerScale), names containing ``pos_embed``, ``cls_token`` or ``mask_token``, and names in
+    ``exempt`` (a model's ``no_weight_decay()``; matched as the whole name or its last parts).
+    """
+    if not isinstance(name, str) or not isinstance(param, Tensor):
+        raise TypeError(f"decays(name, param) takes a str and a Tensor, got {type(name).__name__} and "
+                        f"{type(param).__name__}")
+    return not (param.ndim <= 1 or name.endswith("bias") or any(t in name for t in NO_DECAY_NAMES)
+                or any(name == s or name.endswith("." + s) for s in exempt))

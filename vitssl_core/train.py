@@ -31,6 +31,12 @@ What a user can count on:
 - Distributed: under ``torchrun`` the method is wrapped in DDP (gloo on CPU, NCCL on GPU),
   its BatchNorm layers turned into SyncBatchNorm on GPUs (``sync_batchnorm``; torch syncs no
   CPU tensors); only rank 0 writes files or shows progress.
+
+``train`` reads as its steps: ``_set_up`` (processes, device, schedules, optimizer),
+``_start_or_resume``, ``_wrap_model``, ``_make_loader``, then ``_run``, which repeats
+``_train_step`` (``_forward_backward``, one collective, ``_optimizer_step``, ``_log_row``,
+``_save``). Device, precision and seeding rules come from ``runtime``, the weight-decay rule
+from ``schedules.decays``; both are shared with ``evaluate``.
 """
 
 from __future__ import annotations
@@ -40,15 +46,13 @@ import dataclasses
 import json
 import math
 import os
-import platform
-import random
 import signal
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -67,8 +71,21 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .distributed import all_reduce_sum, get_rank, get_world_size, is_distributed
-from .schedules import cosine_schedule
+from .distributed import all_reduce_sum, is_distributed
+# The runtime helpers lived here before runtime.py; they stay importable from vitssl_core.train.
+from .runtime import (
+    PRECISIONS,
+    DistInfo,
+    cleanup_distributed,
+    hardware,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+    setup_distributed,
+    sync_batchnorm,
+    to_device,
+)
+from .schedules import cosine_schedule, decays
 
 __all__ = [
     "TrainConfig",
@@ -88,9 +105,7 @@ __all__ = [
     "sync_batchnorm",
 ]
 
-PRECISIONS = ("auto", "bf16", "fp32")
 CLIP_MODES = ("global", "per_param")
-NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token")  # any parameter whose name contains one
 HISTORY_FILE = "history.jsonl"
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -182,130 +197,15 @@ class TrainConfig:
         return self.blr * self.batch_size * self.accum_steps * world_size / 256
 
 
-# --------------------------------------------------------------------------- processes and devices
-class DistInfo(NamedTuple):
-    rank: int
-    world_size: int
-    local_rank: int
-
-
-def setup_distributed() -> DistInfo:
-    """Join the process group that ``torchrun`` describes in RANK / WORLD_SIZE / LOCAL_RANK.
-
-    A no-op without those variables (one process) or when a group already exists. The backend is
-    gloo for CPU tensors and NCCL for CUDA tensors; on a GPU machine each process takes the GPU
-    ``LOCAL_RANK``.
-    """
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if dist.is_available() and dist.is_initialized():
-        return DistInfo(get_rank(), get_world_size(), local_rank)
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return DistInfo(0, 1, 0)
-    if not dist.is_available():
-        raise RuntimeError("RANK and WORLD_SIZE are set but this torch build has no torch.distributed")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        backend = "cpu:gloo,cuda:nccl"
-    else:
-        backend = "gloo"
-    dist.init_process_group(backend=backend, init_method="env://")
-    return DistInfo(get_rank(), get_world_size(), local_rank)
-
-
-def cleanup_distributed() -> None:
-    """Leave the process group, if there is one (call once, at the end of the program)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"``: the GPU ``LOCAL_RANK`` if CUDA is available, else the CPU; otherwise ``torch.device(device)``."""
-    if isinstance(device, torch.device):
-        return device
-    if not isinstance(device, str):
-        raise ValueError(f"device={device!r} must be 'auto' or a torch device string such as 'cpu' or 'cuda:0'")
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    try:
-        found = torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"device={device!r} is not a torch device; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from err
-    if found.type == "cuda":  # fail here, not deep in the first .to(device)
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={device!r}: CUDA is not available on this machine "
-                             f"({'a CPU-only torch build' if torch.version.cuda is None else 'no GPU found'}); "
-                             "use 'cpu' or 'auto'")
-        if found.index is not None and found.index >= torch.cuda.device_count():
-            raise ValueError(f"device={device!r}: this machine has {torch.cuda.device_count()} GPU(s), "
-                             f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
-    return found
-
-
-def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str:
-    """``"bf16"`` or ``"fp32"``; ``"auto"`` picks bf16 where it is fast (CUDA with bf16, CPU with AVX-512)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} is not one of {PRECISIONS}")
-    if precision != "auto":
-        return precision
-    device = resolve_device(device)
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu":
-        # AVX-512 (and AMX) CPUs run oneDNN's bf16 kernels natively; on AVX2 bf16 is emulated and slower.
-        return "bf16" if "AVX512" in torch.backends.cpu.get_cpu_capability() else "fp32"
-    return "fp32"
-
-
-def hardware(device: str | torch.device = "cpu") -> str:
-    """One line naming what runs this process: the GPU, or the CPU model, its kernels and threads."""
-    device = resolve_device(device)
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (GPU)"
-    name = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    return (f"{name} ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} thread(s) "
-            f"of {os.cpu_count()} cores")
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's ``random``, NumPy's global generator and torch (CPU and every GPU)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def sync_batchnorm(module: nn.Module, device: str | torch.device) -> nn.Module:
-    """``module`` with every BatchNorm turned into a SyncBatchNorm when ``device`` is a GPU; unchanged on a CPU.
-
-    Under DDP a plain BatchNorm normalises each process's batch on its own, and a contrastive
-    head can then tell its own samples from the gathered ones by their statistics; MoCo v3 and
-    DINO convert their whole model (``main_moco.py``, ``main_dino.py``) and SimCLR uses a global
-    BN. The converted layers share their parameters and buffers with the old ones, so the state
-    dict keys stay the same and an optimizer built before still holds the right tensors.
-    torch's SyncBatchNorm synchronises only GPU tensors (its forward raises on a CPU in a process
-    group, torch 2.14), so under gloo on CPUs each process keeps its own batch statistics.
-    """
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
-    if torch.device(device).type != "cuda":
-        return module
-    return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-
-
 # --------------------------------------------------------------------------- optimizer and schedules
 def param_groups(method: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Two AdamW groups: decayed weights, and undecayed biases / 1-D params / tokens.
 
-    No decay for names ending in ``bias``, parameters with one dimension (norms, LayerScale),
-    names containing ``pos_embed``, ``cls_token`` or ``mask_token``, and the names returned by
-    ``no_weight_decay()`` of the method or of its backbone. Frozen parameters
-    (``requires_grad=False``, e.g. an EMA teacher) are left out. Each group lists its ``names``.
+    The package's one rule (``schedules.decays``, which fine-tuning applies too): no decay for
+    names ending in ``bias``, parameters with one dimension (norms, LayerScale), names containing
+    ``pos_embed``, ``cls_token`` or ``mask_token``, and the names returned by ``no_weight_decay()``
+    of the method or of its backbone. Frozen parameters (``requires_grad=False``, e.g. an EMA
+    teacher) are left out. Each group lists its ``names``.
     """
     if not isinstance(method, nn.Module):
         raise TypeError(f"method must be an nn.Module, got {type(method).__name__}")
@@ -318,9 +218,7 @@ def param_groups(method: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     for name, p in method.named_parameters():
         if not p.requires_grad:
             continue
-        exempt = (p.ndim <= 1 or name.endswith("bias") or any(t in name for t in NO_DECAY_NAMES)
-                  or any(name == s or name.endswith("." + s) for s in skip))
-        group = no_decay if exempt else decay
+        group = decay if decays(name, p, skip) else no_decay
         group[0].append(name)
         group[1].append(p)
     if not decay[1] and not no_decay[1]:
@@ -442,17 +340,6 @@ class _StopSignals:
         self._restore()
 
 
-def _to_device(obj: Any, device: torch.device) -> Any:
-    """Tensors (also inside lists, tuples and dicts) moved to ``device``."""
-    if isinstance(obj, Tensor):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_device(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    return obj
-
-
 def _check_method(method: Any) -> None:
     if not isinstance(method, nn.Module):
         raise TypeError(f"method must be an nn.Module following the method protocol, got {type(method).__name__}")
@@ -490,7 +377,7 @@ def _read_history(path: Path, rows: int) -> list[dict[str, Any]]:
                 break
     if len(history) < rows:
         warnings.warn(f"{path} holds {len(history)} complete rows, the checkpoint expected {rows}; "
-                      "the history before the resume is incomplete", stacklevel=3)
+                      "the history before the resume is incomplete", stacklevel=5)  # train's caller
     return history
 
 
@@ -502,7 +389,7 @@ def _warn_config_changes(saved: dict[str, Any], config: TrainConfig) -> None:
                (list(now[k]) if isinstance(now[k], tuple) else now[k])]
     if changed:
         warnings.warn("resuming with a config that differs from the checkpoint's (" + "; ".join(changed) +
-                      "); the schedules follow the new config", stacklevel=3)
+                      "); the schedules follow the new config", stacklevel=5)  # train's caller
 
 
 def _same_on_all_ranks(value: int, device: torch.device, what: str) -> None:
@@ -533,7 +420,74 @@ def _non_finite(what: str, value: float, step: int, total: int, epoch: int, save
         f"{kept}. Lower the learning rate, set grad_clip, or use precision='fp32'.")
 
 
-# --------------------------------------------------------------------------- the loop
+# --------------------------------------------------------------------------- the loop's state
+def _empty_interval() -> dict[str, Any]:
+    """The sums since the last history row (checkpoints carry them, so a resumed row averages the same steps)."""
+    return {"steps": 0, "loss": 0.0, "grad_norm": 0.0, "logs": {}}
+
+
+@dataclass
+class _Setup:
+    """What ``train`` fixes once: processes, device, schedules, optimizer, model wrappers and data."""
+
+    method: nn.Module
+    config: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    bf16: bool
+    epoch_steps: int
+    total: int
+    lr_schedule: Tensor
+    wd_schedule: Tensor
+    groups: list[dict[str, Any]]
+    optimizer: torch.optim.Optimizer
+    out: Path | None
+    ckpt_root: Path | None
+    callback: Callable[[dict[str, Any]], None] | None = None
+    batch_transform: Callable[[Any], Any] | None = None
+    # set by _wrap_model and _make_loader
+    model: nn.Module | None = None
+    ddp: DistributedDataParallel | None = None
+    sampler: _ResumableSampler | None = None
+    generator: torch.Generator | None = None
+    loader: DataLoader | None = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def params(self) -> list[Tensor]:
+        return [p for g in self.groups for p in g["params"]]
+
+    @property
+    def images_per_step(self) -> int:
+        return self.config.batch_size * self.config.accum_steps * self.world
+
+
+@dataclass
+class _RunState:
+    """Where the run is: the position checkpoints save, and what one call of ``train`` tracks besides."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    pos: int = 0  # optimizer steps done in this epoch
+    history: list[dict[str, Any]] = field(default_factory=list)
+    interval: dict[str, Any] = field(default_factory=_empty_interval)
+    segments: list[dict[str, Any]] = field(default_factory=list)  # one per start or resume
+    last_saved: int | None = None  # the step of the newest checkpoint, None before the first
+    rng_snapshot: dict[str, Any] | None = None  # the RNGs as they are at the start of step `step`
+    updating: bool = False  # True while weights are half-way through an update: nothing may be saved then
+    batches: Iterator | None = None
+    t_start: float = 0.0
+    t_last: float = 0.0
+    bar: Any = None
+    history_file: Any = None
+    stop: _StopSignals = field(default_factory=_StopSignals)
+
+
+# --------------------------------------------------------------------------- the loop, step by step
 def train(
     method: nn.Module,
     dataset: Dataset,
@@ -555,6 +509,16 @@ def train(
     resuming stays exact. Rank 0 returns the whole history
     (also the rows from before a resume); other processes return the rows of this call.
     """
+    _check_train_args(method, dataset, config, callback, batch_transform)
+    setup = _set_up(method, dataset, config)
+    setup.callback, setup.batch_transform = callback, batch_transform
+    state = _start_or_resume(setup)
+    _wrap_model(setup)
+    _make_loader(setup, dataset)
+    return _run(setup, state)
+
+
+def _check_train_args(method: Any, dataset: Any, config: Any, callback: Any, batch_transform: Any) -> None:
     _check_method(method)
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
@@ -566,14 +530,16 @@ def train(
         raise TypeError(f"dataset must be a map-style Dataset (with __len__ and __getitem__), "
                         f"got {type(dataset).__name__}")
 
+
+def _set_up(method: nn.Module, dataset: Dataset, config: TrainConfig) -> _Setup:
+    """Processes, device and precision; the run's length, schedules and optimizer."""
     info = setup_distributed()
-    rank, world = info.rank, info.world_size
-    main = rank == 0
     device = resolve_device(config.device)
     bf16 = resolve_precision(config.precision, device) == "bf16"
     method.to(device)
     method.train()
 
+    world = info.world_size
     epoch_steps = steps_per_epoch(len(dataset), config, world)
     total = config.max_steps if config.max_steps is not None else config.epochs * epoch_steps
     lr_schedule, wd_schedule = make_schedules(config, total, epoch_steps, world)
@@ -582,222 +548,285 @@ def train(
     # CPU for vit_mini_28 (benchmarks/method_speed.py counts it in "update"), the same maths.
     fused = device.type in ("cpu", "cuda") and all(p.is_floating_point() for g in groups for p in g["params"])
     optimizer = torch.optim.AdamW(groups, lr=float(lr_schedule[0]), betas=config.betas, fused=fused)
-    images_per_step = config.batch_size * config.accum_steps * world
-
-    # ---- start fresh or resume
     out = Path(config.out_dir) if config.out_dir is not None else None
-    ckpt_root = out / CHECKPOINT_DIR if out is not None else None
-    found = latest_checkpoint(ckpt_root) if ckpt_root is not None and ckpt_root.is_dir() else None
+    return _Setup(method=method, config=config, rank=info.rank, world=world, device=device, bf16=bf16,
+                  epoch_steps=epoch_steps, total=total, lr_schedule=lr_schedule, wd_schedule=wd_schedule,
+                  groups=groups, optimizer=optimizer, out=out,
+                  ckpt_root=out / CHECKPOINT_DIR if out is not None else None)
+
+
+def _start_or_resume(setup: _Setup) -> _RunState:
+    """A fresh state (seeded), or the newest checkpoint's; then the run's files are (re)written."""
+    config, root = setup.config, setup.ckpt_root
+    found = latest_checkpoint(root) if root is not None and root.is_dir() else None
     if found is not None and not config.resume:
         raise FileExistsError(f"out_dir={config.out_dir!r} already holds a checkpoint ({found}); pass resume=True "
                               "to continue it, or choose another out_dir")
-    step, epoch, pos, history = 0, 0, 0, []
-    interval: dict[str, Any] = {"steps": 0, "loss": 0.0, "grad_norm": 0.0, "logs": {}}
-    segments: list[dict[str, Any]] = []  # one per start or resume: where, how fast, how long
     if found is not None:
-        weights, state = load_checkpoint(found)
-        try:
-            method.load_state_dict(weights)
-        except RuntimeError as err:  # torch lists every key; say in one line what does not fit
-            raise ValueError(f"the checkpoint {found} does not fit this {type(method).__name__}: "
-                             f"{_state_mismatch(method.state_dict(), weights)}; resume with the method, model and "
-                             "method arguments that wrote it, or choose another out_dir") from err
-        optimizer.load_state_dict(state["optimizer"])
-        step, epoch, pos, interval = state["step"], state["epoch"], state["pos"], state["interval"]
-        segments = list(state.get("segments", []))
-        if len(state["rng"]) == world:
-            set_rng_state(state["rng"][rank])
-        else:  # an emergency save of a multi-process run holds rank 0's RNG only
-            seed_everything(config.seed + rank + 7919 * step)
-            if rank != 0:
-                warnings.warn(f"the checkpoint holds RNG states for {len(state['rng'])} process(es), not {world}; "
-                              "process RNGs were reseeded", stacklevel=2)
-        if main:  # the history file and the warnings are rank 0's business
-            history = _read_history(out / HISTORY_FILE, state["history_len"])
-            _warn_config_changes(state["config"], config)
-        if main and state["world_size"] != world:
-            warnings.warn(f"the checkpoint was written by {state['world_size']} process(es), this run has {world}: "
-                          "the global batch and the order of samples change", stacklevel=2)
+        state = _resume(setup, found)
     else:
-        seed_everything(config.seed + rank)
-    _same_on_all_ranks(step, device, "the step to start from")
-    if step > total:
-        raise ValueError(f"the checkpoint is at step {step}, beyond this config's {total} steps")
-    if main and out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out / HISTORY_FILE, "".join(json.dumps(r) + "\n" for r in history).encode())
+        state = _RunState()
+        seed_everything(config.seed + setup.rank)
+    _same_on_all_ranks(state.step, setup.device, "the step to start from")
+    if state.step > setup.total:
+        raise ValueError(f"the checkpoint is at step {state.step}, beyond this config's {setup.total} steps")
+    if setup.main and setup.out is not None:
+        setup.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(setup.out / HISTORY_FILE, "".join(json.dumps(r) + "\n" for r in state.history).encode())
         if found is None:
-            atomic_write_json(out / CONFIG_FILE, {
-                **dataclasses.asdict(config), "world_size": world, "peak_lr": config.peak_lr(world),
-                "total_steps": total, "steps_per_epoch": epoch_steps, "precision_used": "bf16" if bf16 else "fp32"})
+            atomic_write_json(setup.out / CONFIG_FILE, {
+                **dataclasses.asdict(config), "world_size": setup.world, "peak_lr": config.peak_lr(setup.world),
+                "total_steps": setup.total, "steps_per_epoch": setup.epoch_steps,
+                "precision_used": "bf16" if setup.bf16 else "fp32"})
+    return state
 
-    # ---- model, data
-    if is_distributed():  # BatchNorm over the global batch: SyncBN on GPUs (a no-op on CPUs, see sync_batchnorm)
-        method = sync_batchnorm(method, device)
-    step_module = _StepModule(method)
-    ddp = None
-    model: nn.Module = step_module
-    if is_distributed():
-        ddp = DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
-        model = ddp
-    if config.compile:
-        model = torch.compile(model)
-    sampler = _ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=config.seed, drop_last=True)
-    generator = torch.Generator()
-    loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers,
-                        drop_last=True, generator=generator, pin_memory=device.type == "cuda",
-                        persistent_workers=config.num_workers > 0)
-    params = [p for g in groups for p in g["params"]]
 
-    segment = {"hardware": hardware(device), "world_size": world, "precision": "bf16" if bf16 else "fp32",
-               "from_step": step, "to_step": step, "seconds": 0.0}
-    segments.append(segment)
-    t_start = time.perf_counter()
-
-    def save(rng_states: list[dict[str, Any]]) -> None:
-        segment.update(to_step=step, seconds=round(time.perf_counter() - t_start, 1))
-        state = {"format": 1, "step": step, "epoch": epoch, "pos": pos, "optimizer": optimizer.state_dict(),
-                 "rng": rng_states, "config": dataclasses.asdict(config), "history_len": len(history),
-                 "interval": interval, "world_size": world, "torch_version": str(torch.__version__),
-                 "segments": segments}
-        save_checkpoint(ckpt_root, step, method.state_dict(), state)
-
-    def gather_rng() -> list[dict[str, Any]]:
-        if not is_distributed():
-            return [rng_snapshot]
-        states: list[Any] = [None] * world
-        dist.all_gather_object(states, rng_snapshot)
-        return states
-
-    last_saved = step if found is not None else None
-    rng_snapshot = rng_state()  # the RNGs as they are at the start of step `step`
-    updating = False  # True while weights are half-way through an update: nothing may be saved then
-    bar = tqdm(total=total, initial=step, disable=not (config.progress and main), unit="step", dynamic_ncols=True)
-    history_file = open(out / HISTORY_FILE, "a") if main and out is not None else None
-    batches: Iterator | None = None
-    t_last = time.perf_counter()
-    stop = _StopSignals()
+def _resume(setup: _Setup, found: Path) -> _RunState:
+    """Weights, optimizer, position, RNGs and history from the checkpoint ``found``."""
+    method, world, rank = setup.method, setup.world, setup.rank
+    weights, saved = load_checkpoint(found)
     try:
-        with stop:
-            while step < total:
-                if batches is None:  # a new epoch, or the rest of one after a resume
-                    if pos >= epoch_steps:
-                        epoch, pos = epoch + 1, 0
-                    sampler.set_epoch(epoch)
-                    sampler.start = pos * config.accum_steps * config.batch_size
-                    generator.manual_seed(int(np.random.SeedSequence([config.seed, epoch, rank]).generate_state(1)[0]))
-                    batches = iter(loader)
+        method.load_state_dict(weights)
+    except RuntimeError as err:  # torch lists every key; say in one line what does not fit
+        raise ValueError(f"the checkpoint {found} does not fit this {type(method).__name__}: "
+                         f"{_state_mismatch(method.state_dict(), weights)}; resume with the method, model and "
+                         "method arguments that wrote it, or choose another out_dir") from err
+    setup.optimizer.load_state_dict(saved["optimizer"])
+    state = _RunState(step=saved["step"], epoch=saved["epoch"], pos=saved["pos"], interval=saved["interval"],
+                      segments=list(saved.get("segments", [])), last_saved=saved["step"])
+    if len(saved["rng"]) == world:
+        set_rng_state(saved["rng"][rank])
+    else:  # an emergency save of a multi-process run holds rank 0's RNG only
+        seed_everything(setup.config.seed + rank + 7919 * state.step)
+        if rank != 0:
+            warnings.warn(f"the checkpoint holds RNG states for {len(saved['rng'])} process(es), not {world}; "
+                          "process RNGs were reseeded", stacklevel=4)
+    if setup.main:  # the history file and the warnings are rank 0's business
+        state.history = _read_history(setup.out / HISTORY_FILE, saved["history_len"])
+        _warn_config_changes(saved["config"], setup.config)
+    if setup.main and saved["world_size"] != world:
+        warnings.warn(f"the checkpoint was written by {saved['world_size']} process(es), this run has {world}: "
+                      "the global batch and the order of samples change", stacklevel=4)
+    return state
 
-                loss_sum = torch.zeros((), device=device)
-                logs_sum: dict[str, float] = {}
-                for micro in range(config.accum_steps):
-                    batch = _to_device(next(batches), device)
-                    if batch_transform is not None:
-                        with torch.no_grad():
-                            batch = batch_transform(batch)
-                    last_micro = micro == config.accum_steps - 1
-                    with ddp.no_sync() if ddp is not None and not last_micro else contextlib.nullcontext():
-                        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                            loss, logs = model(batch)
-                        if not isinstance(loss, Tensor) or loss.ndim != 0:
-                            raise TypeError(f"{type(method).__name__}.training_step must return (scalar Tensor, dict); "
-                                            f"got a loss of type {type(loss).__name__}")
-                        (loss.float() / config.accum_steps).backward()
-                    loss_sum += loss.detach().float()
-                    for k, v in logs.items():
-                        logs_sum[k] = logs_sum.get(k, 0.0) + float(v) / config.accum_steps
 
-                # one collective: the loss averaged over processes, and whether any process was told to stop
-                reduced = all_reduce_sum(torch.stack([loss_sum / config.accum_steps,
-                                                      torch.tensor(float(stop.requested is not None), device=device)]))
-                loss_value = reduced[0].item() / world
-                stop_now = reduced[1].item() > 0
-                if not math.isfinite(loss_value):
-                    raise _non_finite("loss", loss_value, step, total, epoch,
-                                      ckpt_root if last_saved is not None else None)
+def _wrap_model(setup: _Setup) -> None:
+    """The module each micro-batch runs: the method's training_step, under DDP and compile if asked."""
+    if is_distributed():  # BatchNorm over the global batch: SyncBN on GPUs (a no-op on CPUs, see sync_batchnorm)
+        setup.method = sync_batchnorm(setup.method, setup.device)
+    model: nn.Module = _StepModule(setup.method)
+    if is_distributed():
+        device = setup.device
+        setup.ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = setup.ddp
+    if setup.config.compile:
+        model = torch.compile(model)
+    setup.model = model
 
-                for group in optimizer.param_groups:
-                    group["lr"] = float(lr_schedule[step])
-                    group["weight_decay"] = float(wd_schedule[step]) if group["apply_wd"] else 0.0
-                grad_norm = None
-                if config.grad_clip is not None:
-                    clip = torch.nn.utils.clip_grad_norm_ if config.clip_mode == "global" else clip_grad_per_param_
-                    grad_norm = float(clip(params, config.grad_clip))
-                # A finite loss can still have non-finite gradients (an overflow in the backward); they must
-                # not reach AdamW either. Their joint norm is non-finite then: the clip's, or one fused pass.
-                # Under DDP every process holds the same reduced gradients, so all of them stop together.
-                norm = grad_norm if grad_norm is not None else float(torch.nn.utils.get_total_norm(
-                    [p.grad for p in params if p.grad is not None]))
-                if not math.isfinite(norm):
-                    raise _non_finite("gradient norm", norm, step, total, epoch,
-                                      ckpt_root if last_saved is not None else None)
-                if callable(getattr(method, "on_before_optimizer_step", None)):
-                    method.on_before_optimizer_step(step, total)
-                updating = True
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if callable(getattr(method, "on_step_end", None)):
-                    method.on_step_end(step, total)
-                step, pos = step + 1, pos + 1
-                updating = False
-                rng_snapshot = rng_state()
-                if pos >= epoch_steps:
-                    batches = None  # never fetch past the epoch's last full step
-                bar.update(1)
 
-                interval["steps"] += 1
-                interval["loss"] += loss_value
-                interval["grad_norm"] += grad_norm or 0.0
-                for k, v in logs_sum.items():
-                    interval["logs"][k] = interval["logs"].get(k, 0.0) + v
-                if step % config.log_every == 0 or step == total:
-                    now = time.perf_counter()
-                    n = interval["steps"]
-                    row = {k: v / n for k, v in interval["logs"].items()}
-                    row.update(step=step, epoch=round(step / epoch_steps, 4), loss=interval["loss"] / n,
-                               lr=float(lr_schedule[step - 1]), wd=float(wd_schedule[step - 1]),
-                               img_per_s=n * images_per_step / max(now - t_last, 1e-9),
-                               wall_s=round(sum(g["seconds"] for g in segments[:-1]) + now - t_start, 1))
-                    if config.grad_clip is not None:
-                        row["grad_norm"] = interval["grad_norm"] / n
-                    history.append(row)
-                    interval = {"steps": 0, "loss": 0.0, "grad_norm": 0.0, "logs": {}}
-                    t_last = now
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['img_per_s']:.0f}",
-                                    refresh=False)
-                    if history_file is not None:
-                        history_file.write(json.dumps(row) + "\n")
-                        history_file.flush()
-                    if callback is not None and main:
-                        callback(row)
-                    rng_snapshot = rng_state()  # a callback may draw random numbers: resume after it
+def _make_loader(setup: _Setup, dataset: Dataset) -> None:
+    """A sampler whose order depends only on (seed, epoch) and a loader with its own seeded generator."""
+    config = setup.config
+    setup.sampler = _ResumableSampler(dataset, num_replicas=setup.world, rank=setup.rank, shuffle=True,
+                                      seed=config.seed, drop_last=True)
+    setup.generator = torch.Generator()
+    setup.loader = DataLoader(dataset, batch_size=config.batch_size, sampler=setup.sampler,
+                              num_workers=config.num_workers, drop_last=True, generator=setup.generator,
+                              pin_memory=setup.device.type == "cuda", persistent_workers=config.num_workers > 0)
 
-                every = config.checkpoint_every
-                if ckpt_root is not None and (step == total or stop_now or (every is not None and step % every == 0)):
-                    rngs = gather_rng()
-                    if main:
-                        save(rngs)
-                    last_saved = step
-                if stop_now:
-                    where = f"; checkpoint saved in {ckpt_root}, continue with resume=True" if ckpt_root else ""
-                    raise KeyboardInterrupt(f"training stopped by {stop.requested or 'another process'} "
-                                            f"after step {step}{where}")
+
+def _run(setup: _Setup, state: _RunState) -> list[dict[str, Any]]:
+    """Steps until the end; on an interruption or error the last completed step is saved first."""
+    state.segments.append({"hardware": hardware(setup.device), "world_size": setup.world,
+                           "precision": "bf16" if setup.bf16 else "fp32", "from_step": state.step,
+                           "to_step": state.step, "seconds": 0.0})
+    state.t_start = time.perf_counter()
+    state.rng_snapshot = rng_state()
+    state.bar = tqdm(total=setup.total, initial=state.step, disable=not (setup.config.progress and setup.main),
+                     unit="step", dynamic_ncols=True)
+    state.history_file = open(setup.out / HISTORY_FILE, "a") if setup.main and setup.out is not None else None
+    state.t_last = time.perf_counter()
+    try:
+        with state.stop:
+            while state.step < setup.total:
+                _train_step(setup, state)
     except FloatingPointError:
         raise
     except BaseException as err:
-        if main and ckpt_root is not None and not updating and step > 0 and last_saved != step:
-            try:
-                save([rng_snapshot])  # no collective here: another process may be gone
-            except Exception as save_err:  # the original error matters more; say what happened
-                err.add_note(f"vitssl: saving a checkpoint at step {step} failed too: {save_err!r}")
-            else:
-                err.add_note(f"vitssl: checkpoint of step {step} saved in {ckpt_root}; continue with resume=True")
-        if stop.requested is not None and not isinstance(err, KeyboardInterrupt):
-            raise KeyboardInterrupt(f"training stopped by {stop.requested} at step {step}") from err
+        _save_after_error(setup, state, err)
+        if state.stop.requested is not None and not isinstance(err, KeyboardInterrupt):
+            raise KeyboardInterrupt(f"training stopped by {state.stop.requested} at step {state.step}") from err
         raise
     finally:
-        bar.close()
-        if history_file is not None:
-            history_file.close()
-        del batches
-    return history
+        state.bar.close()
+        if state.history_file is not None:
+            state.history_file.close()
+        state.batches = None
+    return state.history
+
+
+def _train_step(setup: _Setup, state: _RunState) -> None:
+    """One optimizer step: micro-batches, one collective, checks, update, then the row and checkpoint due."""
+    if state.batches is None:  # a new epoch, or the rest of one after a resume
+        _start_epoch(setup, state)
+    loss_sum, logs = _forward_backward(setup, state)
+    # one collective: the loss averaged over processes, and whether any process was told to stop
+    stopping = torch.tensor(float(state.stop.requested is not None), device=setup.device)
+    reduced = all_reduce_sum(torch.stack([loss_sum / setup.config.accum_steps, stopping]))
+    loss_value = reduced[0].item() / setup.world
+    stop_now = reduced[1].item() > 0
+    if not math.isfinite(loss_value):
+        raise _non_finite("loss", loss_value, state.step, setup.total, state.epoch,
+                          setup.ckpt_root if state.last_saved is not None else None)
+    grad_norm = _optimizer_step(setup, state)
+    state.bar.update(1)
+    _accumulate(state, loss_value, grad_norm, logs)
+    if state.step % setup.config.log_every == 0 or state.step == setup.total:
+        _log_row(setup, state)
+    every = setup.config.checkpoint_every
+    if setup.ckpt_root is not None and (state.step == setup.total or stop_now
+                                        or (every is not None and state.step % every == 0)):
+        rngs = _gather_rng(setup, state)
+        if setup.main:
+            _save(setup, state, rngs)
+        state.last_saved = state.step
+    if stop_now:
+        where = f"; checkpoint saved in {setup.ckpt_root}, continue with resume=True" if setup.ckpt_root else ""
+        raise KeyboardInterrupt(f"training stopped by {state.stop.requested or 'another process'} "
+                                f"after step {state.step}{where}")
+
+
+def _start_epoch(setup: _Setup, state: _RunState) -> None:
+    """Batches from ``state.pos`` of the epoch on, in the order that depends only on (seed, epoch, rank)."""
+    config = setup.config
+    if state.pos >= setup.epoch_steps:
+        state.epoch, state.pos = state.epoch + 1, 0
+    setup.sampler.set_epoch(state.epoch)
+    setup.sampler.start = state.pos * config.accum_steps * config.batch_size
+    setup.generator.manual_seed(int(np.random.SeedSequence([config.seed, state.epoch, setup.rank])
+                                    .generate_state(1)[0]))
+    state.batches = iter(setup.loader)
+
+
+def _forward_backward(setup: _Setup, state: _RunState) -> tuple[Tensor, dict[str, float]]:
+    """Gradients of one step summed over ``accum_steps`` micro-batches; (summed loss, mean logs)."""
+    config, device, method = setup.config, setup.device, setup.method
+    loss_sum = torch.zeros((), device=device)
+    logs_sum: dict[str, float] = {}
+    for micro in range(config.accum_steps):
+        batch = to_device(next(state.batches), device)
+        if setup.batch_transform is not None:
+            with torch.no_grad():
+                batch = setup.batch_transform(batch)
+        last_micro = micro == config.accum_steps - 1
+        # gradients are reduced across processes only with the last micro-batch
+        with setup.ddp.no_sync() if setup.ddp is not None and not last_micro else contextlib.nullcontext():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=setup.bf16):
+                loss, logs = setup.model(batch)
+            if not isinstance(loss, Tensor) or loss.ndim != 0:
+                raise TypeError(f"{type(method).__name__}.training_step must return (scalar Tensor, dict); "
+                                f"got a loss of type {type(loss).__name__}")
+            (loss.float() / config.accum_steps).backward()
+        loss_sum += loss.detach().float()
+        for k, v in logs.items():
+            logs_sum[k] = logs_sum.get(k, 0.0) + float(v) / config.accum_steps
+    return loss_sum, logs_sum
+
+
+def _optimizer_step(setup: _Setup, state: _RunState) -> float | None:
+    """Schedules, clipping, the finite-gradient check, the method's hooks and AdamW; the norm if clipped."""
+    config, method, optimizer, step = setup.config, setup.method, setup.optimizer, state.step
+    for group in optimizer.param_groups:
+        group["lr"] = float(setup.lr_schedule[step])
+        group["weight_decay"] = float(setup.wd_schedule[step]) if group["apply_wd"] else 0.0
+    params = setup.params
+    grad_norm = None
+    if config.grad_clip is not None:
+        clip = torch.nn.utils.clip_grad_norm_ if config.clip_mode == "global" else clip_grad_per_param_
+        grad_norm = float(clip(params, config.grad_clip))
+    # A finite loss can still have non-finite gradients (an overflow in the backward); they must
+    # not reach AdamW either. Their joint norm is non-finite then: the clip's, or one fused pass.
+    # Under DDP every process holds the same reduced gradients, so all of them stop together.
+    norm = grad_norm if grad_norm is not None else float(torch.nn.utils.get_total_norm(
+        [p.grad for p in params if p.grad is not None]))
+    if not math.isfinite(norm):
+        raise _non_finite("gradient norm", norm, step, setup.total, state.epoch,
+                          setup.ckpt_root if state.last_saved is not None else None)
+    if callable(getattr(method, "on_before_optimizer_step", None)):
+        method.on_before_optimizer_step(step, setup.total)
+    state.updating = True
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if callable(getattr(method, "on_step_end", None)):
+        method.on_step_end(step, setup.total)
+    state.step, state.pos = step + 1, state.pos + 1
+    state.updating = False
+    state.rng_snapshot = rng_state()
+    if state.pos >= setup.epoch_steps:
+        state.batches = None  # never fetch past the epoch's last full step
+    return grad_norm
+
+
+def _accumulate(state: _RunState, loss_value: float, grad_norm: float | None, logs: dict[str, float]) -> None:
+    interval = state.interval
+    interval["steps"] += 1
+    interval["loss"] += loss_value
+    interval["grad_norm"] += grad_norm or 0.0
+    for k, v in logs.items():
+        interval["logs"][k] = interval["logs"].get(k, 0.0) + v
+
+
+def _log_row(setup: _Setup, state: _RunState) -> None:
+    """The interval's means as one history row: to the history, the file, the bar and the callback."""
+    now = time.perf_counter()
+    interval, step = state.interval, state.step
+    n = interval["steps"]
+    row = {k: v / n for k, v in interval["logs"].items()}
+    row.update(step=step, epoch=round(step / setup.epoch_steps, 4), loss=interval["loss"] / n,
+               lr=float(setup.lr_schedule[step - 1]), wd=float(setup.wd_schedule[step - 1]),
+               img_per_s=n * setup.images_per_step / max(now - state.t_last, 1e-9),
+               wall_s=round(sum(g["seconds"] for g in state.segments[:-1]) + now - state.t_start, 1))
+    if setup.config.grad_clip is not None:
+        row["grad_norm"] = interval["grad_norm"] / n
+    state.history.append(row)
+    state.interval = _empty_interval()
+    state.t_last = now
+    state.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['img_per_s']:.0f}",
+                          refresh=False)
+    if state.history_file is not None:
+        state.history_file.write(json.dumps(row) + "\n")
+        state.history_file.flush()
+    if setup.callback is not None and setup.main:
+        setup.callback(row)
+    state.rng_snapshot = rng_state()  # a callback may draw random numbers: resume after it
+
+
+def _gather_rng(setup: _Setup, state: _RunState) -> list[dict[str, Any]]:
+    """Every process's RNG snapshot, in rank order (a collective under DDP)."""
+    if not is_distributed():
+        return [state.rng_snapshot]
+    states: list[Any] = [None] * setup.world
+    dist.all_gather_object(states, state.rng_snapshot)
+    return states
+
+
+def _save(setup: _Setup, state: _RunState, rng_states: list[dict[str, Any]]) -> None:
+    """A checkpoint of step ``state.step``: weights, optimizer, position, RNGs and this segment's time."""
+    state.segments[-1].update(to_step=state.step, seconds=round(time.perf_counter() - state.t_start, 1))
+    saved = {"format": 1, "step": state.step, "epoch": state.epoch, "pos": state.pos,
+             "optimizer": setup.optimizer.state_dict(), "rng": rng_states, "config": dataclasses.asdict(setup.config),
+             "history_len": len(state.history), "interval": state.interval, "world_size": setup.world,
+             "torch_version": str(torch.__version__), "segments": state.segments}
+    save_checkpoint(setup.ckpt_root, state.step, setup.method.state_dict(), saved)
+
+
+def _save_after_error(setup: _Setup, state: _RunState, err: BaseException) -> None:
+    """Save the last completed step if no checkpoint holds it yet, and say so in a note on ``err``."""
+    step = state.step
+    if setup.main and setup.ckpt_root is not None and not state.updating and step > 0 and state.last_saved != step:
+        try:
+            _save(setup, state, [state.rng_snapshot])  # no collective here: another process may be gone
+        except Exception as save_err:  # the original error matters more; say what happened
+            err.add_note(f"vitssl: saving a checkpoint at step {step} failed too: {save_err!r}")
+        else:
+            err.add_note(f"vitssl: checkpoint of step {step} saved in {setup.ckpt_root}; continue with resume=True")

@@ -60,14 +60,26 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--train {args.train} + {n_val} validation images exceed the {len(x)} training images")
     train, val = (x[: args.train], y[: args.train]), (x[-n_val:], y[-n_val:])
     protocol = _protocol()
-    print(f"card     crop     val top-1   seconds   ({args.epochs} epochs on {args.train} images, "
-          f"validated on the last {n_val} training images)")
+    print(
+        f"card     crop     val top-1   seconds   ({args.epochs} epochs on {args.train} images, "
+        f"validated on the last {n_val} training images)"
+    )
     for card in args.cards:
         for crop in args.crops:
             backbone, normalize = _backbone(card)
             start = time.perf_counter()
-            result = finetune(backbone, train, val, 10, epochs=args.epochs, normalize=normalize, precision="fp32",
-                              seed=0, crop_scale=CROPS[crop], **protocol)
+            result = finetune(
+                backbone,
+                train,
+                val,
+                10,
+                epochs=args.epochs,
+                normalize=normalize,
+                precision="fp32",
+                seed=0,
+                crop_scale=CROPS[crop],
+                **protocol,
+            )
             print(f"{card:8s} {crop:8s} {result['top1']:9.2f} {time.perf_counter() - start:9.0f}", flush=True)
 
 

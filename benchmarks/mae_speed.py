@@ -24,22 +24,46 @@ from vitssl_core.vit import ViT
 
 
 def build_ours(a, mask_ratio: float) -> MAE:
-    enc = ViT(img_size=a.img_size, patch_size=a.patch_size, in_chans=a.in_chans, embed_dim=a.embed_dim,
-              depth=a.depth, num_heads=a.num_heads, pos_embed="sincos")
-    return MAE(enc, decoder_embed_dim=a.dec_dim, decoder_depth=a.dec_depth, decoder_num_heads=a.dec_heads,
-               mask_ratio=mask_ratio, norm_pix_loss=True)
+    enc = ViT(
+        img_size=a.img_size,
+        patch_size=a.patch_size,
+        in_chans=a.in_chans,
+        embed_dim=a.embed_dim,
+        depth=a.depth,
+        num_heads=a.num_heads,
+        pos_embed="sincos",
+    )
+    return MAE(
+        enc,
+        decoder_embed_dim=a.dec_dim,
+        decoder_depth=a.dec_depth,
+        decoder_num_heads=a.dec_heads,
+        mask_ratio=mask_ratio,
+        norm_pix_loss=True,
+    )
 
 
 def build_hf(a, mask_ratio: float):
     from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
     cfg = ViTMAEConfig(
-        hidden_size=a.embed_dim, num_hidden_layers=a.depth, num_attention_heads=a.num_heads,
-        intermediate_size=4 * a.embed_dim, image_size=a.img_size, patch_size=a.patch_size,
-        num_channels=a.in_chans, decoder_hidden_size=a.dec_dim, decoder_num_hidden_layers=a.dec_depth,
-        decoder_num_attention_heads=a.dec_heads, decoder_intermediate_size=4 * a.dec_dim,
-        mask_ratio=mask_ratio, norm_pix_loss=True, layer_norm_eps=1e-6, qkv_bias=True,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        hidden_size=a.embed_dim,
+        num_hidden_layers=a.depth,
+        num_attention_heads=a.num_heads,
+        intermediate_size=4 * a.embed_dim,
+        image_size=a.img_size,
+        patch_size=a.patch_size,
+        num_channels=a.in_chans,
+        decoder_hidden_size=a.dec_dim,
+        decoder_num_hidden_layers=a.dec_depth,
+        decoder_num_attention_heads=a.dec_heads,
+        decoder_intermediate_size=4 * a.dec_dim,
+        mask_ratio=mask_ratio,
+        norm_pix_loss=True,
+        layer_norm_eps=1e-6,
+        qkv_bias=True,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     try:
         return ViTMAEForPreTraining._from_config(cfg, attn_implementation="sdpa")  # fused attention, like ours
@@ -90,9 +114,11 @@ def compare(a, device, amp: bool) -> None:
             times[name].append(steps[name]())
     med = {k: statistics.median(v) for k, v in times.items()}
     label = "bf16 autocast" if amp else "fp32"
-    print(f"[{label}] ours {a.batch_size / med['ours']:8.1f} img/s ({1e3 * med['ours']:7.1f} ms/step)   "
-          f"HF ViTMAEForPreTraining {a.batch_size / med['hf']:8.1f} img/s ({1e3 * med['hf']:7.1f} ms/step)   "
-          f"ratio {med['hf'] / med['ours']:.2f}x")
+    print(
+        f"[{label}] ours {a.batch_size / med['ours']:8.1f} img/s ({1e3 * med['ours']:7.1f} ms/step)   "
+        f"HF ViTMAEForPreTraining {a.batch_size / med['hf']:8.1f} img/s ({1e3 * med['hf']:7.1f} ms/step)   "
+        f"ratio {med['hf'] / med['ours']:.2f}x"
+    )
 
 
 def scaling(a, device) -> None:
@@ -111,8 +137,10 @@ def scaling(a, device) -> None:
     L = (a.img_size // a.patch_size) ** 2
     for r, t in times.items():
         med = statistics.median(t)
-        print(f"[fp32] mask ratio {r:4.2f}: encoder sees 1+{int(L * (1 - r)):3d} of 1+{L} tokens, "
-              f"{1e3 * med:7.1f} ms/step, {a.batch_size / med:8.1f} img/s, {med / base:.2f}x the 0.75 step time")
+        print(
+            f"[fp32] mask ratio {r:4.2f}: encoder sees 1+{int(L * (1 - r)):3d} of 1+{L} tokens, "
+            f"{1e3 * med:7.1f} ms/step, {a.batch_size / med:8.1f} img/s, {med / base:.2f}x the 0.75 step time"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -143,16 +171,20 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(a.device)
     import transformers
 
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, device {device}, "
-          f"threads {torch.get_num_threads()}")
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, device {device}, "
+        f"threads {torch.get_num_threads()}"
+    )
     ours, hf = build_ours(a, a.mask_ratio), build_hf(a, a.mask_ratio)
 
     def n(m):
         return sum(p.numel() for p in m.parameters() if p.requires_grad)
 
-    print(f"encoder D={a.embed_dim} depth={a.depth} heads={a.num_heads}, decoder D={a.dec_dim} "
-          f"depth={a.dec_depth} heads={a.dec_heads}, {a.img_size}x{a.img_size}x{a.in_chans} patch {a.patch_size}, "
-          f"batch {a.batch_size}, mask ratio {a.mask_ratio}; trainable params ours {n(ours):,} HF {n(hf):,}")
+    print(
+        f"encoder D={a.embed_dim} depth={a.depth} heads={a.num_heads}, decoder D={a.dec_dim} "
+        f"depth={a.dec_depth} heads={a.dec_heads}, {a.img_size}x{a.img_size}x{a.in_chans} patch {a.patch_size}, "
+        f"batch {a.batch_size}, mask ratio {a.mask_ratio}; trainable params ours {n(ours):,} HF {n(hf):,}"
+    )
     del ours, hf
     compare(a, device, amp=False)
     if not a.skip_bf16:

@@ -38,7 +38,8 @@ PARTS = ("data", "views", "forward", "backward", "update")
 # --quick: a smoke test of every code path in seconds, not a measurement.
 QUICK_VIT = {"embed_dim": 32, "depth": 1, "num_heads": 2}
 QUICK_METHOD_ARGS = {
-    "simclr": {"hidden_dim": 32}, "mocov3": {"hidden_dim": 32},
+    "simclr": {"hidden_dim": 32},
+    "mocov3": {"hidden_dim": 32},
     "dino": {"out_dim": 64, "hidden_dim": 32, "n_local_crops": 2},
     "mae": {"decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2},
     "beit": {"vocab_size": 16, "tokenizer_images": 64},
@@ -105,8 +106,12 @@ def time_method(name: str, base, info: DataInfo, args, per_image: bool = False, 
                 times[part].append(dt)
     median = {part: statistics.median(v) for part, v in times.items()}
     step = sum(median.values())
-    return {**median, "step": step, "img_per_s": args.batch_size / step,
-            "outside": (median["data"] + median["views"] + median["update"]) / step}
+    return {
+        **median,
+        "step": step,
+        "img_per_s": args.batch_size / step,
+        "outside": (median["data"] + median["views"] + median["update"]) / step,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -130,8 +135,10 @@ def main(argv: list[str] | None = None) -> None:
         base = Subset(base, range(64))
     stats = data.NORMALIZE["fashion_mnist"]
     info = DataInfo("fashion_mnist", 28, 1, tuple(stats["mean"]), tuple(stats["std"]), 10)
-    print(f"vit_mini_28, batch {args.batch_size}, {args.precision}, {torch.get_num_threads()} thread(s), "
-          f"median of {args.steps} steps (ms)")
+    print(
+        f"vit_mini_28, batch {args.batch_size}, {args.precision}, {torch.get_num_threads()} thread(s), "
+        f"median of {args.steps} steps (ms)"
+    )
     header = f"{'method':<22}{'img/s':>7}" + "".join(f"{p:>9}" for p in PARTS) + f"{'outside':>9}"
     print(header)
     for name in args.methods:
@@ -142,8 +149,12 @@ def main(argv: list[str] | None = None) -> None:
             variants.append((" compiled", False, True))
         for suffix, per_image, compiled in variants:
             r = time_method(name, base, info, args, per_image=per_image, compiled=compiled)
-            print(f"{name + suffix:<22}{r['img_per_s']:>7.0f}" + "".join(f"{1000 * r[p]:>9.1f}" for p in PARTS)
-                  + f"{100 * r['outside']:>8.0f}%", flush=True)
+            print(
+                f"{name + suffix:<22}{r['img_per_s']:>7.0f}"
+                + "".join(f"{1000 * r[p]:>9.1f}" for p in PARTS)
+                + f"{100 * r['outside']:>8.0f}%",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -54,16 +54,21 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.batch_size, args.steps, args.curve_steps, args.curve_batch_size = 4, 1, 2, 4
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"{args.threads} thread(s); precision='auto' here means {resolve_precision('auto', 'cpu')}", flush=True)
+    print(
+        f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"{args.threads} thread(s); precision='auto' here means {resolve_precision('auto', 'cpu')}",
+        flush=True,
+    )
 
     norm = normalize("fashion_mnist")
     data = FashionMNIST(train=False, transform=norm)
     n = max(args.batch_size * (args.steps + 1), args.curve_batch_size * args.curve_steps)
     images = torch.stack([data[i][0] for i in range(n)])  # (n, 1, 28, 28)
     labels = data.targets[:n]
-    batches = [(images[i:i + args.batch_size], labels[i:i + args.batch_size])
-               for i in range(0, args.batch_size * (args.steps + 1), args.batch_size)]
+    batches = [
+        (images[i : i + args.batch_size], labels[i : i + args.batch_size])
+        for i in range(0, args.batch_size * (args.steps + 1), args.batch_size)
+    ]
 
     # ---- 1. speed, interleaved
     torch.manual_seed(0)
@@ -89,8 +94,16 @@ def main(argv: list[str] | None = None) -> None:
     init = Supervised(vit_tiny_28(), num_classes=10)
     curves = {}
     for precision in ("fp32", "bf16"):
-        config = TrainConfig(max_steps=args.curve_steps, batch_size=args.curve_batch_size, blr=1e-3, warmup_steps=min(3, args.curve_steps // 2),
-                             precision=precision, log_every=1, progress=False, seed=0)
+        config = TrainConfig(
+            max_steps=args.curve_steps,
+            batch_size=args.curve_batch_size,
+            blr=1e-3,
+            warmup_steps=min(3, args.curve_steps // 2),
+            precision=precision,
+            log_every=1,
+            progress=False,
+            seed=0,
+        )
         curves[precision] = [row["loss"] for row in train(copy.deepcopy(init), dataset, config)]
     rel = [abs(b - a) / abs(a) for a, b in zip(curves["fp32"], curves["bf16"])]
     print(f"\nloss curves over {args.curve_steps} steps of batch {args.curve_batch_size}, same init, same batches:")

@@ -162,8 +162,9 @@ class Result:
         return statistics.median(t / o for o, t in zip(self.ours_cpu, self.timm_cpu))
 
 
-def bench(ours: nn.Module, theirs: nn.Module, x: Tensor, y: Tensor, bf16: bool, warmup: int, iters: int
-          ) -> dict[str, list[float]]:
+def bench(
+    ours: nn.Module, theirs: nn.Module, x: Tensor, y: Tensor, bf16: bool, warmup: int, iters: int
+) -> dict[str, list[float]]:
     """Interleaved timings: per iteration one step of each model, the order flipped every iteration."""
     out: dict[str, list[float]] = {"ours_s": [], "timm_s": [], "ours_cpu": [], "timm_cpu": []}
     for i in range(warmup + iters):
@@ -188,9 +189,20 @@ def format_table(results: list[Result]) -> str:
     rows = [head]
     for r in results:
         p = r.paired
-        rows.append((r.config, str(r.batch), r.precision, str(r.threads),
-                     _fmt_rate(r.ours_ips), _fmt_rate(r.timm_ips), f"{r.ratio:.3f}",
-                     f"{statistics.median(p):.3f}", f"{min(p):.2f}..{max(p):.2f}", f"{r.cpu_ratio:.3f}"))
+        rows.append(
+            (
+                r.config,
+                str(r.batch),
+                r.precision,
+                str(r.threads),
+                _fmt_rate(r.ours_ips),
+                _fmt_rate(r.timm_ips),
+                f"{r.ratio:.3f}",
+                f"{statistics.median(p):.3f}",
+                f"{min(p):.2f}..{max(p):.2f}",
+                f"{r.cpu_ratio:.3f}",
+            )
+        )
     widths = [max(len(row[j]) for row in rows) for j in range(len(head))]
     left = {0, 2}  # text columns left-aligned, numbers right-aligned
 
@@ -223,21 +235,42 @@ def _positive_int(text: str) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", type=_csv(str, tuple(CONFIGS)), default=list(CONFIGS),
-                   help=f"comma-separated subset of {','.join(CONFIGS)} (default: all)")
-    p.add_argument("--precisions", type=_csv(str, PRECISIONS), default=list(PRECISIONS),
-                   help="comma-separated subset of fp32,bf16 (default: both)")
-    p.add_argument("--batch", type=_positive_int, default=None,
-                   help="batch size for every config and precision (default fp32/bf16: " +
-                        ", ".join(f"{k} {c.batch}/{c.bf16_batch}" for k, c in CONFIGS.items()) + ")")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--configs",
+        type=_csv(str, tuple(CONFIGS)),
+        default=list(CONFIGS),
+        help=f"comma-separated subset of {','.join(CONFIGS)} (default: all)",
+    )
+    p.add_argument(
+        "--precisions",
+        type=_csv(str, PRECISIONS),
+        default=list(PRECISIONS),
+        help="comma-separated subset of fp32,bf16 (default: both)",
+    )
+    p.add_argument(
+        "--batch",
+        type=_positive_int,
+        default=None,
+        help="batch size for every config and precision (default fp32/bf16: "
+        + ", ".join(f"{k} {c.batch}/{c.bf16_batch}" for k, c in CONFIGS.items())
+        + ")",
+    )
     p.add_argument("--iters", type=_positive_int, default=5, help="timed iterations per model (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations per model first (default 1)")
-    p.add_argument("--threads", type=_csv(_positive_int), default=[1],
-                   help="comma-separated torch thread counts to try, e.g. 1,2 (default 1)")
-    p.add_argument("--quick", action="store_true",
-                   help="vit_tiny_28 only, fp32, batch 4, one timed iteration: a smoke test in seconds")
+    p.add_argument(
+        "--threads",
+        type=_csv(_positive_int),
+        default=[1],
+        help="comma-separated torch thread counts to try, e.g. 1,2 (default 1)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="vit_tiny_28 only, fp32, batch 4, one timed iteration: a smoke test in seconds",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.configs, args.precisions, args.batch, args.iters, args.warmup = ["vit_tiny_28"], ["fp32"], 4, 1, 0
@@ -250,11 +283,15 @@ def main(argv: list[str] | None = None) -> list[Result]:
     args = parse_args(argv)
     torch.manual_seed(0)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"torch {torch.__version__}  timm {timm.__version__}  vitssl_core {vitssl_core.__version__}  "
-          f"python {platform.python_version()}  cpu {torch.backends.cpu.get_cpu_capability()}  "
-          f"cores {os.cpu_count()}  load(1min) {load:.1f}")
-    print(f"step = forward + cross-entropy + backward; warm-up {args.warmup}, median of {args.iters}, "
-          "ours/timm interleaved\n")
+    print(
+        f"torch {torch.__version__}  timm {timm.__version__}  vitssl_core {vitssl_core.__version__}  "
+        f"python {platform.python_version()}  cpu {torch.backends.cpu.get_cpu_capability()}  "
+        f"cores {os.cpu_count()}  load(1min) {load:.1f}"
+    )
+    print(
+        f"step = forward + cross-entropy + backward; warm-up {args.warmup}, median of {args.iters}, "
+        "ours/timm interleaved\n"
+    )
     start = time.perf_counter()
     results = []
     for name in args.configs:
@@ -272,9 +309,12 @@ def main(argv: list[str] | None = None) -> list[Result]:
                 times = bench(ours, theirs, x, y, precision == "bf16", args.warmup, args.iters)
                 results.append(Result(name, batch, precision, threads, **times))
                 r = results[-1]
-                print(f"  {precision} threads={threads}: ours {_fmt_rate(r.ours_ips)} img/s, "
-                      f"timm {_fmt_rate(r.timm_ips)} img/s, "
-                      f"ratio {r.ratio:.3f}, cpu ratio {r.cpu_ratio:.3f}", flush=True)
+                print(
+                    f"  {precision} threads={threads}: ours {_fmt_rate(r.ours_ips)} img/s, "
+                    f"timm {_fmt_rate(r.timm_ips)} img/s, "
+                    f"ratio {r.ratio:.3f}, cpu ratio {r.cpu_ratio:.3f}",
+                    flush=True,
+                )
     print()
     print(format_table(results))
     print(f"\ntotal {time.perf_counter() - start:.0f} s")

@@ -77,11 +77,14 @@ def _replace_mermaid_script(app: Sphinx) -> None:
     """Disconnect sphinxcontrib-mermaid's ES-module script writer; ours takes its place."""
     from sphinxcontrib import mermaid as sphinx_mermaid
 
-    listeners = [lst for lst in app.events.listeners.get("html-page-context", [])
-                 if lst.handler is sphinx_mermaid.install_js]
+    listeners = [
+        lst for lst in app.events.listeners.get("html-page-context", []) if lst.handler is sphinx_mermaid.install_js
+    ]
     if not listeners:
-        raise ExtensionError("offline_site: sphinxcontrib.mermaid.install_js is not connected to "
-                             "html-page-context; this sphinxcontrib-mermaid version is not supported")
+        raise ExtensionError(
+            "offline_site: sphinxcontrib.mermaid.install_js is not connected to "
+            "html-page-context; this sphinxcontrib-mermaid version is not supported"
+        )
     for listener in listeners:
         app.disconnect(listener.id)
 
@@ -106,8 +109,7 @@ def _add_mermaid_js(app: Sphinx, pagename: str, templatename: str, context: dict
         return
     init = {k: v for k, v in (app.config.mermaid_init_config or {}).items() if k != "startOnLoad"}
     app.add_js_file(MERMAID_JS, priority=app.config.mermaid_js_priority, defer="defer")
-    app.add_js_file(None, body=_MERMAID_INIT % {"init": json.dumps(init)},
-                    priority=app.config.mermaid_js_priority)
+    app.add_js_file(None, body=_MERMAID_INIT % {"init": json.dumps(init)}, priority=app.config.mermaid_js_priority)
 
 
 def _drop_duplicate_scripts(app: Sphinx, pagename: str, templatename: str, context: dict, doctree) -> None:
@@ -149,13 +151,15 @@ def quick_check() -> list[str]:
         (src / "_static" / "mermaid").mkdir(parents=True)
         (src / "_static" / MERMAID_JS).write_text("/* stands in for the file fetch_static.sh copies */\n")
         (src / "_static" / "mathjax.js").write_text("/* likewise */\n")
-        (src / "conf.py").write_text("extensions = ['offline_site']\nhtml_static_path = ['_static']\n"
-                                     "mathjax_path = 'mathjax.js'\n")
-        (src / "index.rst").write_text("Quick\n=====\n\n.. mermaid::\n\n   graph LR\n     a --> b\n\n"
-                                       "Maths: :math:`x^2`.\n\n.. toctree::\n\n   plain\n")
+        (src / "conf.py").write_text(
+            "extensions = ['offline_site']\nhtml_static_path = ['_static']\nmathjax_path = 'mathjax.js'\n"
+        )
+        (src / "index.rst").write_text(
+            "Quick\n=====\n\n.. mermaid::\n\n   graph LR\n     a --> b\n\n"
+            "Maths: :math:`x^2`.\n\n.. toctree::\n\n   plain\n"
+        )
         (src / "plain.rst").write_text("Plain\n=====\n\nText only.\n")
-        app = Sphinx(str(src), str(src), str(out), str(Path(tmp, "doctrees")), "html", status=None,
-                     warningiserror=True)
+        app = Sphinx(str(src), str(src), str(out), str(Path(tmp, "doctrees")), "html", status=None, warningiserror=True)
         app.build()
         page, plain = (out / "index.html").read_text(), (out / "plain.html").read_text()
     problems = []
@@ -174,8 +178,12 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description="Smoke test of this Sphinx extension (the book loads it itself).")
-    parser.add_argument("--quick", action="store_true", required=True,
-                        help="build a one-page site in a temporary folder and check its scripts")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        required=True,
+        help="build a one-page site in a temporary folder and check its scripts",
+    )
     parser.parse_args()
     found = quick_check()
     print("\n".join(found) or "offline_site: a one-page site builds and loads Mermaid without ES modules")

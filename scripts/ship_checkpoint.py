@@ -42,11 +42,26 @@ import torch
 from safetensors.torch import save_file
 
 from vitssl_core import vit_mini_28
-from vitssl_core.checkpoint import (atomic_write_json, latest_checkpoint, load_backbone, load_checkpoint,
-                                    load_pretrained, save_backbone)
+from vitssl_core.checkpoint import (
+    atomic_write_json,
+    latest_checkpoint,
+    load_backbone,
+    load_checkpoint,
+    load_pretrained,
+    save_backbone,
+)
 from vitssl_core.data import NORMALIZE, load_fashion_mnist_tensors
-from vitssl_core.evaluate import (FEATURES, class_balanced_subset, correct_to_hex, extract_features, finetune,
-                                  knn_accuracy, knn_classify, linear_probe, pixel_features)
+from vitssl_core.evaluate import (
+    FEATURES,
+    class_balanced_subset,
+    correct_to_hex,
+    extract_features,
+    finetune,
+    knn_accuracy,
+    knn_classify,
+    linear_probe,
+    pixel_features,
+)
 from vitssl_core.mae import DECODER_NAMES
 from vitssl_core.train import CHECKPOINT_DIR, hardware
 from vitssl_core.vit import ViT, architecture
@@ -63,15 +78,21 @@ SCRATCH_EPOCHS = {0.01: 100, 0.1: 20}  # from-scratch training on a label fracti
 # 10 000), every crop tried cost accuracy on these centred 28-pixel images, and more the
 # stronger it was: MAE 87.2 % without, 84.8 % with 80-100 % of the area, 82.8 % with 50-100 %;
 # random weights 80.2 % without, 74.0 % with 80-100 %.
-FINETUNE = dict(lr=5e-4, layer_decay=0.75, drop_path=0.1, label_smoothing=0.1, crop_scale=None,
-                warmup_epochs=1, batch_size=128)
+FINETUNE = dict(
+    lr=5e-4, layer_decay=0.75, drop_path=0.1, label_smoothing=0.1, crop_scale=None, warmup_epochs=1, batch_size=128
+)
 
 
 def _git_revision() -> str:
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return rev.stdout.strip() + ("+uncommitted changes" if dirty else "")
@@ -101,8 +122,10 @@ def _feature_choice(f_train: torch.Tensor, y_train: torch.Tensor, dim: int) -> t
 def _probe_metrics(f_train, y_train, f_test, y_test) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """(top-1 % per protocol, per-image correctness per protocol) of the frozen-feature probes."""
     preds, _ = knn_classify(f_train, y_train, f_test, **KNN)
-    correct = {"knn": preds == y_test, "linear": linear_probe(f_train, y_train, f_test, y_test,
-                                                                return_correct=True)["correct"]}
+    correct = {
+        "knn": preds == y_test,
+        "linear": linear_probe(f_train, y_train, f_test, y_test, return_correct=True)["correct"],
+    }
     for fraction, key in zip(FRACTIONS, ("label_1pct", "label_10pct")):
         idx = class_balanced_subset(y_train, fraction=fraction, seed=0)  # what label_efficiency(seed=0) probes
         correct[key] = linear_probe(f_train[idx], y_train[idx], f_test, y_test, seed=0, return_correct=True)["correct"]
@@ -116,16 +139,37 @@ def _scratch_on_fractions(model: dict, x_train, y_train, x_test, y_test, normali
         idx = class_balanced_subset(y_train, fraction=fraction, seed=0)
         torch.manual_seed(0)
         scratch = ViT(**{**model, "num_classes": 0})
-        out[key] = finetune(scratch, (x_train[idx], y_train[idx]), (x_test, y_test), 10,
-                            epochs=SCRATCH_EPOCHS[fraction], lr=1e-3, layer_decay=1.0, warmup_epochs=5,
-                            normalize=normalize, precision="fp32", seed=0, return_correct=True)["correct"]
+        out[key] = finetune(
+            scratch,
+            (x_train[idx], y_train[idx]),
+            (x_test, y_test),
+            10,
+            epochs=SCRATCH_EPOCHS[fraction],
+            lr=1e-3,
+            layer_decay=1.0,
+            warmup_epochs=5,
+            normalize=normalize,
+            precision="fp32",
+            seed=0,
+            return_correct=True,
+        )["correct"]
     return out
 
 
 def _finetune(backbone, x_train, y_train, x_test, y_test, normalize, epochs: int) -> torch.Tensor:
     """Per-image correctness after FINETUNE fine-tuning for ``epochs`` epochs (the same for every row)."""
-    return finetune(backbone, (x_train, y_train), (x_test, y_test), 10, epochs=epochs, normalize=normalize,
-                    precision="fp32", seed=0, return_correct=True, **FINETUNE)["correct"]
+    return finetune(
+        backbone,
+        (x_train, y_train),
+        (x_test, y_test),
+        10,
+        epochs=epochs,
+        normalize=normalize,
+        precision="fp32",
+        seed=0,
+        return_correct=True,
+        **FINETUNE,
+    )["correct"]
 
 
 def _ship_decoder(run: Path, out: Path) -> dict | None:
@@ -137,8 +181,11 @@ def _ship_decoder(run: Path, out: Path) -> dict | None:
     decoder = {k: v for k, v in weights.items() if k.split(".", 1)[0] in DECODER_NAMES}
     path = out / "mae_decoder.safetensors"
     save_file({k: v.to(torch.float16).contiguous() for k, v in decoder.items()}, str(path))
-    return {"weights": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-            "parameters": sum(v.numel() for v in decoder.values())}
+    return {
+        "weights": path.name,
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "parameters": sum(v.numel() for v in decoder.values()),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,15 +194,28 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("run", nargs="?", help="a `vitssl pretrain` --out folder (backbone.safetensors + backbone.json)")
     what.add_argument("--random", action="store_true", help="ship vit_mini_28 at its seed-0 initialisation")
     what.add_argument("--pixels", action="store_true", help="write the raw-pixel baseline's card (no weights)")
-    what.add_argument("--remeasure", metavar="CARD", help="measure a shipped checkpoints/NAME.json again under "
-                      "today's protocols, keeping its weights and its training record")
+    what.add_argument(
+        "--remeasure",
+        metavar="CARD",
+        help="measure a shipped checkpoints/NAME.json again under "
+        "today's protocols, keeping its weights and its training record",
+    )
     parser.add_argument("--name", required=True, help="NAME of checkpoints/NAME.safetensors and NAME.json")
     parser.add_argument("--out", default=str(ROOT / "checkpoints"), help="default: checkpoints/")
-    parser.add_argument("--finetune-epochs", type=int, default=10, help="default: 10; 0 leaves the card's "
-                        "fine-tuning column empty (a row the CPU could not afford under the common protocol)")
+    parser.add_argument(
+        "--finetune-epochs",
+        type=int,
+        default=10,
+        help="default: 10; 0 leaves the card's "
+        "fine-tuning column empty (a row the CPU could not afford under the common protocol)",
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--quick", action="store_true", help="a smoke test: 1000 training and 200 test images, "
-                        "at most 1 fine-tuning epoch; needs --out (the card is not a result)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke test: 1000 training and 200 test images, "
+        "at most 1 fine-tuning epoch; needs --out (the card is not a result)",
+    )
     args = parser.parse_args(argv)
     if args.quick and Path(args.out).resolve() == (ROOT / "checkpoints").resolve():
         parser.error("--quick writes a throwaway card: give --out DIR outside checkpoints/")
@@ -170,20 +230,35 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         x_train, y_train, x_test, y_test = x_train[:1000], y_train[:1000], x_test[:200], y_test[:200]
         args.finetune_epochs = min(args.finetune_epochs, 1)
-    card: dict = {"format": "vitssl-card/1", "name": args.name, "dataset": "fashion_mnist",
-                  "code_revision": _git_revision(), "torch_version": str(torch.__version__),
-                  "eval_hardware": hardware("cpu")}
+    card: dict = {
+        "format": "vitssl-card/1",
+        "name": args.name,
+        "dataset": "fashion_mnist",
+        "code_revision": _git_revision(),
+        "torch_version": str(torch.__version__),
+        "eval_hardware": hardware("cpu"),
+    }
 
     if args.pixels:
         f_train, f_test = pixel_features(x_train), pixel_features(x_test)
         probes, correct = _probe_metrics(f_train, y_train, f_test, y_test)
-        card.update({"method": "pixels", "weights": None, "feature": "pixels", "normalize": None,
-                     "metrics": {**{k: round(v, 2) for k, v in probes.items()}, "finetune": None},
-                     "correct": {k: correct_to_hex(c) for k, c in correct.items()},
-                     "protocols": {"knn": {**KNN, "n_train": len(y_train), "n_test": len(y_test)},
-                                   "linear": "linear_probe defaults on the pixels in [0, 1], standardised",
-                                   "label_fractions": "linear_probe on a class-balanced subset (seed 0)"},
-                     "recipe": None, "command": f"python scripts/ship_checkpoint.py --pixels --name {args.name}"})
+        card.update(
+            {
+                "method": "pixels",
+                "weights": None,
+                "feature": "pixels",
+                "normalize": None,
+                "metrics": {**{k: round(v, 2) for k, v in probes.items()}, "finetune": None},
+                "correct": {k: correct_to_hex(c) for k, c in correct.items()},
+                "protocols": {
+                    "knn": {**KNN, "n_train": len(y_train), "n_test": len(y_test)},
+                    "linear": "linear_probe defaults on the pixels in [0, 1], standardised",
+                    "label_fractions": "linear_probe on a class-balanced subset (seed 0)",
+                },
+                "recipe": None,
+                "command": f"python scripts/ship_checkpoint.py --pixels --name {args.name}",
+            }
+        )
         card["eval_wall_seconds"] = round(time.perf_counter() - start, 1)
         atomic_write_json(out / f"{args.name}.json", card)
         print(json.dumps(card["metrics"], indent=2))
@@ -199,11 +274,18 @@ def main(argv: list[str] | None = None) -> int:
         old = json.loads(Path(args.remeasure).read_text())
         backbone, _ = load_pretrained(args.remeasure)  # float16 -> float32 -> float16 is lossless
         normalize = old["normalize"]
-        run_card = {k: old.get(k) for k in ("method", "steps", "final_loss", "train_config", "exported",
-                                             "train_hardware", "train_segments")}
+        run_card = {
+            k: old.get(k)
+            for k in ("method", "steps", "final_loss", "train_config", "exported", "train_hardware", "train_segments")
+        }
         recipe, command, wall = old.get("recipe"), old.get("command"), old.get("train_wall_seconds")
-        card.update({"train_config": old.get("train_config"), "method_args": old.get("method_args"),
-                     "remeasured_from_revision": old.get("code_revision")})
+        card.update(
+            {
+                "train_config": old.get("train_config"),
+                "method_args": old.get("method_args"),
+                "remeasured_from_revision": old.get("code_revision"),
+            }
+        )
         if old.get("decoder"):  # MAE's decoder file stays as shipped beside the encoder
             card["decoder"] = old["decoder"]
     else:
@@ -242,27 +324,36 @@ def main(argv: list[str] | None = None) -> int:
     if run_card["method"] == "mae" and args.run:
         card["decoder"] = _ship_decoder(Path(args.run), out)
 
-    card.update({
-        "feature": feature, "metrics": {k: None if v is None else round(v, 2) for k, v in metrics.items()},
-        "protocols": {
-            "feature_choice_knn_on_validation": {k: round(v, 2) for k, v in choice.items()},
-            "knn": {**KNN, "n_train": len(y_train), "n_test": len(y_test)},
-            "linear": "linear_probe defaults: standardised features, AdamW lr 1e-3, 100 epochs",
-            "label_fractions": ("a ViT trained from scratch on the class-balanced subset (seed 0), epochs "
-                                f"{SCRATCH_EPOCHS}" if run_card["method"] == "supervised" else
-                                "linear_probe on a class-balanced subset of the labels (seed 0)"),
-            "finetune": {"epochs": args.finetune_epochs, **FINETUNE} if args.finetune_epochs > 0 else None,
-        },
-        "correct": {k: correct_to_hex(c) for k, c in correct.items()},
-        "recipe": recipe, "command": command, "seed": run_card.get("train_config", {}).get("seed", 0),
-        "steps": run_card.get("steps"), "final_loss": run_card.get("final_loss"),
-        "exported": run_card.get("exported") or "backbone",
-        "train_hardware": _train_hardware(run_card), "train_wall_seconds": wall,
-        "train_segments": run_card.get("train_segments"),
-        "eval_wall_seconds": round(time.perf_counter() - start, 1),
-        "parameters": sum(p.numel() for p in backbone.parameters()),
-        "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
-    })
+    card.update(
+        {
+            "feature": feature,
+            "metrics": {k: None if v is None else round(v, 2) for k, v in metrics.items()},
+            "protocols": {
+                "feature_choice_knn_on_validation": {k: round(v, 2) for k, v in choice.items()},
+                "knn": {**KNN, "n_train": len(y_train), "n_test": len(y_test)},
+                "linear": "linear_probe defaults: standardised features, AdamW lr 1e-3, 100 epochs",
+                "label_fractions": (
+                    f"a ViT trained from scratch on the class-balanced subset (seed 0), epochs {SCRATCH_EPOCHS}"
+                    if run_card["method"] == "supervised"
+                    else "linear_probe on a class-balanced subset of the labels (seed 0)"
+                ),
+                "finetune": {"epochs": args.finetune_epochs, **FINETUNE} if args.finetune_epochs > 0 else None,
+            },
+            "correct": {k: correct_to_hex(c) for k, c in correct.items()},
+            "recipe": recipe,
+            "command": command,
+            "seed": run_card.get("train_config", {}).get("seed", 0),
+            "steps": run_card.get("steps"),
+            "final_loss": run_card.get("final_loss"),
+            "exported": run_card.get("exported") or "backbone",
+            "train_hardware": _train_hardware(run_card),
+            "train_wall_seconds": wall,
+            "train_segments": run_card.get("train_segments"),
+            "eval_wall_seconds": round(time.perf_counter() - start, 1),
+            "parameters": sum(p.numel() for p in backbone.parameters()),
+            "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        }
+    )
     atomic_write_json(out / f"{args.name}.json", card)
     print(json.dumps({"feature": feature, **metrics}, indent=2))
     return 0

@@ -36,7 +36,7 @@ HOW_TO_GET = (
     "Fashion-MNIST is not on this machine (searched: "
     + ", ".join(str(d) for d in data.fashion_mnist_dirs())
     + "). Get it with `sudo apt-get install dataset-fashion-mnist`, or let torchvision download it: "
-    "python -c \"from vitssl_core.data import FashionMNIST; FashionMNIST(train=True); FashionMNIST(train=False)\""
+    'python -c "from vitssl_core.data import FashionMNIST; FashionMNIST(train=True); FashionMNIST(train=False)"'
 )
 
 

@@ -6,8 +6,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vitssl_core import data
-from vitssl_core.augment import (MultiCrop, TwoViews, asymmetric_augment, dino_augment, local_crop_augment,
-                                 simclr_augment)
+from vitssl_core.augment import (
+    MultiCrop,
+    TwoViews,
+    asymmetric_augment,
+    dino_augment,
+    local_crop_augment,
+    simclr_augment,
+)
 
 MEAN, STD = data.NORMALIZE["fashion_mnist"]["mean"], data.NORMALIZE["fashion_mnist"]["std"]
 
@@ -96,15 +102,17 @@ def test_asymmetric_views_blur_the_first_and_solarise_only_the_second():
 def test_rgb_recipe_on_colour_images(fmnist):
     image = fmnist[3][0].expand(3, 28, 28).clone() * torch.tensor([1.0, 0.5, 0.2])[:, None, None]
     torch.manual_seed(0)
-    t = simclr_augment(32, grayscale=False, strength=1.0, mean=data.NORMALIZE["cifar10"]["mean"],
-                       std=data.NORMALIZE["cifar10"]["std"])
+    t = simclr_augment(
+        32, grayscale=False, strength=1.0, mean=data.NORMALIZE["cifar10"]["mean"], std=data.NORMALIZE["cifar10"]["std"]
+    )
     views = [t(image) for _ in range(20)]
     assert all(v.shape == (3, 32, 32) and v.dtype == torch.float32 for v in views)
     # Random grayscale (p=0.2) makes some views colourless: channels equal before normalisation.
     t_plain = simclr_augment(32, grayscale=False, strength=1.0)
     torch.manual_seed(0)
-    grey = sum(bool(torch.allclose(v[0], v[1]) and torch.allclose(v[1], v[2])) for v in
-               (t_plain(image) for _ in range(40)))
+    grey = sum(
+        bool(torch.allclose(v[0], v[1]) and torch.allclose(v[1], v[2])) for v in (t_plain(image) for _ in range(40))
+    )
     assert 1 <= grey <= 25
 
 

@@ -7,8 +7,17 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from vitssl_core.batch_augment import (BatchView, BatchViews, _adjust_hue, _blend, _grey, batch_dino_views,
-                                       batch_simclr_views, crop_boxes, resized_crop)
+from vitssl_core.batch_augment import (
+    BatchView,
+    BatchViews,
+    _adjust_hue,
+    _blend,
+    _grey,
+    batch_dino_views,
+    batch_simclr_views,
+    crop_boxes,
+    resized_crop,
+)
 
 
 @pytest.fixture
@@ -23,8 +32,9 @@ def test_resized_crop_equals_torchvision_per_image(size):
     boxes = crop_boxes(64, 28, 28, (0.05, 1.0), x.device)
     flip = torch.rand(64) < 0.5
     out = resized_crop(x, boxes, size, flip)
-    ref = torch.stack([TF.resized_crop(x[i], *[int(v) for v in boxes[i]], [size, size], antialias=False)
-                       for i in range(64)])
+    ref = torch.stack(
+        [TF.resized_crop(x[i], *[int(v) for v in boxes[i]], [size, size], antialias=False) for i in range(64)]
+    )
     ref = torch.where(flip[:, None, None, None], ref.flip(-1), ref)
     assert torch.allclose(out, ref, atol=1e-5)
 
@@ -36,8 +46,10 @@ def test_crop_boxes_follow_random_resized_crop():
     assert torch.equal(boxes, boxes.round()) and bool((top >= 0).all() and (left >= 0).all())
     assert bool((top + h <= 28).all() and (left + w <= 28).all())
     # the same distribution of crop areas as torchvision's sampler (means within 1 % of the image)
-    ref = torch.tensor([v2.RandomResizedCrop.get_params(torch.zeros(1, 28, 28), [0.2, 1.0], [3 / 4, 4 / 3])[2:]
-                        for _ in range(20000)], dtype=torch.float32)
+    ref = torch.tensor(
+        [v2.RandomResizedCrop.get_params(torch.zeros(1, 28, 28), [0.2, 1.0], [3 / 4, 4 / 3])[2:] for _ in range(20000)],
+        dtype=torch.float32,
+    )
     area, ref_area = (h * w / 784).mean(), (ref[:, 0] * ref[:, 1] / 784).mean()
     assert abs(area - ref_area) < 0.01, (area, ref_area)
     assert abs((h / w).log().mean()) < 0.01  # aspect ratios symmetric around 1
@@ -96,6 +108,7 @@ def test_dino_views_have_global_and_local_sizes():
 def test_jitter_changes_brightness_statistics_like_torchvision():
     """Mean brightness after the whole view recipe matches the per-image v2 pipeline's (same recipe)."""
     from vitssl_core.augment import simclr_augment
+
     torch.manual_seed(5)
     x = torch.rand(1, 1, 28, 28) * 0.5 + 0.25
     batch = x.expand(4000, -1, -1, -1)

@@ -123,10 +123,15 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
 def test_a_corrupt_state_is_told_apart_from_one_that_would_run_code(tmp_path, damage):
     step_dir = save_checkpoint(tmp_path, 1, tiny_state(), {"step": 1, "t": torch.zeros(3)})
     good = (step_dir / "state.pt").read_bytes()
-    (step_dir / "state.pt").write_bytes({
-        "truncated": good[: len(good) // 2], "flipped": good[:100] + bytes(200) + good[300:],
-        "garbage": b"not a checkpoint" * 8, "empty": b"", "json": b'{"step": 1}',
-    }[damage])
+    (step_dir / "state.pt").write_bytes(
+        {
+            "truncated": good[: len(good) // 2],
+            "flipped": good[:100] + bytes(200) + good[300:],
+            "garbage": b"not a checkpoint" * 8,
+            "empty": b"",
+            "json": b'{"step": 1}',
+        }[damage]
+    )
     with pytest.raises(ValueError, match=re.escape(str(step_dir / "state.pt")) + " is corrupt"):
         load_checkpoint(tmp_path)
 
@@ -144,10 +149,14 @@ def test_corrupt_weights_and_cards_name_the_file(tmp_path):
         load_backbone(tmp_path / "b.safetensors")
     backbone = ViT(**TINY)
     save_backbone(backbone, tmp_path / "tiny.safetensors")
-    for text, message in (('{"model": ', "tiny.json is not valid JSON"),
-                          (json.dumps({"model": {**architecture(backbone), "bogus": 1}}), "do not build a ViT"),
-                          (json.dumps({"model": {**architecture(backbone), "depth": 1}}),
-                           "tiny.safetensors does not fit the ViT its card tiny.json describes: Unexpected key")):
+    for text, message in (
+        ('{"model": ', "tiny.json is not valid JSON"),
+        (json.dumps({"model": {**architecture(backbone), "bogus": 1}}), "do not build a ViT"),
+        (
+            json.dumps({"model": {**architecture(backbone), "depth": 1}}),
+            "tiny.safetensors does not fit the ViT its card tiny.json describes: Unexpected key",
+        ),
+    ):
         (tmp_path / "tiny.json").write_text(text)
         with pytest.raises(ValueError, match=re.escape(message)) as info:
             load_pretrained(tmp_path / "tiny.json")
@@ -162,8 +171,11 @@ def test_the_logged_momentum_survives_a_checkpoint_and_old_checkpoints_still_loa
     def build():
         torch.manual_seed(0)
         vit = ViT(**TINY)
-        return MoCoV3(vit, proj_dim=8, hidden_dim=16, momentum=0.9) if name == "mocov3" else \
-            DINO(vit, out_dim=16, hidden_dim=16, bottleneck_dim=8, n_local_crops=0, momentum=0.9)
+        return (
+            MoCoV3(vit, proj_dim=8, hidden_dim=16, momentum=0.9)
+            if name == "mocov3"
+            else DINO(vit, out_dim=16, hidden_dim=16, bottleneck_dim=8, n_local_crops=0, momentum=0.9)
+        )
 
     trained = build()
     trained.on_step_end(3, 10)  # the momentum of step 3 of a 10-step cosine
@@ -217,7 +229,7 @@ def test_backbone_export_in_float16_and_from_a_training_checkpoint(tmp_path):
 # --------------------------------------------------------------------------- SIGKILL, then resume
 # `vitssl pretrain` in a subprocess, with one change: its training callback sleeps once the step
 # after the first checkpoint is logged, so the SIGKILL lands between two checkpoints.
-VICTIM = textwrap.dedent('''
+VICTIM = textwrap.dedent("""
     import sys, time
     import torch
     torch.set_num_threads(1)
@@ -227,9 +239,19 @@ VICTIM = textwrap.dedent('''
     pause = lambda row: time.sleep(600) if row["step"] > k else None
     cli.train = lambda *args, **kw: train(*args, **kw, callback=pause)
     sys.exit(cli.main(argv))
-''')
-RESUME_TINY = ["--model-arg", "depth=1", "--model-arg", "embed_dim=32", "--model-arg", "num_heads=2",
-               "--model-arg", "patch_size=7", "--model-arg", "drop_path_rate=0.1"]
+""")
+RESUME_TINY = [
+    "--model-arg",
+    "depth=1",
+    "--model-arg",
+    "embed_dim=32",
+    "--model-arg",
+    "num_heads=2",
+    "--model-arg",
+    "patch_size=7",
+    "--model-arg",
+    "drop_path_rate=0.1",
+]
 RESUME_METHODS = {  # method -> --method-arg pairs that keep its heads tiny
     "supervised": {},
     "simclr": {"hidden_dim": 32, "proj_dim": 16},
@@ -252,16 +274,52 @@ def test_sigkill_then_resume_gives_bit_identical_weights(method, tmp_path, capsy
     """
     k = 4
     argv = lambda out, *extra: [  # noqa: E731
-        "pretrain", "--method", method, "--steps", str(2 * k), "--subset", "40", "--batch-size", "8",
-        "--lr", "2e-3", "--warmup-steps", "2", "--weight-decay-end", "0.2", "--grad-clip", "1.0",
-        "--precision", "fp32", "--num-workers", "0", "--seed", "1", "--checkpoint-every", str(k),
-        "--log-every", "1", "--no-progress", "--device", "cpu", "--out", str(tmp_path / out), *RESUME_TINY,
-        *[w for key, value in RESUME_METHODS[method].items() for w in ("--method-arg", f"{key}={value}")], *extra]
+        "pretrain",
+        "--method",
+        method,
+        "--steps",
+        str(2 * k),
+        "--subset",
+        "40",
+        "--batch-size",
+        "8",
+        "--lr",
+        "2e-3",
+        "--warmup-steps",
+        "2",
+        "--weight-decay-end",
+        "0.2",
+        "--grad-clip",
+        "1.0",
+        "--precision",
+        "fp32",
+        "--num-workers",
+        "0",
+        "--seed",
+        "1",
+        "--checkpoint-every",
+        str(k),
+        "--log-every",
+        "1",
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / out),
+        *RESUME_TINY,
+        *[w for key, value in RESUME_METHODS[method].items() for w in ("--method-arg", f"{key}={value}")],
+        *extra,
+    ]
     script = tmp_path / "victim.py"
     script.write_text(VICTIM)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    victim = subprocess.Popen([sys.executable, str(script), str(k), *argv("run")], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim = subprocess.Popen(
+        [sys.executable, str(script), str(k), *argv("run")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the reference runs here while the victim starts: one core each
     try:
@@ -291,10 +349,18 @@ def test_sigkill_then_resume_gives_bit_identical_weights(method, tmp_path, capsy
     ref_w, run_w = final("ref"), final("run")
     assert ref_w.keys() == run_w.keys()
     assert [name for name in ref_w if not torch.equal(ref_w[name], run_w[name])] == []
-    backbone = lambda out: (tmp_path / out / "backbone.safetensors").read_bytes()  # noqa: E731
+
+    def backbone(out: str) -> bytes:
+        return (tmp_path / out / "backbone.safetensors").read_bytes()
+
     assert backbone("ref") == backbone("run")
-    drop = lambda text: [{k: v for k, v in json.loads(line).items() if k not in ("img_per_s", "wall_s")}  # noqa: E731
-                         for line in text.splitlines()]
+
+    def drop(text: str) -> list[dict]:  # history rows without the wall-clock fields
+        return [
+            {k: v for k, v in json.loads(line).items() if k not in ("img_per_s", "wall_s")}
+            for line in text.splitlines()
+        ]
+
     ref_rows = drop((tmp_path / "ref" / "history.jsonl").read_text())
     run_rows = drop((tmp_path / "run" / "history.jsonl").read_text())
     assert [r["step"] for r in run_rows] == list(range(1, 2 * k + 1))  # the row after the checkpoint re-done once

@@ -19,8 +19,14 @@ from safetensors import safe_open
 
 from vitssl_core import ViT, load_pretrained
 from vitssl_core.data import load_fashion_mnist_tensors
-from vitssl_core.evaluate import (FEATURES, correct_from_hex, extract_features, knn_accuracy, linear_probe,
-                                  pixel_features)
+from vitssl_core.evaluate import (
+    FEATURES,
+    correct_from_hex,
+    extract_features,
+    knn_accuracy,
+    linear_probe,
+    pixel_features,
+)
 from vitssl_core.mae import DECODER_NAMES, MAE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,8 +58,17 @@ def test_sizes_within_budget():
 @pytest.mark.parametrize("path", CARDS, ids=lambda p: p.stem)
 def test_card_is_complete(path):
     card = _card(path)
-    for key in ("name", "method", "feature", "normalize", "metrics", "recipe", "command", "code_revision",
-                "eval_hardware"):
+    for key in (
+        "name",
+        "method",
+        "feature",
+        "normalize",
+        "metrics",
+        "recipe",
+        "command",
+        "code_revision",
+        "eval_hardware",
+    ):
         assert key in card, f"{path.name} lacks {key!r}"
     assert card["name"] == path.stem
     assert set(card["metrics"]) == set(METRICS)
@@ -109,7 +124,9 @@ def test_mae_decoder_ships_with_official_key_names():
 
 @pytest.fixture(scope="module")
 def fashion_mnist(needs_fashion_mnist):
-    return load_fashion_mnist_tensors(train=True, download=False), load_fashion_mnist_tensors(train=False, download=False)
+    return load_fashion_mnist_tensors(train=True, download=False), load_fashion_mnist_tensors(
+        train=False, download=False
+    )
 
 
 @pytest.fixture
@@ -140,7 +157,8 @@ def test_knn_accuracy_matches_card(path, fashion_mnist, two_threads):
     f_train, f_test = _features(path, fashion_mnist)
     measured = knn_accuracy(f_train, y_train, f_test, y_test, k=knn["k"], temperature=knn["temperature"])
     assert abs(measured - card["metrics"]["knn"]) <= TOLERANCE, (
-        f"{path.name}: kNN top-1 measured {measured:.2f} %, card says {card['metrics']['knn']:.2f} %")
+        f"{path.name}: kNN top-1 measured {measured:.2f} %, card says {card['metrics']['knn']:.2f} %"
+    )
 
 
 def test_linear_probe_of_the_best_card_matches(fashion_mnist, two_threads):
@@ -150,4 +168,5 @@ def test_linear_probe_of_the_best_card_matches(fashion_mnist, two_threads):
     measured = linear_probe(f_train, y_train, f_test, y_test)["top1"]
     claimed = _card(best)["metrics"]["linear"]
     assert abs(measured - claimed) <= LINEAR_TOLERANCE, (
-        f"{best.name}: linear probe top-1 measured {measured:.2f} %, card says {claimed:.2f} %")
+        f"{best.name}: linear probe top-1 measured {measured:.2f} %, card says {claimed:.2f} %"
+    )

@@ -18,13 +18,39 @@ from vitssl_core.data import load_fashion_mnist_tensors
 from vitssl_core.evaluate import FEATURES, extract_features, knn_accuracy, run_protocol
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_ARGS = ["--model-arg", "depth=2", "--model-arg", "embed_dim=32", "--model-arg", "num_heads=2",
-             "--model-arg", "patch_size=7"]
+TINY_ARGS = [
+    "--model-arg",
+    "depth=2",
+    "--model-arg",
+    "embed_dim=32",
+    "--model-arg",
+    "num_heads=2",
+    "--model-arg",
+    "patch_size=7",
+]
 
 
 def smoke(out, *extra):
-    return ["pretrain", "--method", "supervised", "--steps", "4", "--subset", "128", "--batch-size", "16",
-            "--log-every", "2", "--no-progress", "--precision", "fp32", "--out", str(out), *TINY_ARGS, *extra]
+    return [
+        "pretrain",
+        "--method",
+        "supervised",
+        "--steps",
+        "4",
+        "--subset",
+        "128",
+        "--batch-size",
+        "16",
+        "--log-every",
+        "2",
+        "--no-progress",
+        "--precision",
+        "fp32",
+        "--out",
+        str(out),
+        *TINY_ARGS,
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +69,9 @@ def trained(tmp_path_factory, needs_fashion_mnist):
 
 # --------------------------------------------------------------------------- help and bad arguments
 def test_console_script_help_teaches():
-    done = subprocess.run([sys.executable, "-m", "vitssl_core", "pretrain", "--help"], capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "vitssl_core", "pretrain", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert "examples:" in done.stdout and "torchrun --nproc_per_node=2" in done.stdout
     assert "--resume" in done.stdout and "batch of 256" in done.stdout
@@ -59,22 +86,25 @@ def test_top_level_and_evaluate_help(capsys):
     assert "pretrain" in out and "vitssl evaluate --checkpoint" in out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["pretrain", "--method", "nope", "--steps", "2", "--out", "x"], "--method 'nope' is unknown"),
-    (["pretrain", "--method", "supervised", "--steps", "2", "--epochs", "1", "--out", "x"], "not allowed with"),
-    (["pretrain", "--method", "supervised", "--steps", "two", "--out", "x"], "'two' is not an integer"),
-    (["pretrain", "--method", "supervised", "--steps", "2"], "--out DIR is required"),
-    (["pretrain", "--method", "supervised", "--out", "x"], "give --epochs N or --steps N"),
-    (["pretrain", "--steps", "2", "--out", "x"], "--method is required"),
-    (["pretrain", "--method", "supervised", "--steps", "2", "--out", "x", "--dataset", "mnist"], "'mnist' is not"),
-    (["pretrain", "--method", "supervised", "--steps", "2", "--out", "x", "--precision", "fp16"], "invalid choice"),
-    (["pretrain", "--method", "supervised", "--steps", "2", "--out", "x", "--model-arg", "depth"], "KEY=VALUE"),
-    (["pretrain", "--method", "supervised", "--steps", "2", "--out", "x", "--lr", "-1"], "blr=-1.0"),
-    (["pretrain", "--method", "supervised", "--steps", "2", "--out", "x", "--model-arg", "depht=2"], "depht"),
-    (["pretrain", "--method", "supervised", "--steps", "2", "--out", "x", "--method-arg", "smooth=1"], "smooth"),
-    (["pretrain", "--method", "supervised", "--steps", "2", "--out", "x", "--model", "vit_tiny_32"], "3x32x32"),
-    (["frobnicate"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["pretrain", "--method", "nope", "--steps", "2", "--out", "x"], "--method 'nope' is unknown"),
+        (["pretrain", "--method", "supervised", "--steps", "2", "--epochs", "1", "--out", "x"], "not allowed with"),
+        (["pretrain", "--method", "supervised", "--steps", "two", "--out", "x"], "'two' is not an integer"),
+        (["pretrain", "--method", "supervised", "--steps", "2"], "--out DIR is required"),
+        (["pretrain", "--method", "supervised", "--out", "x"], "give --epochs N or --steps N"),
+        (["pretrain", "--steps", "2", "--out", "x"], "--method is required"),
+        (["pretrain", "--method", "supervised", "--steps", "2", "--out", "x", "--dataset", "mnist"], "'mnist' is not"),
+        (["pretrain", "--method", "supervised", "--steps", "2", "--out", "x", "--precision", "fp16"], "invalid choice"),
+        (["pretrain", "--method", "supervised", "--steps", "2", "--out", "x", "--model-arg", "depth"], "KEY=VALUE"),
+        (["pretrain", "--method", "supervised", "--steps", "2", "--out", "x", "--lr", "-1"], "blr=-1.0"),
+        (["pretrain", "--method", "supervised", "--steps", "2", "--out", "x", "--model-arg", "depht=2"], "depht"),
+        (["pretrain", "--method", "supervised", "--steps", "2", "--out", "x", "--method-arg", "smooth=1"], "smooth"),
+        (["pretrain", "--method", "supervised", "--steps", "2", "--out", "x", "--model", "vit_tiny_32"], "3x32x32"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
 def test_bad_arguments_give_one_line_and_exit_code_2(capsys, tmp_path, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
     assert cli.main(argv) == 2
@@ -90,8 +120,17 @@ BAD_DEVICE = "cuda:99" if torch.cuda.is_available() else "cuda"
 
 def pre(*extra, steps=True):
     """`vitssl pretrain` with a tiny model; ``extra`` supplies the method and the mistake."""
-    return ["pretrain", *(["--steps", "2"] if steps else []), "--no-progress", "--precision", "fp32",
-            "--out", "x", *TINY_ARGS, *extra]
+    return [
+        "pretrain",
+        *(["--steps", "2"] if steps else []),
+        "--no-progress",
+        "--precision",
+        "fp32",
+        "--out",
+        "x",
+        *TINY_ARGS,
+        *extra,
+    ]
 
 
 BATTERY = [  # (argv; {tmp} is a folder of good and broken files, {repo} the repository), what the line says
@@ -102,10 +141,14 @@ BATTERY = [  # (argv; {tmp} is a folder of good and broken files, {repo} the rep
     (pre("--method", "nope"), "--method 'nope' is unknown; one of: supervised"),
     (pre("--method", "supervised", "--epochs", "0", steps=False), "'0' must be an integer > 0"),
     (pre("--method", "supervised", "--epochs", "-1", steps=False), "'-1' must be an integer > 0"),
-    (pre("--method", "supervised", "--data-root", "{tmp}/no_data"),
-     "--data-root {tmp}/no_data does not hold Fashion-MNIST: train-images-idx3-ubyte"),
-    (pre("--method", "supervised", "--dataset", "cifar10", "--data-root", "{tmp}/no_data"),
-     "does not hold CIFAR-10: expected the folder {tmp}/no_data/cifar-10-batches-py"),
+    (
+        pre("--method", "supervised", "--data-root", "{tmp}/no_data"),
+        "--data-root {tmp}/no_data does not hold Fashion-MNIST: train-images-idx3-ubyte",
+    ),
+    (
+        pre("--method", "supervised", "--dataset", "cifar10", "--data-root", "{tmp}/no_data"),
+        "does not hold CIFAR-10: expected the folder {tmp}/no_data/cifar-10-batches-py",
+    ),
     (["evaluate", "--checkpoint", "{tmp}/bad_weights"], "backbone.safetensors is not a readable safetensors file"),
     (["evaluate", "--checkpoint", "{tmp}/bad_card"], "backbone.json is not valid JSON"),
     (["evaluate", "--checkpoint", "{tmp}/missing"], "expected backbone.safetensors and backbone.json"),
@@ -154,10 +197,14 @@ def test_resuming_another_methods_run_is_one_line(trained, capsys):
 
 def test_the_console_entry_point_keeps_the_contract(tmp_path, needs_fashion_mnist):
     """`python -m vitssl_core`: a mistake found only once training runs is still one line and status 2."""
-    done = subprocess.run([sys.executable, "-m", "vitssl_core", *pre("--method", "simclr", "--batch-size", "1",
-                                                                     "--subset", "8")],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    done = subprocess.run(
+        [sys.executable, "-m", "vitssl_core", *pre("--method", "simclr", "--batch-size", "1", "--subset", "8")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+    )
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
     assert "batch size 1 < 2" in done.stderr
 
@@ -165,13 +212,34 @@ def test_the_console_entry_point_keeps_the_contract(tmp_path, needs_fashion_mnis
 # --------------------------------------------------------------------------- config files
 def test_config_file_under_the_command_line(tmp_path, capsys):
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({
-        "method": "supervised", "steps": 50, "batch-size": 32, "lr": "1e-3", "warmup_steps": 5,
-        "betas": [0.9, 0.95], "progress": False, "out": "runs/a",
-        "model_args": {"depth": 2, "drop_path_rate": 0.1}, "method_args": {"label_smoothing": 0.1},
-    }))
-    argv = ["pretrain", "--config", str(config), "--epochs", "3", "--batch-size", "64", "--model-arg", "depth=4",
-            "--print-config"]
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "method": "supervised",
+                "steps": 50,
+                "batch-size": 32,
+                "lr": "1e-3",
+                "warmup_steps": 5,
+                "betas": [0.9, 0.95],
+                "progress": False,
+                "out": "runs/a",
+                "model_args": {"depth": 2, "drop_path_rate": 0.1},
+                "method_args": {"label_smoothing": 0.1},
+            }
+        )
+    )
+    argv = [
+        "pretrain",
+        "--config",
+        str(config),
+        "--epochs",
+        "3",
+        "--batch-size",
+        "64",
+        "--model-arg",
+        "depth=4",
+        "--print-config",
+    ]
     assert cli.main(argv) == 0
     shown = yaml.safe_load(capsys.readouterr().out)
     assert shown["epochs"] == 3 and shown["steps"] is None  # --epochs beats the file's steps
@@ -182,12 +250,15 @@ def test_config_file_under_the_command_line(tmp_path, capsys):
     assert shown["weight_decay"] == cli.PRETRAIN_DEFAULTS["weight_decay"]  # defaults fill the rest
 
 
-@pytest.mark.parametrize("content, message", [
-    ("batch_sise: 3\n", "unknown key 'batch_sise'"),
-    ("steps: many\n", "--config .*'many' is not an integer"),
-    ("- 1\n- 2\n", "expected a mapping"),
-    ("progress: 3\n", "progress must be true or false"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("batch_sise: 3\n", "unknown key 'batch_sise'"),
+        ("steps: many\n", "--config .*'many' is not an integer"),
+        ("- 1\n- 2\n", "expected a mapping"),
+        ("progress: 3\n", "progress must be true or false"),
+    ],
+)
 def test_bad_config_files_are_one_line_errors(tmp_path, capsys, content, message):
     config = tmp_path / "bad.yaml"
     config.write_text(content)
@@ -239,8 +310,24 @@ def test_evaluate_hands_the_backbone_to_run_protocol(trained, monkeypatch, capsy
 
     monkeypatch.setattr(cli, "run_protocol", run_protocol)
     out_file = trained.parent / "metrics.json"
-    assert cli.main(["evaluate", "--checkpoint", str(trained), "--protocol", "linear", "--max-test", "50",
-                     "--device", "cpu", "--out", str(out_file)]) == 0
+    assert (
+        cli.main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(trained),
+                "--protocol",
+                "linear",
+                "--max-test",
+                "50",
+                "--device",
+                "cpu",
+                "--out",
+                str(out_file),
+            ]
+        )
+        == 0
+    )
     protocol, backbone, kwargs = calls[0]
     assert protocol == "linear" and isinstance(backbone, ViT) and not backbone.training
     assert kwargs["dataset"] == "fashion_mnist" and kwargs["max_test"] == 50
@@ -252,14 +339,37 @@ def test_evaluate_hands_the_backbone_to_run_protocol(trained, monkeypatch, capsy
 
 
 def test_evaluate_knn_end_to_end_on_real_data(trained, capsys):
-    assert cli.main(["evaluate", "--checkpoint", str(trained), "--protocol", "knn", "--max-train", "500",
-                     "--max-test", "200", "--device", "cpu"]) == 0
+    assert (
+        cli.main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(trained),
+                "--protocol",
+                "knn",
+                "--max-train",
+                "500",
+                "--max-test",
+                "200",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["n_train"] == 500 and metrics["n_test"] == 200
     # The reference: the library's protocol on the same backbone, feature and normalisation
     backbone, card = load_pretrained(trained / "backbone.json")
-    same = run_protocol("knn", backbone, feature=metrics["feature"], normalize=card["normalize"],
-                        dataset="fashion_mnist", max_train=500, max_test=200)
+    same = run_protocol(
+        "knn",
+        backbone,
+        feature=metrics["feature"],
+        normalize=card["normalize"],
+        dataset="fashion_mnist",
+        max_train=500,
+        max_test=200,
+    )
     assert metrics["top1"] == pytest.approx(same["top1"])
 
 
@@ -268,8 +378,14 @@ def test_evaluate_reads_a_shipped_checkpoint_and_its_feature(tmp_path, monkeypat
 
     backbone = ViT(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=1, num_heads=2)
     save_backbone(backbone, tmp_path / "tiny.safetensors", dtype=torch.float16)
-    card = {"name": "tiny", "weights": "tiny.safetensors", "model": architecture(backbone), "feature": "avg",
-            "normalize": {"mean": [0.5], "std": [0.25]}, "dataset": "fashion_mnist"}
+    card = {
+        "name": "tiny",
+        "weights": "tiny.safetensors",
+        "model": architecture(backbone),
+        "feature": "avg",
+        "normalize": {"mean": [0.5], "std": [0.25]},
+        "dataset": "fashion_mnist",
+    }
     (tmp_path / "tiny.json").write_text(json.dumps(card))
     calls = []
     monkeypatch.setattr(cli, "run_protocol", lambda protocol, bb, **kw: calls.append((bb, kw)) or {"top1": 1.0})
@@ -319,27 +435,66 @@ def test_pretrain_feature_validation_0_records_no_feature(tmp_path, needs_fashio
 
 
 def test_evaluate_unknown_protocol_is_one_line(trained, capsys):
-    assert cli.main(["evaluate", "--checkpoint", str(trained), "--protocol", "nope", "--max-train", "50",
-                     "--max-test", "20"]) == 2
+    assert (
+        cli.main(
+            ["evaluate", "--checkpoint", str(trained), "--protocol", "nope", "--max-train", "50", "--max-test", "20"]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "nope" in err
 
 
-@pytest.mark.parametrize("method, extra", [
-    ("simclr", []),
-    ("mocov3", []),
-    ("dino", ["--method-arg", "n_local_crops=2", "--method-arg", "out_dim=64", "--method-arg", "hidden_dim=32"]),
-    ("mae", ["--method-arg", "decoder_embed_dim=32", "--method-arg", "decoder_depth=1",
-             "--method-arg", "decoder_num_heads=2"]),
-    ("simmim", []),
-    ("beit", ["--method-arg", "vocab_size=16", "--method-arg", "tokenizer_images=64"]),
-])
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        ("simclr", []),
+        ("mocov3", []),
+        ("dino", ["--method-arg", "n_local_crops=2", "--method-arg", "out_dim=64", "--method-arg", "hidden_dim=32"]),
+        (
+            "mae",
+            [
+                "--method-arg",
+                "decoder_embed_dim=32",
+                "--method-arg",
+                "decoder_depth=1",
+                "--method-arg",
+                "decoder_num_heads=2",
+            ],
+        ),
+        ("simmim", []),
+        ("beit", ["--method-arg", "vocab_size=16", "--method-arg", "tokenizer_images=64"]),
+    ],
+)
 def test_every_method_pretrains_from_the_cli(method, extra, tmp_path, capsys, needs_fashion_mnist):
     out = tmp_path / method
-    argv = ["pretrain", "--method", method, "--steps", "3", "--subset", "64", "--batch-size", "16",
-            "--log-every", "1", "--no-progress", "--precision", "fp32", "--out", str(out),
-            "--model-arg", "depth=1", "--model-arg", "embed_dim=32", "--model-arg", "num_heads=2",
-            "--model-arg", "patch_size=4", *extra]
+    argv = [
+        "pretrain",
+        "--method",
+        method,
+        "--steps",
+        "3",
+        "--subset",
+        "64",
+        "--batch-size",
+        "16",
+        "--log-every",
+        "1",
+        "--no-progress",
+        "--precision",
+        "fp32",
+        "--out",
+        str(out),
+        "--model-arg",
+        "depth=1",
+        "--model-arg",
+        "embed_dim=32",
+        "--model-arg",
+        "num_heads=2",
+        "--model-arg",
+        "patch_size=4",
+        *extra,
+    ]
     assert cli.main(argv) == 0, capsys.readouterr().err
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history][-1] == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)

@@ -73,8 +73,9 @@ def test_bf16_autocast_step_is_close_to_fp32(batch, name):
 def test_every_trainable_parameter_gets_a_gradient(batch, name):
     model = make(name)
     model.training_step(batch)[0].backward()
-    missing = [n for n, p in model.named_parameters()
-               if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
+    missing = [
+        n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)
+    ]
     assert missing == []
 
 
@@ -118,8 +119,10 @@ def test_moco_ema_update_is_exact(batch):
     model.training_step(batch)[0].backward()
     opt.step()  # the online encoder now differs from the momentum encoder
     online = [p.detach().clone() for p in list(model.backbone.parameters()) + list(model.projector.parameters())]
-    old = [p.detach().clone() for p in
-           list(model.momentum_backbone.parameters()) + list(model.momentum_projector.parameters())]
+    old = [
+        p.detach().clone()
+        for p in list(model.momentum_backbone.parameters()) + list(model.momentum_projector.parameters())
+    ]
     assert any(not torch.equal(a, b) for a, b in zip(online, old))
     model.on_step_end(3, 10)
     m = 1 - (1 - 0.9) * (math.cos(math.pi * 3 / 10) + 1) / 2
@@ -155,6 +158,7 @@ def test_moco_freezes_the_random_patch_projection_by_default(batch):
     assert all(torch.equal(p, b) for p, b in zip(frozen, before))
     torch.testing.assert_close(model.momentum_backbone.patch_embed.proj.weight, before[0])  # EMA of a constant
     assert model.backbone.cls_token.grad is not None
+
     # Opting out: trainable again, and a given backbone is left exactly as it is.
     def proj(**kw):
         return MoCoV3(tiny_vit(), proj_dim=16, hidden_dim=64, **kw).backbone.patch_embed.proj
@@ -168,8 +172,9 @@ def test_moco_freezes_the_random_patch_projection_by_default(batch):
 
 def mocov3_sincos_table(dim, n):
     """MoCo v3's build_2d_sincos_position_embedding (vits.py) for an n x n grid, written out: (1 + n*n, dim)."""
-    grid_w, grid_h = torch.meshgrid(torch.arange(n, dtype=torch.float32), torch.arange(n, dtype=torch.float32),
-                                    indexing="ij")
+    grid_w, grid_h = torch.meshgrid(
+        torch.arange(n, dtype=torch.float32), torch.arange(n, dtype=torch.float32), indexing="ij"
+    )
     omega = 1.0 / 10000.0 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
     out_w = grid_w.flatten()[:, None] * omega[None]  # (n*n, dim/4)
     out_h = grid_h.flatten()[:, None] * omega[None]
@@ -184,8 +189,9 @@ def test_moco_fixes_sincos_positions(batch):
     assert id(pos) not in {id(p) for p in trainable(model)}
     torch.testing.assert_close(pos[0], sincos_pos_embed_2d(32, 7))
     # The kept cosmetic deviation: MoCo v3's table is ours with the two halves of the channels swapped.
-    torch.testing.assert_close(torch.cat([pos[0, :, 16:], pos[0, :, :16]], dim=1), mocov3_sincos_table(32, 7),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        torch.cat([pos[0, :, 16:], pos[0, :, :16]], dim=1), mocov3_sincos_table(32, 7), atol=1e-5, rtol=0
+    )
     before = pos.detach().clone()
     opt = torch.optim.AdamW(trainable(model), lr=1e-2)
     model.training_step(batch)[0].backward()
@@ -259,8 +265,11 @@ def test_state_dict_round_trip(batch, name):
     opt.step()
     if name == "moco":
         model.on_step_end(0, 10)
-    clone = MoCoV3(tiny_vit(), proj_dim=16, hidden_dim=64, temperature=0.2, momentum=0.9) if name == "moco" \
+    clone = (
+        MoCoV3(tiny_vit(), proj_dim=16, hidden_dim=64, temperature=0.2, momentum=0.9)
+        if name == "moco"
         else SimCLR(tiny_vit(), proj_dim=16, hidden_dim=64, temperature=0.2)
+    )
     clone.load_state_dict(model.state_dict(), strict=True)
     if name == "moco":
         assert any(k.startswith("momentum_backbone.") for k in model.state_dict())

@@ -82,8 +82,7 @@ def test_read_idx_corrupt_magic(tmp_path):
 @pytest.mark.parametrize("compress", [True, False])
 def test_read_idx_truncated_or_padded(tmp_path, compress):
     payload = write_idx(tmp_path / "x", np.ones((3, 28, 28), np.uint8), 0x08, False).read_bytes()
-    for bad, word in ((payload[:-10], "truncated"), (payload[:9], "truncated"),
-                      (payload + b"\0", "longer")):
+    for bad, word in ((payload[:-10], "truncated"), (payload[:9], "truncated"), (payload + b"\0", "longer")):
         path = tmp_path / "bad"
         path.write_bytes(gzip.compress(bad) if compress else bad)
         with pytest.raises(ValueError, match=word):
@@ -167,9 +166,7 @@ def test_fashion_mnist_bad_arguments(isolated, kwargs, error):
 def test_normalize():
     norm = data.normalize("cifar10")
     x = torch.rand(3, 4, 4)
-    expected = (x - torch.tensor(data.CIFAR10_MEAN)[:, None, None]) / torch.tensor(
-        data.CIFAR10_STD
-    )[:, None, None]
+    expected = (x - torch.tensor(data.CIFAR10_MEAN)[:, None, None]) / torch.tensor(data.CIFAR10_STD)[:, None, None]
     torch.testing.assert_close(norm(x), expected)
     assert set(data.NORMALIZE) == {"fashion_mnist", "cifar10", "imagenet"}
     with pytest.raises(ValueError, match="allowed.*cifar10"):
@@ -265,15 +262,11 @@ def test_real_transform_is_applied_per_sample(train_set, real):
     normalized, _ = data.FashionMNIST(
         root=real, train=False, transform=data.normalize("fashion_mnist"), download=False
     )[0]
-    torch.testing.assert_close(
-        normalized, (plain[0][0] - data.FASHION_MNIST_MEAN[0]) / data.FASHION_MNIST_STD[0]
-    )
+    torch.testing.assert_close(normalized, (plain[0][0] - data.FASHION_MNIST_MEAN[0]) / data.FASHION_MNIST_STD[0])
 
 
 def test_real_mean_std_match_constants(train_set):
     pixels = train_set.data.double() / 255
     assert abs(pixels.mean().item() - data.FASHION_MNIST_MEAN[0]) < 1e-3
     assert abs(pixels.std().item() - data.FASHION_MNIST_STD[0]) < 1e-3
-    assert data.NORMALIZE["fashion_mnist"] == {
-        "mean": data.FASHION_MNIST_MEAN, "std": data.FASHION_MNIST_STD
-    }
+    assert data.NORMALIZE["fashion_mnist"] == {"mean": data.FASHION_MNIST_MEAN, "std": data.FASHION_MNIST_STD}

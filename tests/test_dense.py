@@ -201,8 +201,13 @@ def test_postprocess_decodes_distances_and_suppresses_duplicates():
     cls[0, 1, 1] = 4.0  # location 1: the same object again, to be suppressed by NMS
     cls[0, 2, 0] = 3.0  # location 2: label 1
     ltrb = torch.tensor([[[2.0, 3.0, 4.0, 5.0], [3.0, 3.0, 3.0, 5.0], [1.0, 1.0, 100.0, 1.0]]])
-    out = {"cls_logits": cls, "ltrb": ltrb, "centerness": torch.full((1, 3), 10.0), "points": points,
-           "image_size": (64, 64)}
+    out = {
+        "cls_logits": cls,
+        "ltrb": ltrb,
+        "centerness": torch.full((1, 3), 10.0),
+        "points": points,
+        "image_size": (64, 64),
+    }
     (result,) = head.postprocess(out, score_thresh=0.5, nms_iou=0.5)
     assert torch.equal(result["labels"], torch.tensor([2, 1]))
     torch.testing.assert_close(result["boxes"], torch.tensor([[18.0, 17.0, 24.0, 25.0], [49.0, 49.0, 64.0, 51.0]]))
@@ -266,13 +271,19 @@ def test_map_of_perfect_predictions_is_one(batch):
 def test_map_on_hand_examples():
     gt = [{"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]), "labels": torch.tensor([1])}]
     # shifted one pixel: IoU = 90 / 110 = 0.818, a hit at thresholds 0.50..0.80 (7 of 10)
-    shifted = [{"boxes": torch.tensor([[1.0, 0.0, 11.0, 10.0]]), "scores": torch.tensor([0.9]),
-                "labels": torch.tensor([1])}]
+    shifted = [
+        {"boxes": torch.tensor([[1.0, 0.0, 11.0, 10.0]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([1])}
+    ]
     result = detection_map(shifted, gt)
     assert result["map_50"] == pytest.approx(1.0) and result["map"] == pytest.approx(0.7)
     # a false positive ranked above the hit: precision 1/2 at every recall -> AP 0.5
-    ranked = [{"boxes": torch.tensor([[30.0, 30.0, 40.0, 40.0], [0.0, 0.0, 10.0, 10.0]]),
-               "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([1, 1])}]
+    ranked = [
+        {
+            "boxes": torch.tensor([[30.0, 30.0, 40.0, 40.0], [0.0, 0.0, 10.0, 10.0]]),
+            "scores": torch.tensor([0.9, 0.8]),
+            "labels": torch.tensor([1, 1]),
+        }
+    ]
     assert detection_map(ranked, gt) == pytest.approx({"map_50": 0.5, "map": 0.5})
     wrong_class = [{**shifted[0], "labels": torch.tensor([2])}]
     assert detection_map(wrong_class, gt)["map_50"] == 0.0
@@ -294,8 +305,9 @@ def test_train_dense_segmentation_history_and_evaluation(scenes):
     preds = torch.cat([head.predict(scenes[i][0][None]) for i in range(len(scenes))])  # (16, H, W)
     head.train()
     truth = semantic_targets([scenes[i][1] for i in range(len(scenes))], preds.shape[-2:])
-    iou = MulticlassJaccardIndex(11, average="none", ignore_index=dense.IGNORE_INDEX,
-                                 zero_division=float("nan"))(preds, truth).double()
+    iou = MulticlassJaccardIndex(11, average="none", ignore_index=dense.IGNORE_INDEX, zero_division=float("nan"))(
+        preds, truth
+    ).double()
     torch.testing.assert_close(torch.tensor(result["per_class_iou"], dtype=torch.float64), iou, equal_nan=True)
     assert result["miou"] == pytest.approx(float(iou.nanmean()))
     assert result["miou_foreground"] == pytest.approx(float(iou[1:].nanmean()))

@@ -31,8 +31,9 @@ K = 64  # prototypes in the tests
 
 
 def tiny_vit(dynamic=True, **kw):
-    return ViT(img_size=28, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2, dynamic_img_size=dynamic,
-               **kw)
+    return ViT(
+        img_size=28, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2, dynamic_img_size=dynamic, **kw
+    )
 
 
 def make(vit_kw=None, **kw):
@@ -131,8 +132,16 @@ def test_frozen_last_layer_is_untouched_by_adamw(tmp_path, crops_data):
 @pytest.mark.parametrize("stop", [2, 5])
 def test_resume_across_the_freeze_is_exact(tmp_path, crops_data, stop):
     """Stopped before (2) or after (5) the end of a 4-step freeze, resumed: the same weights as one run."""
-    cfg = dict(max_steps=8, checkpoint_every=3, warmup_steps=2, weight_decay=0.04, weight_decay_end=0.4,
-               grad_clip=3.0, clip_mode="per_param", seed=1)
+    cfg = dict(
+        max_steps=8,
+        checkpoint_every=3,
+        warmup_steps=2,
+        weight_decay=0.04,
+        weight_decay_end=0.4,
+        grad_clip=3.0,
+        clip_mode="per_param",
+        seed=1,
+    )
     dino = dict(vit_kw=dict(drop_path_rate=0.1), freeze_last_layer_steps=4)  # drop-path: the RNG state matters
     reference = make(**dino)
     fit(reference, crops_data, run_config(**cfg, out_dir=str(tmp_path / "ref")))
@@ -145,8 +154,15 @@ def test_resume_across_the_freeze_is_exact(tmp_path, crops_data, stop):
         fit(make(**dino), crops_data, run_config(**cfg, out_dir=str(tmp_path / "run")), callback=stop_at)
     assert load_checkpoint(tmp_path / "run")[1]["step"] == stop
     torch.manual_seed(99)
-    resumed = DINO(tiny_vit(drop_path_rate=0.1), out_dim=K, hidden_dim=64, bottleneck_dim=16, n_local_crops=2,
-                   momentum=0.9, freeze_last_layer_steps=4)  # other initial weights: all come from the checkpoint
+    resumed = DINO(
+        tiny_vit(drop_path_rate=0.1),
+        out_dim=K,
+        hidden_dim=64,
+        bottleneck_dim=16,
+        n_local_crops=2,
+        momentum=0.9,
+        freeze_last_layer_steps=4,
+    )  # other initial weights: all come from the checkpoint
     fit(resumed, crops_data, run_config(**cfg, out_dir=str(tmp_path / "run"), resume=True))
     ref, res = reference.state_dict(), resumed.state_dict()
     assert ref.keys() == res.keys()
@@ -175,8 +191,10 @@ def test_diagnostics_agree_with_a_direct_computation(batch):
         s = [F.log_softmax(model.head(f) / 0.1, dim=-1) for f in feats]
         t = [F.softmax(model.teacher_head(f) / 0.04, dim=-1) for f in feats[:2]]  # teacher = student at init
     entropy = sum(-(p * p.clamp_min(1e-30).log()).sum(-1).mean() for p in t) / 2
-    kl = sum((p * (p.clamp_min(1e-30).log() - s[v])).sum(-1).mean()
-             for i, p in enumerate(t) for v in range(4) if v != i) / 6
+    kl = (
+        sum((p * (p.clamp_min(1e-30).log() - s[v])).sum(-1).mean() for i, p in enumerate(t) for v in range(4) if v != i)
+        / 6
+    )
     _, logs = model.training_step(batch)
     assert logs["teacher_entropy"] == pytest.approx(entropy.item(), abs=1e-4)
     assert logs["kl"] == pytest.approx(kl.item(), abs=1e-4)
@@ -195,8 +213,9 @@ def test_bf16_autocast_step_is_close_to_fp32(batch):
 def test_every_trainable_parameter_gets_a_gradient_and_the_teacher_none(batch):
     model = make()
     model.training_step(batch)[0].backward()
-    missing = [n for n, p in model.named_parameters()
-               if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
+    missing = [
+        n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)
+    ]
     assert missing == []
     assert all(not p.requires_grad and p.grad is None for p in teacher_params(model))
     ids = {id(p) for p in trainable(model)}
@@ -226,8 +245,9 @@ def test_loss_falls_when_the_student_chases_a_fixed_teacher(batch):
     crops, _ = batch
     with torch.no_grad():
         x = torch.cat(crops[:2])
-        t = model.teacher_head(model.teacher_backbone.forward_head(model.teacher_backbone.forward_features(x),
-                                                                   pre_logits=True))
+        t = model.teacher_head(
+            model.teacher_backbone.forward_head(model.teacher_backbone.forward_features(x), pre_logits=True)
+        )
         model.center.copy_(t.mean(dim=0, keepdim=True))
     history = train(model, batch, 25)
     losses = [h["loss"] for h in history]
@@ -278,8 +298,9 @@ def test_centring_update_is_exact(batch):
     crops, _ = batch
     with torch.no_grad():
         x = torch.cat(crops[:2])
-        t = model.teacher_head(model.teacher_backbone.forward_head(model.teacher_backbone.forward_features(x),
-                                                                   pre_logits=True))  # (2B, K)
+        t = model.teacher_head(
+            model.teacher_backbone.forward_head(model.teacher_backbone.forward_features(x), pre_logits=True)
+        )  # (2B, K)
     _, logs = model.training_step(batch)
     assert logs["center_norm"] == pytest.approx(c0.norm().item(), rel=1e-6)
     torch.testing.assert_close(model.center, 0.8 * c0 + 0.2 * t.mean(dim=0, keepdim=True), atol=1e-6, rtol=1e-5)
@@ -357,8 +378,10 @@ def _center_worker(rank, store, out):
 
 def test_centre_is_averaged_over_ranks(tmp_path):
     ctx = mp.get_context("fork")  # the children inherit the imported torch
-    procs = [ctx.Process(target=_center_worker, args=(r, str(tmp_path / "store"), str(tmp_path / f"{r}.pt")))
-             for r in range(2)]
+    procs = [
+        ctx.Process(target=_center_worker, args=(r, str(tmp_path / "store"), str(tmp_path / f"{r}.pt")))
+        for r in range(2)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -443,7 +466,7 @@ def test_trainer_clips_each_parameter_or_all_together(crops_data):
     assert per_param.keys() == raw.keys()
     for name, norm in raw.items():
         assert per_param[name] == pytest.approx(min(norm, limit), rel=1e-4), name
-    joint = math.sqrt(sum(n ** 2 for n in raw.values()))
+    joint = math.sqrt(sum(n**2 for n in raw.values()))
     together = norms_after_one_step(grad_clip=limit, clip_mode="global")
     for name, norm in raw.items():
         assert together[name] == pytest.approx(norm * limit / joint, rel=1e-4), name
@@ -466,12 +489,48 @@ def test_cli_dino_sizes_dinos_epoch_schedules_to_the_run():
 
 def test_cli_pretrain_ships_the_teacher(tmp_path, capsys, needs_fashion_mnist):
     out = tmp_path / "dino"
-    argv = ["pretrain", "--method", "dino", "--steps", "3", "--subset", "64", "--batch-size", "16",
-            "--log-every", "1", "--no-progress", "--precision", "fp32", "--device", "cpu", "--out", str(out),
-            "--model-arg", "depth=1", "--model-arg", "embed_dim=32", "--model-arg", "num_heads=2",
-            "--model-arg", "patch_size=4", "--model-arg", "drop_path_rate=0.1", "--method-arg", "n_local_crops=2",
-            "--method-arg", "out_dim=64", "--method-arg", "hidden_dim=32", "--method-arg", "momentum=0.9",
-            "--grad-clip", "3.0", "--clip-mode", "per_param"]
+    argv = [
+        "pretrain",
+        "--method",
+        "dino",
+        "--steps",
+        "3",
+        "--subset",
+        "64",
+        "--batch-size",
+        "16",
+        "--log-every",
+        "1",
+        "--no-progress",
+        "--precision",
+        "fp32",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--model-arg",
+        "depth=1",
+        "--model-arg",
+        "embed_dim=32",
+        "--model-arg",
+        "num_heads=2",
+        "--model-arg",
+        "patch_size=4",
+        "--model-arg",
+        "drop_path_rate=0.1",
+        "--method-arg",
+        "n_local_crops=2",
+        "--method-arg",
+        "out_dim=64",
+        "--method-arg",
+        "hidden_dim=32",
+        "--method-arg",
+        "momentum=0.9",
+        "--grad-clip",
+        "3.0",
+        "--clip-mode",
+        "per_param",
+    ]
     assert cli.main(argv) == 0, capsys.readouterr().err
     card = json.loads((out / "backbone.json").read_text())
     assert card["exported"] == "teacher" and card["train_config"]["clip_mode"] == "per_param"

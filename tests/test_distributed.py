@@ -30,8 +30,16 @@ from vitssl_core.train import DistInfo, setup_distributed, sync_batchnorm
 from vitssl_core.vit import ViT
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_ARGS = ["--model-arg", "depth=2", "--model-arg", "embed_dim=32", "--model-arg", "num_heads=2",
-             "--model-arg", "patch_size=7"]
+TINY_ARGS = [
+    "--model-arg",
+    "depth=2",
+    "--model-arg",
+    "embed_dim=32",
+    "--model-arg",
+    "num_heads=2",
+    "--model-arg",
+    "patch_size=7",
+]
 
 
 # --------------------------------------------------------------------------- SimCLR on 2 ranks = 1 process
@@ -64,10 +72,12 @@ def without_null_directions(cls):
     removes), so what it gets is rounding noise of about 1e-10, which Adam's first steps turn into
     moves of +-lr whose signs depend on the order of the sums. (The ViT here has no qkv bias for
     the same reason: softmax ignores a key bias shared by all keys.)"""
+
     def build(backbone, **kw):
         method = cls(backbone, **kw)
         method.backbone.norm.bias.requires_grad_(False)
         return method
+
     return build
 
 
@@ -91,20 +101,20 @@ class PerRankBNSimCLR(SimCLR):
         bns = [m for m in self.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         z1, z2 = [], []
         for r in range(self.world):
-            a, b = x1[r::self.world], x2[r::self.world]
+            a, b = x1[r :: self.world], x2[r :: self.world]
             kept = [{k: v.clone() for k, v in m.named_buffers()} for m in bns] if r else None
             z = self.project(torch.cat([a, b]))  # (2 B_r, proj_dim), BatchNorm over this rank's views
             if kept:  # rank r > 0 updates its own running statistics, which are never saved
                 for m, buffers in zip(bns, kept):
                     m._buffers.update(buffers)  # swapped, not copied in: autograd saved the updated ones
             z1.append(z[: len(a)])
-            z2.append(z[len(a):])
+            z2.append(z[len(a) :])
         loss = info_nce(torch.cat(z1), torch.cat(z2), self.temperature)
         return loss, {"loss": float(loss.detach())}
 
 
 TESTS = Path(__file__).resolve().parent
-SCRIPT = textwrap.dedent(f'''
+SCRIPT = textwrap.dedent(f"""
     import sys
     import torch
     torch.set_num_threads(1)
@@ -114,11 +124,11 @@ SCRIPT = textwrap.dedent(f'''
     from vitssl_core.contrastive import SimCLR
     cli.METHODS["simclr_seeded"] = cli.MethodEntry(build=without_null_directions(SimCLR), data=seeded_simclr_data)
     sys.exit(cli.main(sys.argv[1:]))
-''')
+""")
 
 
 # A 2-process MoCo v3 run that records, per rank, what train() made of the method's BatchNorms.
-SYNC_BN_SCRIPT = textwrap.dedent('''
+SYNC_BN_SCRIPT = textwrap.dedent("""
     import importlib, json, os, sys
     import torch
     torch.set_num_threads(1)
@@ -134,16 +144,50 @@ SYNC_BN_SCRIPT = textwrap.dedent('''
         return out
     train.sync_batchnorm = spy
     sys.exit(cli.main(sys.argv[2:]))
-''')
+""")
 
 
 def pretrain_args(out, batch_size):
     # 3 steps of 16 images, each 2 micro-batches; no warm-up, so step 1 already moves the weights
-    return ["pretrain", "--method", "simclr_seeded", "--dataset", "fashion_mnist", "--subset", "64", "--steps", "3",
-            "--batch-size", str(batch_size), "--accum-steps", "2", "--lr", "0.05", "--warmup-steps", "0",
-            "--precision", "fp32", "--device", "cpu", "--num-workers", "0", "--log-every", "1", "--no-progress",
-            "--method-arg", "hidden_dim=32", "--method-arg", "proj_dim=16", "--method-arg", "temperature=0.2",
-            "--model-arg", "qkv_bias=false", "--out", str(out), *TINY_ARGS]
+    return [
+        "pretrain",
+        "--method",
+        "simclr_seeded",
+        "--dataset",
+        "fashion_mnist",
+        "--subset",
+        "64",
+        "--steps",
+        "3",
+        "--batch-size",
+        str(batch_size),
+        "--accum-steps",
+        "2",
+        "--lr",
+        "0.05",
+        "--warmup-steps",
+        "0",
+        "--precision",
+        "fp32",
+        "--device",
+        "cpu",
+        "--num-workers",
+        "0",
+        "--log-every",
+        "1",
+        "--no-progress",
+        "--method-arg",
+        "hidden_dim=32",
+        "--method-arg",
+        "proj_dim=16",
+        "--method-arg",
+        "temperature=0.2",
+        "--model-arg",
+        "qkv_bias=false",
+        "--out",
+        str(out),
+        *TINY_ARGS,
+    ]
 
 
 def free_port() -> int:
@@ -160,8 +204,15 @@ def torchrun_env():
 
 
 def torchrun():
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+    ]
 
 
 def batchnorms(module):
@@ -172,11 +223,15 @@ def tiny_vit():
     return ViT(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=1, num_heads=2)
 
 
-@pytest.mark.parametrize("build", [
-    lambda: SimCLR(tiny_vit(), proj_dim=8, hidden_dim=16),
-    lambda: MoCoV3(tiny_vit(), proj_dim=8, hidden_dim=16),
-    lambda: DINO(tiny_vit(), out_dim=16, hidden_dim=16, bottleneck_dim=8, use_bn_in_head=True, n_local_crops=0),
-], ids=["simclr", "mocov3", "dino"])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: SimCLR(tiny_vit(), proj_dim=8, hidden_dim=16),
+        lambda: MoCoV3(tiny_vit(), proj_dim=8, hidden_dim=16),
+        lambda: DINO(tiny_vit(), out_dim=16, hidden_dim=16, bottleneck_dim=8, use_bn_in_head=True, n_local_crops=0),
+    ],
+    ids=["simclr", "mocov3", "dino"],
+)
 def test_sync_batchnorm_converts_the_heads_for_cuda_only(build):
     # Conversion needs no GPU; running a SyncBatchNorm in a process group does (see train.sync_batchnorm).
     method = build()
@@ -201,11 +256,40 @@ def test_two_gloo_processes_train_moco_v3_with_per_process_batchnorm(tmp_path, n
     script = tmp_path / "vitssl_sync_bn.py"
     script.write_text(SYNC_BN_SCRIPT)
     out = tmp_path / "moco"
-    args = ["pretrain", "--method", "mocov3", "--dataset", "fashion_mnist", "--subset", "32", "--steps", "2",
-            "--batch-size", "8", "--precision", "fp32", "--device", "cpu", "--log-every", "1", "--no-progress",
-            "--method-arg", "hidden_dim=16", "--method-arg", "proj_dim=8", "--out", str(out), *TINY_ARGS]
-    run = subprocess.run(torchrun() + [str(script), str(tmp_path), *args], env=torchrun_env(), capture_output=True,
-                         text=True, timeout=300)
+    args = [
+        "pretrain",
+        "--method",
+        "mocov3",
+        "--dataset",
+        "fashion_mnist",
+        "--subset",
+        "32",
+        "--steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--precision",
+        "fp32",
+        "--device",
+        "cpu",
+        "--log-every",
+        "1",
+        "--no-progress",
+        "--method-arg",
+        "hidden_dim=16",
+        "--method-arg",
+        "proj_dim=8",
+        "--out",
+        str(out),
+        *TINY_ARGS,
+    ]
+    run = subprocess.run(
+        torchrun() + [str(script), str(tmp_path), *args],
+        env=torchrun_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     for rank in (0, 1):
         seen = json.loads((tmp_path / f"sync_bn_rank{rank}.json").read_text())
@@ -225,15 +309,23 @@ def test_setup_distributed_is_a_no_op_without_torchrun(monkeypatch):
 def test_two_gloo_processes_match_one_process_with_the_combined_batch(tmp_path, monkeypatch, needs_fashion_mnist):
     script = tmp_path / "vitssl_simclr_seeded.py"
     script.write_text(SCRIPT)
-    two = subprocess.run(torchrun() + [str(script), *pretrain_args(tmp_path / "two", 4)], env=torchrun_env(),
-                         capture_output=True, text=True, timeout=300)
+    two = subprocess.run(
+        torchrun() + [str(script), *pretrain_args(tmp_path / "two", 4)],
+        env=torchrun_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stderr[-4000:]
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:  # the same command in this process: one rank, micro-batches of 8 = both ranks' 4
-        monkeypatch.setitem(cli.METHODS, "simclr_seeded", cli.MethodEntry(
-            build=without_null_directions(PerRankBNSimCLR), data=seeded_simclr_data))
+        monkeypatch.setitem(
+            cli.METHODS,
+            "simclr_seeded",
+            cli.MethodEntry(build=without_null_directions(PerRankBNSimCLR), data=seeded_simclr_data),
+        )
         assert cli.main(pretrain_args(tmp_path / "one", 8)) == 0
     finally:
         torch.set_num_threads(threads)

@@ -54,8 +54,10 @@ def test_extract_features_modes_and_inputs():
     dataset = TensorDataset(x, torch.zeros(5))
     torch.testing.assert_close(E.extract_features(model, dataset, batch_size=3, precision="fp32"), cls)
     norm = {"mean": (0.5,), "std": (0.25,)}
-    torch.testing.assert_close(E.extract_features(model, imgs, normalize=norm, precision="fp32"),
-                               E.extract_features(model, (x - 0.5) / 0.25, precision="fp32"))
+    torch.testing.assert_close(
+        E.extract_features(model, imgs, normalize=norm, precision="fp32"),
+        E.extract_features(model, (x - 0.5) / 0.25, precision="fp32"),
+    )
     torch.testing.assert_close(E.extract_features(model, imgs, precision="fp32"), cls)
     bf16 = E.extract_features(model, imgs, precision="bf16")  # autocast works on any CPU, fast or not
     assert bf16.dtype == torch.float32
@@ -82,8 +84,10 @@ def test_extract_features_errors():
     with pytest.raises(ValueError, match=r"normalize has 3 mean and 3 std value\(s\) but the images have 1 channel"):
         E.extract_features(model, imgs, normalize={"mean": [0.5] * 3, "std": [0.2] * 3})  # RGB stats, grey images
     pixels = torch.randint(0, 256, (2, 28, 28), dtype=torch.uint8)  # uint8 and float64 pixels mean the same
-    torch.testing.assert_close(E.extract_features(model, pixels, precision="fp32"),
-                               E.extract_features(model, pixels.double() / 255, precision="fp32"))
+    torch.testing.assert_close(
+        E.extract_features(model, pixels, precision="fp32"),
+        E.extract_features(model, pixels.double() / 255, precision="fp32"),
+    )
 
 
 def test_pixel_features():
@@ -109,8 +113,9 @@ def _toy(n_train=300, n_test=80, dim=8, classes=5, seed=0):
 def test_knn_matches_sklearn_weighted(k):
     xtr, ytr, xte, _ = _toy()
     T = 0.07
-    ref = KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute",
-                               weights=lambda d: np.exp((1 - d) / T))  # cosine distance = 1 - similarity
+    ref = KNeighborsClassifier(
+        n_neighbors=k, metric="cosine", algorithm="brute", weights=lambda d: np.exp((1 - d) / T)
+    )  # cosine distance = 1 - similarity
     ref.fit(xtr.double().numpy(), ytr.numpy())
     pred, scores = E.knn_classify(xtr, ytr, xte, k=k, temperature=T, chunk_size=16)
     np.testing.assert_array_equal(pred.numpy(), ref.predict(xte.double().numpy()))
@@ -176,8 +181,9 @@ def test_knn_raw_pixels_real(fmnist):
     f_train, f_test = E.pixel_features(xtr), E.pixel_features(xte)
     acc = E.knn_accuracy(f_train, ytr, f_test, yte, k=20)
     # The reference: scikit-learn's weighted cosine kNN on the same pixels (~79 % with 5000 images)
-    ref = KNeighborsClassifier(n_neighbors=20, metric="cosine", algorithm="brute",
-                               weights=lambda d: np.exp((1 - d) / 0.07))
+    ref = KNeighborsClassifier(
+        n_neighbors=20, metric="cosine", algorithm="brute", weights=lambda d: np.exp((1 - d) / 0.07)
+    )
     predicted = ref.fit(f_train.double().numpy(), ytr.numpy()).predict(f_test.double().numpy())
     assert acc == pytest.approx(100.0 * (predicted == yte.numpy()).mean(), abs=0.11)  # a tie may break otherwise
 
@@ -248,11 +254,16 @@ def test_class_balanced_subset_exact_counts():
     assert not torch.equal(a, E.class_balanced_subset(labels, fraction=0.1, seed=1))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(fraction=0.0), "fraction=0.0"), (dict(fraction=1.5), "fraction=1.5"),
-    (dict(), "exactly one"), (dict(fraction=0.1, per_class=2), "exactly one"),
-    (dict(per_class=8), "class 2 has only 7"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(fraction=0.0), "fraction=0.0"),
+        (dict(fraction=1.5), "fraction=1.5"),
+        (dict(), "exactly one"),
+        (dict(fraction=0.1, per_class=2), "exactly one"),
+        (dict(per_class=8), "class 2 has only 7"),
+    ],
+)
 def test_class_balanced_subset_errors(kwargs, match):
     labels = torch.cat([torch.zeros(10), torch.ones(10), torch.full((7,), 2)]).long()
     with pytest.raises(ValueError, match=match):
@@ -309,9 +320,20 @@ def test_finetune_tiny_real_leaves_caller_unchanged(fmnist):
     xtr, ytr, xte, yte = fmnist
     model = tiny().train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    out = E.finetune(model, (xtr[:256], ytr[:256]), (xte[:128], yte[:128]), num_classes=10, epochs=1, lr=1e-3,
-                     batch_size=64, warmup_epochs=1, mixup=0.8, cutmix=1.0,
-                     normalize=data.NORMALIZE["fashion_mnist"], return_correct=True)
+    out = E.finetune(
+        model,
+        (xtr[:256], ytr[:256]),
+        (xte[:128], yte[:128]),
+        num_classes=10,
+        epochs=1,
+        lr=1e-3,
+        batch_size=64,
+        warmup_epochs=1,
+        mixup=0.8,
+        cutmix=1.0,
+        normalize=data.NORMALIZE["fashion_mnist"],
+        return_correct=True,
+    )
     assert set(out) == {"top1", "train_loss", "epochs", "steps", "correct"}
     assert math.isfinite(out["train_loss"]) and out["steps"] == 4  # 256 images in batches of 64, one epoch
     # top-1 is the share of the 128 test images marked right, one record per image in order
@@ -326,16 +348,35 @@ def test_finetune_tiny_real_leaves_caller_unchanged(fmnist):
 def test_finetune_learns_on_a_dataset(fmnist):
     xtr, ytr, xte, yte = fmnist
     train = TensorDataset(xtr[:1024].float().div(255).unsqueeze(1), ytr[:1024])
-    out = E.finetune(tiny(), train, (xte[:500], yte[:500]), num_classes=10, epochs=3, lr=5e-3,
-                     batch_size=32, warmup_epochs=0, drop_path=0.0, layer_decay=1.0)
+    out = E.finetune(
+        tiny(),
+        train,
+        (xte[:500], yte[:500]),
+        num_classes=10,
+        epochs=3,
+        lr=5e-3,
+        batch_size=32,
+        warmup_epochs=0,
+        drop_path=0.0,
+        layer_decay=1.0,
+    )
     assert out["top1"] > 30.0, out  # chance is 10 %; 40-50 % across seeds
 
 
 def test_finetune_with_crops_returns_per_image_correctness(fmnist):
     xtr, ytr, xte, yte = fmnist
     model = tiny(pos_embed="sincos")
-    out = E.finetune(model, (xtr[:256], ytr[:256]), (xte[:100], yte[:100]), num_classes=10, epochs=1,
-                     batch_size=64, warmup_epochs=0, crop_scale=(0.25, 1.0), return_correct=True)
+    out = E.finetune(
+        model,
+        (xtr[:256], ytr[:256]),
+        (xte[:100], yte[:100]),
+        num_classes=10,
+        epochs=1,
+        batch_size=64,
+        warmup_epochs=0,
+        crop_scale=(0.25, 1.0),
+        return_correct=True,
+    )
     assert out["correct"].shape == (100,) and out["correct"].dtype == torch.bool
     assert math.isclose(out["top1"], 100.0 * out["correct"].float().mean().item())
     assert not model.pos_embed.requires_grad  # the caller's fixed table stays fixed
@@ -345,6 +386,7 @@ def test_finetune_with_crops_returns_per_image_correctness(fmnist):
 
 def test_mcnemar_matches_scipy_exact_binomial():
     from scipy.stats import binomtest
+
     g = torch.Generator().manual_seed(0)
     for n, pa, pb in ((10000, 0.86, 0.85), (500, 0.7, 0.6), (40, 0.5, 0.5)):
         a, b = torch.rand(n, generator=g) < pa, torch.rand(n, generator=g) < pb
@@ -478,8 +520,9 @@ def test_run_protocol_on_pairs():
     assert knn["protocol"] == "knn" and knn["n_train"] == 45 and knn["n_test"] == 15
     # The reference: scikit-learn's weighted cosine kNN on the class-token features of the same images
     f_train, f_test = (E.extract_features(model, x, "cls") for x in (imgs[:45], imgs[45:]))
-    ref = KNeighborsClassifier(n_neighbors=5, metric="cosine", algorithm="brute",
-                               weights=lambda d: np.exp((1 - d) / knn["temperature"]))
+    ref = KNeighborsClassifier(
+        n_neighbors=5, metric="cosine", algorithm="brute", weights=lambda d: np.exp((1 - d) / knn["temperature"])
+    )
     predicted = ref.fit(f_train.double().numpy(), labels[:45].numpy()).predict(f_test.double().numpy())
     assert knn["top1"] == pytest.approx(100.0 * (predicted == labels[45:].numpy()).mean())
     lin = E.run_protocol("linear", model, feature="cls+avg", dataset=pair, epochs=3, n_last=2)
@@ -514,8 +557,15 @@ def test_run_protocol_on_an_image_folder(tmp_path):
 
 
 def test_run_protocol_fashion_mnist_by_name(fmnist):
-    out = E.run_protocol("knn", tiny(), dataset="fashion_mnist", normalize=data.NORMALIZE["fashion_mnist"],
-                         max_train=500, max_test=100, k=10)
+    out = E.run_protocol(
+        "knn",
+        tiny(),
+        dataset="fashion_mnist",
+        normalize=data.NORMALIZE["fashion_mnist"],
+        max_train=500,
+        max_test=100,
+        k=10,
+    )
     assert out["n_train"] == 500 and out["n_test"] == 100 and out["top1"] > 30.0  # random ViT features
 
 
@@ -532,8 +582,10 @@ def test_choose_feature_is_knn_of_the_last_images_against_the_rest():
     assert scores == pytest.approx(expected, abs=1e-9)
     assert best == max(expected, key=expected.get)
     # the same from a Dataset of (image, label), whose labels it reads itself
-    assert E.choose_feature(model, TensorDataset(images, labels), validation=12, k=5, precision="fp32") == \
-        (best, scores)
+    assert E.choose_feature(model, TensorDataset(images, labels), validation=12, k=5, precision="fp32") == (
+        best,
+        scores,
+    )
     # the held-out labels decide: flip them and the scores follow
     flipped = torch.cat([labels[:48], (labels[48:] + 1) % 3])
     assert E.choose_feature(model, images, flipped, validation=12, k=5, precision="fp32")[1] != scores

@@ -99,8 +99,9 @@ def test_vectorised_matches_brute_force_loop(symmetric, reduction):
 def test_mean_is_sum_over_the_2n_anchors():
     torch.manual_seed(2)
     z1, z2 = torch.randn(7, 4), torch.randn(7, 4)
-    assert info_nce(z1, z2, reduction="mean").item() == pytest.approx(info_nce(z1, z2, reduction="sum").item() / 14,
-                                                                      rel=1e-6)
+    assert info_nce(z1, z2, reduction="mean").item() == pytest.approx(
+        info_nce(z1, z2, reduction="sum").item() / 14, rel=1e-6
+    )
 
 
 def test_small_temperature_is_finite():
@@ -232,8 +233,9 @@ def _worker(rank, store, out):
 def test_two_process_gather_equals_one_big_batch(tmp_path):
     # fork, not spawn: the children inherit the imported torch instead of importing it again.
     ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_worker, args=(r, str(tmp_path / "store"), str(tmp_path / f"{r}.pt")))
-             for r in range(2)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, str(tmp_path / "store"), str(tmp_path / f"{r}.pt"))) for r in range(2)
+    ]
     for p in procs:
         p.start()
     for p in procs:

@@ -11,7 +11,15 @@ from vitssl_core.vit import ViT, sincos_pos_embed_2d
 
 
 def tiny_encoder(**kw):
-    cfg = {"img_size": 28, "patch_size": 4, "in_chans": 1, "embed_dim": 32, "depth": 2, "num_heads": 2, "pos_embed": "sincos"}
+    cfg = {
+        "img_size": 28,
+        "patch_size": 4,
+        "in_chans": 1,
+        "embed_dim": 32,
+        "depth": 2,
+        "num_heads": 2,
+        "pos_embed": "sincos",
+    }
     return ViT(**{**cfg, **kw})
 
 
@@ -33,27 +41,44 @@ def fmnist(needs_fashion_mnist):
 def official_keys(depth, decoder_depth, D, Dd, L, P, C):
     """MaskedAutoencoderViT's state dict (facebookresearch/mae models_mae.py with timm's Block),
     written out by hand: key -> shape, in the order the official model lists them."""
+
     def block(prefix, d):
         return {
-            f"{prefix}.norm1.weight": (d,), f"{prefix}.norm1.bias": (d,),
-            f"{prefix}.attn.qkv.weight": (3 * d, d), f"{prefix}.attn.qkv.bias": (3 * d,),
-            f"{prefix}.attn.proj.weight": (d, d), f"{prefix}.attn.proj.bias": (d,),
-            f"{prefix}.norm2.weight": (d,), f"{prefix}.norm2.bias": (d,),
-            f"{prefix}.mlp.fc1.weight": (4 * d, d), f"{prefix}.mlp.fc1.bias": (4 * d,),
-            f"{prefix}.mlp.fc2.weight": (d, 4 * d), f"{prefix}.mlp.fc2.bias": (d,),
+            f"{prefix}.norm1.weight": (d,),
+            f"{prefix}.norm1.bias": (d,),
+            f"{prefix}.attn.qkv.weight": (3 * d, d),
+            f"{prefix}.attn.qkv.bias": (3 * d,),
+            f"{prefix}.attn.proj.weight": (d, d),
+            f"{prefix}.attn.proj.bias": (d,),
+            f"{prefix}.norm2.weight": (d,),
+            f"{prefix}.norm2.bias": (d,),
+            f"{prefix}.mlp.fc1.weight": (4 * d, d),
+            f"{prefix}.mlp.fc1.bias": (4 * d,),
+            f"{prefix}.mlp.fc2.weight": (d, 4 * d),
+            f"{prefix}.mlp.fc2.bias": (d,),
         }
+
     keys = {
-        "cls_token": (1, 1, D), "pos_embed": (1, 1 + L, D),
-        "mask_token": (1, 1, Dd), "decoder_pos_embed": (1, 1 + L, Dd),
-        "patch_embed.proj.weight": (D, C, P, P), "patch_embed.proj.bias": (D,),
+        "cls_token": (1, 1, D),
+        "pos_embed": (1, 1 + L, D),
+        "mask_token": (1, 1, Dd),
+        "decoder_pos_embed": (1, 1 + L, Dd),
+        "patch_embed.proj.weight": (D, C, P, P),
+        "patch_embed.proj.bias": (D,),
     }
     for i in range(depth):
         keys.update(block(f"blocks.{i}", D))
     keys.update({"norm.weight": (D,), "norm.bias": (D,), "decoder_embed.weight": (Dd, D), "decoder_embed.bias": (Dd,)})
     for i in range(decoder_depth):
         keys.update(block(f"decoder_blocks.{i}", Dd))
-    keys.update({"decoder_norm.weight": (Dd,), "decoder_norm.bias": (Dd,),
-                 "decoder_pred.weight": (P * P * C, Dd), "decoder_pred.bias": (P * P * C,)})
+    keys.update(
+        {
+            "decoder_norm.weight": (Dd,),
+            "decoder_norm.bias": (Dd,),
+            "decoder_pred.weight": (P * P * C, Dd),
+            "decoder_pred.bias": (P * P * C,),
+        }
+    )
     return keys
 
 
@@ -76,7 +101,8 @@ def test_official_checkpoint_loads_strict_and_backbone_has_timm_keys():
 
     # the backbone exports plain timm keys, which timm's own ViT loads strictly
     timm_vit = pytest.importorskip("timm").models.vision_transformer.VisionTransformer(
-        img_size=8, patch_size=4, in_chans=3, num_classes=0, embed_dim=16, depth=2, num_heads=2)
+        img_size=8, patch_size=4, in_chans=3, num_classes=0, embed_dim=16, depth=2, num_heads=2
+    )
     backbone_sd = mae.backbone.state_dict()
     assert not any(k.startswith(("decoder", "mask_token", "backbone.")) for k in backbone_sd)
     timm_vit.load_state_dict(backbone_sd, strict=True)
@@ -101,8 +127,10 @@ def test_state_dict_round_trip_and_nesting():
 def test_encoder_processes_only_visible_tokens(ratio, fmnist):
     mae = tiny_mae()
     seen = {}
-    hooks = [mae.backbone.blocks[0].register_forward_pre_hook(lambda m, a: seen.__setitem__("enc", a[0].shape)),
-             mae.decoder_blocks[0].register_forward_pre_hook(lambda m, a: seen.__setitem__("dec", a[0].shape))]
+    hooks = [
+        mae.backbone.blocks[0].register_forward_pre_hook(lambda m, a: seen.__setitem__("enc", a[0].shape)),
+        mae.decoder_blocks[0].register_forward_pre_hook(lambda m, a: seen.__setitem__("dec", a[0].shape)),
+    ]
     mae(fmnist[:4], mask_ratio=ratio)
     for h in hooks:
         h.remove()

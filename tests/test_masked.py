@@ -242,6 +242,7 @@ def test_beit_loss_falls(tokenizer, fmnist):
     assert model.num_masked == 20
     torch.manual_seed(2)
     from vitssl_core.masking import block_masking
+
     fixed = block_masking(16, 7, model.num_masked)
     with torch.no_grad():
         before = model(fmnist, mask=fixed)[0].item()

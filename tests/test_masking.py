@@ -100,14 +100,17 @@ def test_random_masking_input_errors():
 
 
 # --------------------------------------------------------------------------- unit masking (SimMIM)
-@pytest.mark.parametrize("grid,unit,ratio", [
-    (4, 2, 0.6),  # vit_mini_28: a 2x2 grid of units, ceil(2.4) = 3 hidden
-    (8, 2, 0.6),
-    (8, 4, 0.5),
-    ((4, 6), 2, 0.6),  # a non-square grid: 2x3 units
-    (10, 2, 0.8),  # ceil(25 * 0.8) = 20 units; MAE's L - int(L * (1 - r)) would hide 21
-    (7, 1, 0.75),  # unit 1 is per-patch masking: ceil(36.75) = 37
-])
+@pytest.mark.parametrize(
+    "grid,unit,ratio",
+    [
+        (4, 2, 0.6),  # vit_mini_28: a 2x2 grid of units, ceil(2.4) = 3 hidden
+        (8, 2, 0.6),
+        (8, 4, 0.5),
+        ((4, 6), 2, 0.6),  # a non-square grid: 2x3 units
+        (10, 2, 0.8),  # ceil(25 * 0.8) = 20 units; MAE's L - int(L * (1 - r)) would hide 21
+        (7, 1, 0.75),  # unit 1 is per-patch masking: ceil(36.75) = 37
+    ],
+)
 def test_unit_masking_hides_whole_aligned_units(grid, unit, ratio):
     gh, gw = (grid, grid) if isinstance(grid, int) else grid
     B = 32

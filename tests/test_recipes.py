@@ -59,8 +59,20 @@ def test_training_data_wraps_per_image_recipes_and_returns_batch_views():
 
 
 def test_the_cli_builds_exactly_what_the_library_builds(needs_fashion_mnist):
-    argv = ["pretrain", "--method", "mocov3", "--steps", "2", "--subset", "64", "--batch-size", "16", "--out", "x",
-            *[w for k, v in TINY.items() if k != "in_chans" for w in ("--model-arg", f"{k}={v}")]]
+    argv = [
+        "pretrain",
+        "--method",
+        "mocov3",
+        "--steps",
+        "2",
+        "--subset",
+        "64",
+        "--batch-size",
+        "16",
+        "--out",
+        "x",
+        *[w for k, v in TINY.items() if k != "in_chans" for w in ("--model-arg", f"{k}={v}")],
+    ]
     args = cli.parse_args(argv)
     seed_everything(0)
     from_cli, base, info = cli._build_method(args, cli._train_config(args), world_size=1)

@@ -29,7 +29,9 @@ def test_autocast_follows_the_precision_rule():
     with runtime.autocast("cpu", "fp32"):
         assert (a @ a).dtype == torch.float32
     with runtime.autocast("cpu", "auto"):
-        assert (a @ a).dtype == (torch.bfloat16 if runtime.resolve_precision("auto", "cpu") == "bf16" else torch.float32)
+        assert (a @ a).dtype == (
+            torch.bfloat16 if runtime.resolve_precision("auto", "cpu") == "bf16" else torch.float32
+        )
     with pytest.raises(ValueError, match="precision='half'"):
         runtime.autocast("cpu", "half")
 
@@ -50,8 +52,16 @@ def test_the_trainer_keeps_the_old_names():
     import importlib
 
     module = importlib.import_module("vitssl_core.train")
-    for name in ("resolve_device", "resolve_precision", "seed_everything", "setup_distributed", "hardware",
-                 "sync_batchnorm", "DistInfo", "cleanup_distributed"):
+    for name in (
+        "resolve_device",
+        "resolve_precision",
+        "seed_everything",
+        "setup_distributed",
+        "hardware",
+        "sync_batchnorm",
+        "DistInfo",
+        "cleanup_distributed",
+    ):
         assert getattr(module, name) is getattr(runtime, name)
     assert callable(train_function)
 
@@ -78,13 +88,16 @@ def _reach(graph: dict[str, set[str]], start: str) -> set[str]:
     return seen
 
 
-@pytest.mark.parametrize("module, never", [
-    ("runtime", {"train", "evaluate", "recipes", "__main__"}),
-    ("schedules", {"train", "evaluate", "recipes", "__main__", "runtime"}),
-    ("evaluate", {"train", "recipes", "__main__"}),  # evaluation needs no trainer
-    ("train", {"evaluate", "recipes", "__main__"}),  # the loop knows no concrete method
-    ("recipes", {"train", "evaluate", "__main__"}),
-])
+@pytest.mark.parametrize(
+    "module, never",
+    [
+        ("runtime", {"train", "evaluate", "recipes", "__main__"}),
+        ("schedules", {"train", "evaluate", "recipes", "__main__", "runtime"}),
+        ("evaluate", {"train", "recipes", "__main__"}),  # evaluation needs no trainer
+        ("train", {"evaluate", "recipes", "__main__"}),  # the loop knows no concrete method
+        ("recipes", {"train", "evaluate", "__main__"}),
+    ],
+)
 def test_layers_point_one_way(module, never):
     reach = _reach(_imports(), module)
     assert module not in reach, f"{module} imports itself through {reach}"

@@ -26,7 +26,7 @@ def render(items, placements, canvas):
     for item, (x0, y0, size) in zip(items, placements.tolist()):
         pasted = TF.resize(item.float().div(255)[None], [size, size], antialias=True).clamp(0, 1)[0]
         layer = torch.zeros(canvas, canvas)
-        layer[y0:y0 + size, x0:x0 + size] = pasted
+        layer[y0 : y0 + size, x0 : x0 + size] = pasted
         image = torch.maximum(image, layer)
     return image[None]
 

@@ -21,8 +21,9 @@ NEEDS_DATA = {"method_speed.py", "train_speed.py", "finetune_crop.py"}
 
 def run(path: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "MPLBACKEND": "Agg"}
-    done = subprocess.run([sys.executable, str(path), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(path), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, f"{path.name} {' '.join(args)}:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
     return done
 
@@ -36,8 +37,18 @@ def test_benchmark_runs_quick(name, tmp_path, request):
 
 
 def test_ship_checkpoint_quick_writes_a_loadable_card(tmp_path, needs_fashion_mnist):
-    run(REPO / "scripts" / "ship_checkpoint.py", "--random", "--name", "quick", "--quick", "--threads", "1",
-        "--out", str(tmp_path), cwd=tmp_path)
+    run(
+        REPO / "scripts" / "ship_checkpoint.py",
+        "--random",
+        "--name",
+        "quick",
+        "--quick",
+        "--threads",
+        "1",
+        "--out",
+        str(tmp_path),
+        cwd=tmp_path,
+    )
     card = json.loads((tmp_path / "quick.json").read_text())
     assert card["method"] == "random" and card["protocols"]["finetune"]["epochs"] == 1
     backbone, loaded = load_pretrained(tmp_path / "quick.safetensors")

@@ -55,13 +55,19 @@ CHROMEDRIVER = Path("/usr/bin/chromedriver")
 STRICT = os.environ.get("VITSSL_SITE_TEST") == "1"
 
 CHROME_FLAGS = [
-    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--no-first-run", "--window-size=1280,1000",
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--window-size=1280,1000",
 ]
-PAGE_TIMEOUT_S = 30   # loading one page
-WAIT_S = 15           # then waiting in the page for MathJax, Mermaid and images (a broken
-                      # page waits this long before it is reported)
+PAGE_TIMEOUT_S = 30  # loading one page
+WAIT_S = 15  # then waiting in the page for MathJax, Mermaid and images (a broken
+# page waits this long before it is reported)
 # Console errors that are not ours to fix and break nothing. The pydata theme logs this with
 # console.error on a first visit, when the reader's light/dark choice is not stored yet.
 CONSOLE_ALLOWED = ("Got invalid theme mode",)
@@ -112,15 +118,23 @@ def site_pages(site: Path = SITE) -> list[str]:
 class _AssetParser(HTMLParser):
     """Collects the URLs a page makes the browser load, and the ids it defines."""
 
-    LOADS = {("script", "src"), ("link", "href"), ("img", "src"), ("iframe", "src"),
-             ("source", "src"), ("video", "src"), ("audio", "src"), ("embed", "src"),
-             ("object", "data")}
+    LOADS = {
+        ("script", "src"),
+        ("link", "href"),
+        ("img", "src"),
+        ("iframe", "src"),
+        ("source", "src"),
+        ("video", "src"),
+        ("audio", "src"),
+        ("embed", "src"),
+        ("object", "data"),
+    }
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
-        self.loads: list[tuple[str, str]] = []   # (tag, url)
+        self.loads: list[tuple[str, str]] = []  # (tag, url)
         self.ids: set[str] = set()
-        self.refresh: str | None = None          # <meta http-equiv="refresh"> target
+        self.refresh: str | None = None  # <meta http-equiv="refresh"> target
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = {k: v or "" for k, v in attrs}
@@ -155,15 +169,14 @@ def _is_external(url: str) -> bool:
 _RAW_TABLE = re.compile(r"\|\s*:?-{3,}:?\s*\|(?:\s*:?-{3,}:?\s*\|?)*")
 # A whole output block that is only the repr of what a cell's last line returned.
 _STRAY_REPR = re.compile(
-    r"\((?:None,\s*)*None,?\)"                                 # (None, None), (None,)
-    r"|\[(?:None,\s*)*None\]"                                  # [None, None]
+    r"\((?:None,\s*)*None,?\)"  # (None, None), (None,)
+    r"|\[(?:None,\s*)*None\]"  # [None, None]
     r"|None"
     r"|\[?<(?:Figure|Axes|matplotlib\.)[^>]*>(?:,\s*<[^>]*>)*\]?"  # <Figure size 640x480 with 1 Axes>,
     #                                                          [<matplotlib.lines.Line2D at 0x7f...>]
-    r"|(?:Text|Line2D)\(.*\)"                                    # Text(0.5, 1.0, 'title')
+    r"|(?:Text|Line2D)\(.*\)"  # Text(0.5, 1.0, 'title')
 )
-_VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param",
-         "source", "track", "wbr"}
+_VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param", "source", "track", "wbr"}
 
 
 class _TextParser(HTMLParser):
@@ -173,9 +186,9 @@ class _TextParser(HTMLParser):
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
-        self.stack: list[tuple[str, bool, bool]] = []   # (tag, hides text, is a cell output)
+        self.stack: list[tuple[str, bool, bool]] = []  # (tag, hides text, is a cell output)
         self.prose: list[str] = []
-        self.outputs: list[list[str]] = []              # one list of text pieces per output block
+        self.outputs: list[list[str]] = []  # one list of text pieces per output block
 
     def _hidden(self) -> bool:
         return any(h for _, h, _ in self.stack)
@@ -194,7 +207,7 @@ class _TextParser(HTMLParser):
         self.stack.append((tag, hides, is_output))
 
     def handle_endtag(self, tag: str) -> None:
-        for i in range(len(self.stack) - 1, -1, -1):   # tolerate unclosed inner tags
+        for i in range(len(self.stack) - 1, -1, -1):  # tolerate unclosed inner tags
             if self.stack[i][0] == tag:
                 del self.stack[i:]
                 break
@@ -221,7 +234,7 @@ def rendering_problems(page_html: str) -> list[str]:
     problems = []
     prose = "".join(parser.prose)
     for m in _RAW_TABLE.finditer(prose):
-        problems.append(f"raw Markdown table: {prose[max(0, m.start() - 40):m.end() + 20]!r}")
+        problems.append(f"raw Markdown table: {prose[max(0, m.start() - 40) : m.end() + 20]!r}")
     for pieces in parser.outputs:
         for line in "".join(pieces).splitlines():
             if _STRAY_REPR.fullmatch(line.strip()):
@@ -236,10 +249,16 @@ def rendering_problems(page_html: str) -> list[str]:
 class _Handler(http.server.SimpleHTTPRequestHandler):
     # Explicit types: Python 3.11 does not know .mjs, and browsers refuse a module served as
     # application/octet-stream.
-    extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map,
-                      ".js": "text/javascript", ".mjs": "text/javascript", ".css": "text/css",
-                      ".svg": "image/svg+xml", ".woff2": "font/woff2", ".woff": "font/woff",
-                      ".json": "application/json"}
+    extensions_map = {
+        **http.server.SimpleHTTPRequestHandler.extensions_map,
+        ".js": "text/javascript",
+        ".mjs": "text/javascript",
+        ".css": "text/css",
+        ".svg": "image/svg+xml",
+        ".woff2": "font/woff2",
+        ".woff": "font/woff",
+        ".json": "application/json",
+    }
 
     def log_message(self, format: str, *args) -> None:  # keep pytest's output clean
         pass
@@ -356,7 +375,7 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 class PageReport:
     page: str
     info: dict
-    requests: list[str] = field(default_factory=list)         # every URL the page requested
+    requests: list[str] = field(default_factory=list)  # every URL the page requested
     responses: list[tuple[str, int]] = field(default_factory=list)
     console_errors: list[str] = field(default_factory=list)
 
@@ -470,8 +489,10 @@ def test_math_is_typeset(reports):
         info = r.info
         if info.get("math"):
             if info["mathUntypeset"]:
-                problems.append(f"{page}: {len(info['mathUntypeset'])} of {info['math']} formulas not "
-                                f"typeset, e.g. {info['mathUntypeset'][0]!r}")
+                problems.append(
+                    f"{page}: {len(info['mathUntypeset'])} of {info['math']} formulas not "
+                    f"typeset, e.g. {info['mathUntypeset'][0]!r}"
+                )
             if info["mathErrors"]:
                 problems.append(f"{page}: MathJax errors {info['mathErrors'][:3]}")
         if info.get("rawTex"):
@@ -488,20 +509,26 @@ def test_mermaid_diagrams_are_svg(reports):
             elif d["error"]:
                 problems.append(f"{page}: diagram {i} is Mermaid's error picture")
             elif d["nodes"] == 0 or d["width"] < 50 or d["height"] < 30:
-                problems.append(f"{page}: diagram {i} is empty ({d['nodes']} nodes, "
-                                f"{d['width']:.0f}x{d['height']:.0f} px)")
+                problems.append(
+                    f"{page}: diagram {i} is empty ({d['nodes']} nodes, {d['width']:.0f}x{d['height']:.0f} px)"
+                )
     _fail_if(problems, "Mermaid diagrams")
 
 
 def test_images_load(reports):
-    problems = [f"{page}: {img['src']}" for page, r in reports.items()
-                for img in r.info.get("images", []) if not img["ok"]]
+    problems = [
+        f"{page}: {img['src']}" for page, r in reports.items() for img in r.info.get("images", []) if not img["ok"]
+    ]
     _fail_if(problems, "images that did not load")
 
 
 def test_no_javascript_errors(reports):
-    problems = [f"{page}: {msg}" for page, r in reports.items() for msg in r.console_errors
-                if not any(allowed in msg for allowed in CONSOLE_ALLOWED + BROWSER_OWN)]
+    problems = [
+        f"{page}: {msg}"
+        for page, r in reports.items()
+        for msg in r.console_errors
+        if not any(allowed in msg for allowed in CONSOLE_ALLOWED + BROWSER_OWN)
+    ]
     _fail_if(problems, "errors in the browser console")
 
 
@@ -593,9 +620,15 @@ def test_rendering_problems_finds_a_raw_table():
 
 
 def test_rendering_problems_finds_stray_reprs():
-    for text in ("(None, None)", "(None,)", "[None, None, None]", "None",
-                 "<Figure size 640x480 with 1 Axes>", "Text(0.5, 1.0, 'accuracy')",
-                 "[<matplotlib.lines.Line2D at 0x7f3a2c1d0e50>]"):
+    for text in (
+        "(None, None)",
+        "(None,)",
+        "[None, None, None]",
+        "None",
+        "<Figure size 640x480 with 1 Axes>",
+        "Text(0.5, 1.0, 'accuracy')",
+        "[<matplotlib.lines.Line2D at 0x7f3a2c1d0e50>]",
+    ):
         problems = rendering_problems(_output(text))
         assert len(problems) == 1 and "stray repr" in problems[0], (text, problems)
     # a repr on its own line after printed text counts too
@@ -632,10 +665,14 @@ def test_site_pages_excludes_static_files(tmp_path):
 
 def test_asset_parser_finds_external_loads_and_ids():
     parser = _AssetParser()
-    parser.feed('<script src="https://cdn.example.org/x.js"></script><link rel="stylesheet" '
-                'href="_static/a.css"><img src="//img.example.org/p.png"><a href="https://x.org" '
-                'id="top">x</a><meta http-equiv="Refresh" content="0; url=book/intro.html" />')
-    assert [u for _, u in parser.loads if _is_external(u)] == ["https://cdn.example.org/x.js",
-                                                               "//img.example.org/p.png"]
+    parser.feed(
+        '<script src="https://cdn.example.org/x.js"></script><link rel="stylesheet" '
+        'href="_static/a.css"><img src="//img.example.org/p.png"><a href="https://x.org" '
+        'id="top">x</a><meta http-equiv="Refresh" content="0; url=book/intro.html" />'
+    )
+    assert [u for _, u in parser.loads if _is_external(u)] == [
+        "https://cdn.example.org/x.js",
+        "//img.example.org/p.png",
+    ]
     assert parser.ids == {"top"}
     assert parser.refresh == "book/intro.html"

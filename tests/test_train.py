@@ -97,12 +97,23 @@ def test_param_groups_exempt_biases_norms_and_tokens():
     method.no_weight_decay = lambda: {"head.weight"}  # a method may exempt more
     decay, no_decay = param_groups(method, weight_decay=0.05)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-    for name in ("backbone.pos_embed", "backbone.cls_token", "mask_token", "backbone.blocks.0.norm1.weight",
-                 "backbone.blocks.0.attn.qkv.bias", "backbone.norm.weight", "backbone.patch_embed.proj.bias",
-                 "head.weight", "head.bias"):
+    for name in (
+        "backbone.pos_embed",
+        "backbone.cls_token",
+        "mask_token",
+        "backbone.blocks.0.norm1.weight",
+        "backbone.blocks.0.attn.qkv.bias",
+        "backbone.norm.weight",
+        "backbone.patch_embed.proj.bias",
+        "head.weight",
+        "head.bias",
+    ):
         assert name in no_decay["names"], name
-    for name in ("backbone.patch_embed.proj.weight", "backbone.blocks.0.attn.qkv.weight",
-                 "backbone.blocks.1.mlp.fc2.weight"):
+    for name in (
+        "backbone.patch_embed.proj.weight",
+        "backbone.blocks.0.attn.qkv.weight",
+        "backbone.blocks.1.mlp.fc2.weight",
+    ):
         assert name in decay["names"], name
     assert "frozen" not in decay["names"] + no_decay["names"]
     trainable = {n for n, p in method.named_parameters() if p.requires_grad}
@@ -111,8 +122,16 @@ def test_param_groups_exempt_biases_norms_and_tokens():
 
 
 def test_lr_schedule_scales_with_batch_and_peaks_at_warmup_end():
-    cfg = TrainConfig(max_steps=20, batch_size=16, accum_steps=2, blr=1e-3, min_lr=1e-5, warmup_steps=4,
-                      weight_decay=0.04, weight_decay_end=0.4)
+    cfg = TrainConfig(
+        max_steps=20,
+        batch_size=16,
+        accum_steps=2,
+        blr=1e-3,
+        min_lr=1e-5,
+        warmup_steps=4,
+        weight_decay=0.04,
+        weight_decay_end=0.4,
+    )
     peak = 1e-3 * 16 * 2 * 3 / 256  # blr * batch * accum * processes / 256
     assert cfg.peak_lr(world_size=3) == pytest.approx(peak)
     lr, wd = make_schedules(cfg, total_steps=20, epoch_steps=5, world_size=3)
@@ -287,8 +306,10 @@ def _method_and_batch(name: str, x, y):
         "dino": lambda: (DINO(tiny_vit(), out_dim=16, hidden_dim=16, bottleneck_dim=8, n_local_crops=0), views),
         "mae": lambda: (MAE(tiny_vit(), decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2), (x, y)),
         "simmim": lambda: (SimMIM(tiny_vit()), (x, y)),
-        "beit": lambda: (BEiT(tiny_vit(), PatchTokenizer.fit(torch.rand(8, 1, 28, 28), patch_size=7, vocab_size=4,
-                                                             seed=0)), (x, y)),
+        "beit": lambda: (
+            BEiT(tiny_vit(), PatchTokenizer.fit(torch.rand(8, 1, 28, 28), patch_size=7, vocab_size=4, seed=0)),
+            (x, y),
+        ),
     }[name]()
 
 
@@ -297,8 +318,10 @@ def test_every_method_names_images_of_the_wrong_dtype(name):
     """uint8 or float64 images into a float32 method: a TypeError naming the dtype, not conv2d's complaint."""
     torch.manual_seed(0)
     pixels, labels = torch.rand(4, 1, 28, 28), torch.zeros(4, dtype=torch.long)
-    for images, message in (((pixels * 255).to(torch.uint8), "x has dtype torch.uint8; the model takes float"),
-                            (pixels.double(), "x has dtype torch.float64 but the model's weights are torch.float32")):
+    for images, message in (
+        ((pixels * 255).to(torch.uint8), "x has dtype torch.uint8; the model takes float"),
+        (pixels.double(), "x has dtype torch.float64 but the model's weights are torch.float32"),
+    ):
         method, batch = _method_and_batch(name, images, labels)
         with pytest.raises(TypeError, match=re.escape(message)):
             method.training_step(batch)

@@ -28,8 +28,14 @@ def tiny_vit(**kw) -> ViT:
 # --------------------------------------------------------------------------- attention distance by hand
 def test_patch_distances_on_a_2x2_grid():
     d = vz.patch_distances(2, 3)  # centres (0,0) (0,3) (3,0) (3,3) px
-    expected = torch.tensor([[0, 3, 3, 3 * math.sqrt(2)], [3, 0, 3 * math.sqrt(2), 3],
-                             [3, 3 * math.sqrt(2), 0, 3], [3 * math.sqrt(2), 3, 3, 0]])
+    expected = torch.tensor(
+        [
+            [0, 3, 3, 3 * math.sqrt(2)],
+            [3, 0, 3 * math.sqrt(2), 3],
+            [3, 3 * math.sqrt(2), 0, 3],
+            [3 * math.sqrt(2), 3, 3, 0],
+        ]
+    )
     torch.testing.assert_close(d, expected.float())
 
 
@@ -58,6 +64,7 @@ def test_one_hot_attention_gives_an_exact_distance_and_the_class_token_is_left_o
 
 def test_layer_attention_distance_agrees_with_evaluate_and_is_per_layer_and_head(needs_fashion_mnist):
     from vitssl_core.data import FashionMNIST
+
     backbone, card = load_pretrained(CHECKPOINTS / "supervised.json")
     x = FashionMNIST(train=False).data[:64]
     ours = vz.layer_attention_distance(backbone, x, card["normalize"], batch_size=24)  # uneven last batch
@@ -90,10 +97,16 @@ def test_attention_mask_is_minimal_on_random_maps(keep):
     assert (kept - smallest_kept < keep).all()  # dropping the weakest kept patch falls below the share
 
 
-@pytest.mark.parametrize("maps, keep, error", [
-    (torch.ones(4), 0.6, ValueError), (torch.ones(2, 2), 0.0, ValueError), (torch.ones(2, 2), 1.5, ValueError),
-    (-torch.ones(2, 2), 0.6, ValueError), (torch.ones(2, 2, dtype=torch.long), 0.6, ValueError),
-])
+@pytest.mark.parametrize(
+    "maps, keep, error",
+    [
+        (torch.ones(4), 0.6, ValueError),
+        (torch.ones(2, 2), 0.0, ValueError),
+        (torch.ones(2, 2), 1.5, ValueError),
+        (-torch.ones(2, 2), 0.6, ValueError),
+        (torch.ones(2, 2, dtype=torch.long), 0.6, ValueError),
+    ],
+)
 def test_attention_mask_rejects_bad_input(maps, keep, error):
     with pytest.raises(error):
         vz.attention_mask(maps, keep)
@@ -126,6 +139,7 @@ def test_position_similarity_drops_the_class_token_row():
 # --------------------------------------------------------------------------- the shipped checkpoints
 def test_class_token_attention_of_the_shipped_dino(needs_fashion_mnist):
     from vitssl_core.data import FashionMNIST
+
     backbone, card = load_pretrained(CHECKPOINTS / "dino.json")
     x = FashionMNIST(train=False).data[:8]
     maps = vz.class_token_attention(backbone, x, card["normalize"])
@@ -140,6 +154,7 @@ def test_class_token_attention_of_the_shipped_dino(needs_fashion_mnist):
 
 def test_mae_reconstruction_from_the_shipped_encoder_and_decoder(needs_fashion_mnist):
     from vitssl_core.data import FashionMNIST
+
     mae, card = vz.load_mae("mae")
     assert isinstance(mae, MAE) and mae.norm_pix_loss
     x = FashionMNIST(train=False).data[:64]
@@ -148,7 +163,7 @@ def test_mae_reconstruction_from_the_shipped_encoder_and_decoder(needs_fashion_m
     assert out["mask"].sum(1).eq(L - int(L * 0.25)).all()
     original = x.float()[:, None] / 255
     torch.testing.assert_close(out["original"], original, atol=1e-5, rtol=0)
-    hidden = mae.unpatchify(out["mask"][..., None].expand(-1, -1, mae.backbone.patch_size ** 2)).bool()
+    hidden = mae.unpatchify(out["mask"][..., None].expand(-1, -1, mae.backbone.patch_size**2)).bool()
     # pasting keeps every visible pixel
     torch.testing.assert_close(out["pasted"][~hidden], original[~hidden], atol=1e-5, rtol=0)
     # the trained decoder beats a blank guess (each hidden patch at its true mean) by a wide margin
@@ -160,7 +175,7 @@ def test_mae_reconstruction_from_the_shipped_encoder_and_decoder(needs_fashion_m
     # with statistics from the visible patches only, no hidden pixel reaches the picture
     a = vz.mae_reconstruction(mae, x[:4], 0.75, card["normalize"], seed=1, stats="visible")
     changed = x[:4].clone()
-    changed_hidden = mae.unpatchify(a["mask"][..., None].expand(-1, -1, mae.backbone.patch_size ** 2)).bool()[:, 0]
+    changed_hidden = mae.unpatchify(a["mask"][..., None].expand(-1, -1, mae.backbone.patch_size**2)).bool()[:, 0]
     changed[changed_hidden] = 255 - changed[changed_hidden]
     b = vz.mae_reconstruction(mae, changed, 0.75, card["normalize"], seed=1, stats="visible")
     torch.testing.assert_close(a["reconstruction"], b["reconstruction"], atol=1e-5, rtol=0)
@@ -175,12 +190,15 @@ def test_load_mae_refuses_a_card_without_a_decoder():
 
 def test_drawing_helpers_return_figures(needs_fashion_mnist):
     from vitssl_core.data import FashionMNIST
+
     backbone, card = load_pretrained(CHECKPOINTS / "dino.json")
     x = FashionMNIST(train=False).data[:2]
     maps = vz.class_token_attention(backbone, x, card["normalize"])
-    figs = [vz.draw_attention(x, maps, vz.attention_mask(maps)),
-            vz.draw_attention_distance({"dino": torch.rand(6, 4)}, 14.0, 7),
-            vz.draw_position_similarity(vz.position_similarity(backbone))]
+    figs = [
+        vz.draw_attention(x, maps, vz.attention_mask(maps)),
+        vz.draw_attention_distance({"dino": torch.rand(6, 4)}, 14.0, 7),
+        vz.draw_position_similarity(vz.position_similarity(backbone)),
+    ]
     mae, card = vz.load_mae("mae")
     figs.append(vz.draw_reconstruction(vz.mae_reconstruction(mae, x, normalize=card["normalize"])))
     assert all(isinstance(f, Figure) and f.axes for f in figs)
@@ -193,17 +211,25 @@ def _png(path: Path) -> Path:
     from PIL import Image
 
     from vitssl_core.data import FashionMNIST
+
     Image.fromarray(FashionMNIST(train=False).data[0].numpy()).save(path)
     return path
 
 
 def _show(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vitssl_core", "show", *argv], cwd=cwd, capture_output=True,
-                          text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    return subprocess.run(
+        [sys.executable, "-m", "vitssl_core", "show", *argv],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+    )
 
 
 def test_vitssl_show_draws_both_pictures(tmp_path, needs_fashion_mnist):
     from PIL import Image
+
     image = _png(tmp_path / "boot.png")
     for kind, name in (("attention", "dino"), ("reconstruction", str(CHECKPOINTS / "mae.safetensors"))):
         out = tmp_path / f"{kind}.png"
@@ -213,15 +239,18 @@ def test_vitssl_show_draws_both_pictures(tmp_path, needs_fashion_mnist):
             assert im.size[0] > 200 and im.size[1] > 100
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["attention", "--checkpoint", "nope"], "not a shipped card"),
-    (["reconstruction", "--checkpoint", "dino"], "not an MAE card"),
-    (["attention", "--checkpoint", "dino", "--image", "missing.png"], "no such file"),
-    (["attention", "--checkpoint", "dino", "--image", "text.png"], "not a readable PNG/JPEG"),
-    (["attention", "--checkpoint", "dino", "--out", "x.jpg"], "must end in .png"),
-    (["reconstruction", "--checkpoint", "mae", "--mask-ratio", "1.5"], "mask_ratio=1.5"),
-    (["colour", "--checkpoint", "dino"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["attention", "--checkpoint", "nope"], "not a shipped card"),
+        (["reconstruction", "--checkpoint", "dino"], "not an MAE card"),
+        (["attention", "--checkpoint", "dino", "--image", "missing.png"], "no such file"),
+        (["attention", "--checkpoint", "dino", "--image", "text.png"], "not a readable PNG/JPEG"),
+        (["attention", "--checkpoint", "dino", "--out", "x.jpg"], "must end in .png"),
+        (["reconstruction", "--checkpoint", "mae", "--mask-ratio", "1.5"], "mask_ratio=1.5"),
+        (["colour", "--checkpoint", "dino"], "invalid choice"),
+    ],
+)
 def test_vitssl_show_bad_input_exits_2_with_one_line(argv, message, tmp_path, needs_fashion_mnist):
     image = _png(tmp_path / "boot.png")
     (tmp_path / "text.png").write_text("not an image")

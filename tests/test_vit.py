@@ -24,12 +24,29 @@ def tiny(**kw):
     "kw",
     [
         dict(img_size=28, patch_size=4, in_chans=1, embed_dim=48, depth=2, num_heads=3, num_classes=10),
-        dict(img_size=32, patch_size=4, in_chans=3, embed_dim=64, depth=3, num_heads=4, global_pool="avg",
-             init_values=1e-4, num_classes=5),
-        dict(img_size=32, patch_size=8, in_chans=3, embed_dim=32, depth=1, num_heads=2, qkv_bias=False,
-             mlp_ratio=2.0, num_classes=0),
-        dict(img_size=28, patch_size=4, in_chans=1, embed_dim=48, depth=2, num_heads=3, fc_norm=True,
-             num_classes=10),
+        dict(
+            img_size=32,
+            patch_size=4,
+            in_chans=3,
+            embed_dim=64,
+            depth=3,
+            num_heads=4,
+            global_pool="avg",
+            init_values=1e-4,
+            num_classes=5,
+        ),
+        dict(
+            img_size=32,
+            patch_size=8,
+            in_chans=3,
+            embed_dim=32,
+            depth=1,
+            num_heads=2,
+            qkv_bias=False,
+            mlp_ratio=2.0,
+            num_classes=0,
+        ),
+        dict(img_size=28, patch_size=4, in_chans=1, embed_dim=48, depth=2, num_heads=3, fc_norm=True, num_classes=10),
     ],
 )
 def test_matches_timm_keys_and_outputs(kw):
@@ -42,8 +59,12 @@ def test_matches_timm_keys_and_outputs(kw):
     with torch.no_grad():
         torch.testing.assert_close(ours.forward_features(x), ref.forward_features(x), atol=1e-5, rtol=0)
         torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=0)
-        torch.testing.assert_close(ours.forward_head(ours.forward_features(x), pre_logits=True),
-                                   ref.forward_head(ref.forward_features(x), pre_logits=True), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            ours.forward_head(ours.forward_features(x), pre_logits=True),
+            ref.forward_head(ref.forward_features(x), pre_logits=True),
+            atol=1e-5,
+            rtol=0,
+        )
 
 
 def test_loads_into_timm_and_back():
@@ -56,8 +77,11 @@ def test_loads_into_timm_and_back():
 
 
 def test_presets_match_timm_parameter_counts():
-    for ours, name in [(vitssl_core.vit_tiny, "vit_tiny_patch16_224"), (vitssl_core.vit_small, "vit_small_patch16_224"),
-                       (vitssl_core.vit_base, "vit_base_patch16_224")]:
+    for ours, name in [
+        (vitssl_core.vit_tiny, "vit_tiny_patch16_224"),
+        (vitssl_core.vit_small, "vit_small_patch16_224"),
+        (vitssl_core.vit_base, "vit_base_patch16_224"),
+    ]:
         ref = timm.create_model(name, pretrained=False, num_classes=0)
         m = ours()
         assert sum(p.numel() for p in m.parameters()) == sum(p.numel() for p in ref.parameters())
@@ -66,9 +90,13 @@ def test_presets_match_timm_parameter_counts():
 
 def test_small_image_presets_shapes():
     x28, x32 = torch.rand(2, 1, 28, 28), torch.rand(2, 3, 32, 32)
-    for build, x, n in [(vitssl_core.vit_tiny_28, x28, 50), (vitssl_core.vit_small_28, x28, 50),
-                        (vitssl_core.vit_tiny_32, x32, 65), (vitssl_core.vit_small_32, x32, 65),
-                        (vitssl_core.vit_mini_28, x28, 17)]:
+    for build, x, n in [
+        (vitssl_core.vit_tiny_28, x28, 50),
+        (vitssl_core.vit_small_28, x28, 50),
+        (vitssl_core.vit_tiny_32, x32, 65),
+        (vitssl_core.vit_small_32, x32, 65),
+        (vitssl_core.vit_mini_28, x28, 17),
+    ]:
         m = build(depth=1)
         tokens = m.forward_features(x)
         assert tokens.shape == (2, n, m.embed_dim)
@@ -79,8 +107,11 @@ def test_small_image_presets_shapes():
 def test_architecture_rebuilds_the_structure():
     from vitssl_core.vit import architecture
 
-    for model in (vitssl_core.vit_mini_28(), tiny(depth=2, init_values=1e-5, global_pool="avg"),
-                  vitssl_core.vit_tiny_28(depth=1, pos_embed="sincos", dynamic_img_size=True)):
+    for model in (
+        vitssl_core.vit_mini_28(),
+        tiny(depth=2, init_values=1e-5, global_pool="avg"),
+        vitssl_core.vit_tiny_28(depth=1, pos_embed="sincos", dynamic_img_size=True),
+    ):
         kwargs = architecture(model)
         json.dumps(kwargs)  # a card is JSON
         rebuilt = ViT(**kwargs)
@@ -177,8 +208,9 @@ def test_keep_idx_encodes_only_the_kept_patches():
         out = m.forward_features(x, keep_idx=keep)
         assert out.shape == (2, 13, 48)
         # Keeping every patch in order is the ordinary forward pass.
-        torch.testing.assert_close(m.forward_features(x, keep_idx=torch.arange(49).expand(2, -1)),
-                                   m.forward_features(x))
+        torch.testing.assert_close(
+            m.forward_features(x, keep_idx=torch.arange(49).expand(2, -1)), m.forward_features(x)
+        )
         # The kept tokens are the same as embedding those patches directly: check the first layer input.
         tokens = m.prepare_tokens(x)
         kept = m.prepare_tokens(x, keep_idx=keep)

@@ -30,8 +30,14 @@ import yaml
 from torch.utils.data import Dataset, Subset
 
 from . import data, recipes, vit
-from .checkpoint import (UnsafeCheckpointError, atomic_write_json, latest_checkpoint, load_checkpoint,
-                         load_pretrained, save_backbone)
+from .checkpoint import (
+    UnsafeCheckpointError,
+    atomic_write_json,
+    latest_checkpoint,
+    load_checkpoint,
+    load_pretrained,
+    save_backbone,
+)
 from .evaluate import FEATURES, PROTOCOLS, choose_feature, run_protocol
 from .recipes import METHODS, PRESETS, DataInfo, MethodEntry  # noqa: F401 (MethodEntry: tests add methods)
 from .runtime import cleanup_distributed, resolve_device, seed_everything, setup_distributed
@@ -97,7 +103,9 @@ def _whole_number(text: str, minimum: int) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < minimum:
-        raise argparse.ArgumentTypeError(f"{text!r} must be an integer > 0" if minimum == 1 else f"{text!r} must be >= 0")
+        raise argparse.ArgumentTypeError(
+            f"{text!r} must be an integer > 0" if minimum == 1 else f"{text!r} must be >= 0"
+        )
     return value
 
 
@@ -117,10 +125,27 @@ def _float(text: str) -> float:
 
 
 PRETRAIN_DEFAULTS: dict[str, Any] = {
-    "dataset": "fashion_mnist", "model": "vit_tiny_28", "batch_size": 128, "lr": 5e-4, "min_lr": 1e-6,
-    "weight_decay": 0.05, "betas": [0.9, 0.999], "accum_steps": 1, "precision": "auto", "compile": False,
-    "seed": 0, "num_workers": 0, "device": "auto", "resume": False, "checkpoint_every": 1000, "log_every": 10,
-    "progress": True, "model_args": [], "method_args": [], "clip_mode": "global", "feature_validation": 5000,
+    "dataset": "fashion_mnist",
+    "model": "vit_tiny_28",
+    "batch_size": 128,
+    "lr": 5e-4,
+    "min_lr": 1e-6,
+    "weight_decay": 0.05,
+    "betas": [0.9, 0.999],
+    "accum_steps": 1,
+    "precision": "auto",
+    "compile": False,
+    "seed": 0,
+    "num_workers": 0,
+    "device": "auto",
+    "resume": False,
+    "checkpoint_every": 1000,
+    "log_every": 10,
+    "progress": True,
+    "model_args": [],
+    "method_args": [],
+    "clip_mode": "global",
+    "feature_validation": 5000,
 }
 
 PRETRAIN_EPILOG = """\
@@ -158,83 +183,155 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """(the ``vitssl`` parser, its ``pretrain`` subparser)."""
-    parser = _Parser(prog="vitssl", description="Self-supervised Vision Transformers: pre-train and evaluate.",
-                     epilog="run 'vitssl pretrain --help' or 'vitssl evaluate --help' for examples.")
+    parser = _Parser(
+        prog="vitssl",
+        description="Self-supervised Vision Transformers: pre-train and evaluate.",
+        epilog="run 'vitssl pretrain --help' or 'vitssl evaluate --help' for examples.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{pretrain,evaluate,show}", parser_class=_Parser)
     d = PRETRAIN_DEFAULTS
-    p = sub.add_parser("pretrain", help="pre-train a backbone with one method", epilog=PRETRAIN_EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Pre-train a ViT backbone with a self-supervised (or supervised) method.")
+    p = sub.add_parser(
+        "pretrain",
+        help="pre-train a backbone with one method",
+        epilog=PRETRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Pre-train a ViT backbone with a self-supervised (or supervised) method.",
+    )
     # Every default is None here, so that a value given on the command line can be told apart
     # from one in --config; the real defaults (PRETRAIN_DEFAULTS) are filled in afterwards.
-    p.add_argument("--config", metavar="FILE", help="YAML or JSON file whose keys are these option names "
-                   "(batch_size or batch-size; model_args / method_args as mappings); flags override it")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML or JSON file whose keys are these option names "
+        "(batch_size or batch-size; model_args / method_args as mappings); flags override it",
+    )
     what = p.add_argument_group("what to train")
     p.option(what, "--method", help=f"one of: {', '.join(METHODS)}")
-    p.option(what, "--dataset", type=_dataset_spec, help=f"fashion_mnist, cifar10 or folder:PATH "
-             f"(PATH/<class>/<image>) (default: {d['dataset']})")
-    p.option(what, "--data-root", metavar="DIR", help="folder that holds the data set files (cifar10: "
-             "cifar-10-batches-py; fashion_mnist: the IDX files, plain or .gz); without it Fashion-MNIST "
-             "is searched for as vitssl_core.data explains")
+    p.option(
+        what,
+        "--dataset",
+        type=_dataset_spec,
+        help=f"fashion_mnist, cifar10 or folder:PATH (PATH/<class>/<image>) (default: {d['dataset']})",
+    )
+    p.option(
+        what,
+        "--data-root",
+        metavar="DIR",
+        help="folder that holds the data set files (cifar10: "
+        "cifar-10-batches-py; fashion_mnist: the IDX files, plain or .gz); without it Fashion-MNIST "
+        "is searched for as vitssl_core.data explains",
+    )
     p.option(what, "--subset", type=_positive_int, metavar="N", help="train on the first N images only")
     p.option(what, "--model", help=f"backbone preset: {', '.join(PRESETS)} (default: {d['model']})")
-    p.option(what, "--model-arg", dest="model_args", action="append", type=_key_value, metavar="KEY=VALUE",
-             help="override a ViT keyword, e.g. depth=6 or drop_path_rate=0.1 (repeatable)")
-    p.option(what, "--method-arg", dest="method_args", action="append", type=_key_value, metavar="KEY=VALUE",
-             help="keyword for the method, e.g. label_smoothing=0.1 (repeatable)")
+    p.option(
+        what,
+        "--model-arg",
+        dest="model_args",
+        action="append",
+        type=_key_value,
+        metavar="KEY=VALUE",
+        help="override a ViT keyword, e.g. depth=6 or drop_path_rate=0.1 (repeatable)",
+    )
+    p.option(
+        what,
+        "--method-arg",
+        dest="method_args",
+        action="append",
+        type=_key_value,
+        metavar="KEY=VALUE",
+        help="keyword for the method, e.g. label_smoothing=0.1 (repeatable)",
+    )
     how = p.add_argument_group("schedule and optimiser")
     length = how.add_mutually_exclusive_group()
     p.option(length, "--epochs", type=_positive_int, metavar="N", help="passes over the data")
     p.option(length, "--steps", type=_positive_int, metavar="N", help="optimizer steps (instead of --epochs)")
-    p.option(how, "--batch-size", type=_positive_int, metavar="N",
-             help=f"images per step per process (default: {d['batch_size']})")
-    p.option(how, "--lr", type=_float, metavar="BLR",
-             help=f"base learning rate for a batch of 256 (default: {d['lr']})")
+    p.option(
+        how,
+        "--batch-size",
+        type=_positive_int,
+        metavar="N",
+        help=f"images per step per process (default: {d['batch_size']})",
+    )
+    p.option(
+        how, "--lr", type=_float, metavar="BLR", help=f"base learning rate for a batch of 256 (default: {d['lr']})"
+    )
     p.option(how, "--min-lr", type=_float, help=f"final learning rate of the cosine (default: {d['min_lr']})")
     warm = how.add_mutually_exclusive_group()
     p.option(warm, "--warmup-epochs", type=_float, help="linear warm-up length in epochs (default: none)")
     p.option(warm, "--warmup-steps", type=_non_negative_int, help="linear warm-up length in steps")
     p.option(how, "--weight-decay", type=_float, help=f"AdamW weight decay (default: {d['weight_decay']})")
-    p.option(how, "--weight-decay-end", type=_float,
-             help="final weight decay of a cosine schedule (default: constant)")
+    p.option(how, "--weight-decay-end", type=_float, help="final weight decay of a cosine schedule (default: constant)")
     p.option(how, "--betas", type=_float, nargs=2, metavar=("B1", "B2"), help="AdamW betas (default: 0.9 0.999)")
     p.option(how, "--grad-clip", type=_float, metavar="NORM", help="clip the gradient norm (default: off)")
-    p.option(how, "--clip-mode", choices=("global", "per_param"), help="global: one factor from the joint "
-             "norm of all gradients; per_param: each parameter's gradient on its own, as DINO "
-             "(default: global)")
-    p.option(how, "--accum-steps", type=_positive_int, metavar="N",
-             help="micro-batches per optimizer step (default: 1)")
+    p.option(
+        how,
+        "--clip-mode",
+        choices=("global", "per_param"),
+        help="global: one factor from the joint "
+        "norm of all gradients; per_param: each parameter's gradient on its own, as DINO "
+        "(default: global)",
+    )
+    p.option(
+        how, "--accum-steps", type=_positive_int, metavar="N", help="micro-batches per optimizer step (default: 1)"
+    )
     run = p.add_argument_group("how to run")
-    p.option(run, "--precision", choices=("auto", "bf16", "fp32"), help="bf16 autocast or fp32; auto: bf16 on "
-             "GPUs with bf16 and AVX-512 CPUs (default: auto)")
+    p.option(
+        run,
+        "--precision",
+        choices=("auto", "bf16", "fp32"),
+        help="bf16 autocast or fp32; auto: bf16 on GPUs with bf16 and AVX-512 CPUs (default: auto)",
+    )
     p.option(run, "--compile", action=argparse.BooleanOptionalAction, help="torch.compile the training step")
     p.option(run, "--seed", type=_non_negative_int, metavar="N", help="seed of every RNG (default: 0)")
-    p.option(run, "--num-workers", type=_non_negative_int, metavar="N",
-             help="DataLoader worker processes; 0 makes a resumed "
-             "run bit-identical (default: 0)")
+    p.option(
+        run,
+        "--num-workers",
+        type=_non_negative_int,
+        metavar="N",
+        help="DataLoader worker processes; 0 makes a resumed run bit-identical (default: 0)",
+    )
     p.option(run, "--device", help="auto, cpu, cuda or cuda:N (default: auto = the GPU if there is one)")
     p.option(run, "--out", metavar="DIR", help="folder for checkpoints, history.jsonl and the backbone (required)")
     p.option(run, "--resume", action=argparse.BooleanOptionalAction, help="continue the checkpoint in --out")
     p.option(run, "--checkpoint-every", type=_positive_int, metavar="STEPS", help="default: 1000 (and at the end)")
     p.option(run, "--log-every", type=_positive_int, metavar="STEPS", help="history row every STEPS (default: 10)")
     p.option(run, "--progress", action=argparse.BooleanOptionalAction, help="progress bar (default: on)")
-    p.option(run, "--feature-validation", type=_non_negative_int, metavar="N",
-             help="after training, hold out the last N training images (at most a fifth) and record in "
-             "backbone.json the feature (cls, avg or cls+avg) whose kNN accuracy on them is best; "
-             "'vitssl evaluate' reads it by default; 0 skips the choice (default: 5000)")
-    p.option(run, "--print-config", action="store_true", default=None,
-             help="print the resolved options as YAML and exit")
+    p.option(
+        run,
+        "--feature-validation",
+        type=_non_negative_int,
+        metavar="N",
+        help="after training, hold out the last N training images (at most a fifth) and record in "
+        "backbone.json the feature (cls, avg or cls+avg) whose kNN accuracy on them is best; "
+        "'vitssl evaluate' reads it by default; 0 skips the choice (default: 5000)",
+    )
+    p.option(
+        run, "--print-config", action="store_true", default=None, help="print the resolved options as YAML and exit"
+    )
 
-    e = sub.add_parser("evaluate", help="evaluate a pre-trained backbone", epilog=EVALUATE_EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Evaluate the backbone that 'vitssl pretrain' wrote, with one protocol.")
-    e.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="a pretrain --out folder, or a backbone.safetensors with its backbone.json beside it")
-    e.add_argument("--protocol", default="knn", choices=PROTOCOLS,
-                   help="knn, linear, finetune or label_efficiency (default: knn)")
-    e.add_argument("--feature", choices=FEATURES, help="what the probes read: the class token, the mean of the patch "
-                   "tokens, or both (default: the card's \"feature\", which 'vitssl pretrain' chooses on "
-                   "held-out training images; else cls)")
+    e = sub.add_parser(
+        "evaluate",
+        help="evaluate a pre-trained backbone",
+        epilog=EVALUATE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Evaluate the backbone that 'vitssl pretrain' wrote, with one protocol.",
+    )
+    e.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="PATH",
+        help="a pretrain --out folder, or a backbone.safetensors with its backbone.json beside it",
+    )
+    e.add_argument(
+        "--protocol", default="knn", choices=PROTOCOLS, help="knn, linear, finetune or label_efficiency (default: knn)"
+    )
+    e.add_argument(
+        "--feature",
+        choices=FEATURES,
+        help="what the probes read: the class token, the mean of the patch "
+        "tokens, or both (default: the card's \"feature\", which 'vitssl pretrain' chooses on "
+        "held-out training images; else cls)",
+    )
     e.add_argument("--dataset", type=_dataset_spec, help="default: the data set the backbone was trained on")
     e.add_argument("--data-root", metavar="DIR", help="folder that holds the data set files (as for pretrain)")
     e.add_argument("--max-train", type=_positive_int, metavar="N", help="use the first N training images")
@@ -243,13 +340,20 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     e.add_argument("--seed", type=_non_negative_int, default=0, help="default: 0")
     e.add_argument("--out", metavar="FILE", help="also write the metrics to this JSON file")
 
-    s = sub.add_parser("show", help="draw attention maps or MAE reconstructions for one image",
-                       description="Draw what a trained backbone sees in one image file (PNG/JPEG, resized to the "
-                       "model's input): the last block's class-token attention per head with DINO's 60 %% mask, "
-                       "or an MAE card's reconstruction.")
+    s = sub.add_parser(
+        "show",
+        help="draw attention maps or MAE reconstructions for one image",
+        description="Draw what a trained backbone sees in one image file (PNG/JPEG, resized to the "
+        "model's input): the last block's class-token attention per head with DINO's 60 %% mask, "
+        "or an MAE card's reconstruction.",
+    )
     s.add_argument("kind", choices=("attention", "reconstruction"), help="attention or reconstruction")
-    s.add_argument("--checkpoint", required=True, metavar="NAME",
-                   help="a shipped card name (dino, mae, ...) or a path to NAME.json / NAME.safetensors")
+    s.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="NAME",
+        help="a shipped card name (dino, mae, ...) or a path to NAME.json / NAME.safetensors",
+    )
     s.add_argument("--image", required=True, metavar="FILE", help="a PNG or JPEG image")
     s.add_argument("--out", required=True, metavar="FILE.png", help="where to save the figure")
     s.add_argument("--mask-ratio", type=float, default=0.75, help="reconstruction: share of patches hidden (0.75)")
@@ -332,12 +436,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def _train_config(args: argparse.Namespace) -> TrainConfig:
     try:
         return TrainConfig(
-            epochs=args.epochs, max_steps=args.steps, batch_size=args.batch_size, blr=args.lr, min_lr=args.min_lr,
-            warmup_steps=args.warmup_steps, warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay,
-            weight_decay_end=args.weight_decay_end, betas=tuple(args.betas), grad_clip=args.grad_clip,
-            clip_mode=args.clip_mode, accum_steps=args.accum_steps, precision=args.precision, compile=args.compile,
-            seed=args.seed, num_workers=args.num_workers, out_dir=args.out, checkpoint_every=args.checkpoint_every,
-            log_every=args.log_every, progress=args.progress, resume=args.resume, device=args.device)
+            epochs=args.epochs,
+            max_steps=args.steps,
+            batch_size=args.batch_size,
+            blr=args.lr,
+            min_lr=args.min_lr,
+            warmup_steps=args.warmup_steps,
+            warmup_epochs=args.warmup_epochs,
+            weight_decay=args.weight_decay,
+            weight_decay_end=args.weight_decay_end,
+            betas=tuple(args.betas),
+            grad_clip=args.grad_clip,
+            clip_mode=args.clip_mode,
+            accum_steps=args.accum_steps,
+            precision=args.precision,
+            compile=args.compile,
+            seed=args.seed,
+            num_workers=args.num_workers,
+            out_dir=args.out,
+            checkpoint_every=args.checkpoint_every,
+            log_every=args.log_every,
+            progress=args.progress,
+            resume=args.resume,
+            device=args.device,
+        )
     except ValueError as err:
         raise _CliError(str(err)) from None
 
@@ -352,11 +474,15 @@ def _check_data_root(spec: str, data_root: str | None, splits: tuple[bool, ...])
         names = [name for train in splits for name in data.FASHION_MNIST_FILES[train]]
         missing = [n for n in names if not (root / n).is_file() and not (root / f"{n}.gz").is_file()]
         if missing:
-            raise _CliError(f"--data-root {data_root} does not hold Fashion-MNIST: {', '.join(missing)} missing; "
-                            f"the folder must hold {', '.join(names)} (each plain or .gz)")
+            raise _CliError(
+                f"--data-root {data_root} does not hold Fashion-MNIST: {', '.join(missing)} missing; "
+                f"the folder must hold {', '.join(names)} (each plain or .gz)"
+            )
     elif spec == "cifar10" and not (root / "cifar-10-batches-py").is_dir():
-        raise _CliError(f"--data-root {data_root} does not hold CIFAR-10: expected the folder "
-                        f"{root / 'cifar-10-batches-py'} (cifar-10-python.tar.gz extracted there)")
+        raise _CliError(
+            f"--data-root {data_root} does not hold CIFAR-10: expected the folder "
+            f"{root / 'cifar-10-batches-py'} (cifar-10-python.tar.gz extracted there)"
+        )
 
 
 def _load_dataset(spec: str, data_root: str | None, img_size: int) -> tuple[Dataset, str, int]:
@@ -368,7 +494,7 @@ def _load_dataset(spec: str, data_root: str | None, img_size: int) -> tuple[Data
         if spec == "cifar10":
             root = data_root or os.environ.get(data.ENV_VAR) or str(Path.home() / ".cache" / "vitssl" / "cifar10")
             return data.cifar10(root, train=True), "cifar10", 10
-        folder = data.image_folder(spec[len("folder:"):], img_size=img_size)
+        folder = data.image_folder(spec[len("folder:") :], img_size=img_size)
         return folder, "imagenet", len(folder.classes)
     except data.DatasetNotFoundError as err:
         raise _CliError(str(err), code=1) from None
@@ -402,8 +528,9 @@ def _pretrain(args: argparse.Namespace) -> int:
         cleanup_distributed()
 
 
-def _build_method(args: argparse.Namespace, config: TrainConfig,
-                  world_size: int) -> tuple[torch.nn.Module, Dataset, DataInfo]:
+def _build_method(
+    args: argparse.Namespace, config: TrainConfig, world_size: int
+) -> tuple[torch.nn.Module, Dataset, DataInfo]:
     """(method with its recipe's defaults, the plain training images, what the recipes know of them)."""
     try:
         backbone = PRESETS[args.model](**args.model_args)
@@ -415,12 +542,15 @@ def _build_method(args: argparse.Namespace, config: TrainConfig,
     shape = tuple(base[0][0].shape)
     want = (backbone.in_chans, *backbone.img_size)
     if shape[0] != want[0] or (shape[1:] != want[1:] and not backbone.dynamic_img_size):
-        raise _CliError(f"--model {args.model} takes {'x'.join(map(str, want))} images but --dataset {args.dataset} "
-                        f"gives {'x'.join(map(str, shape))}; choose a matching preset or set --model-arg "
-                        "img_size=.. / in_chans=..")
+        raise _CliError(
+            f"--model {args.model} takes {'x'.join(map(str, want))} images but --dataset {args.dataset} "
+            f"gives {'x'.join(map(str, shape))}; choose a matching preset or set --model-arg "
+            "img_size=.. / in_chans=.."
+        )
     stats = data.NORMALIZE[norm_key]
-    info = DataInfo(args.dataset, backbone.img_size[0], backbone.in_chans, tuple(stats["mean"]), tuple(stats["std"]),
-                    num_classes)
+    info = DataInfo(
+        args.dataset, backbone.img_size[0], backbone.in_chans, tuple(stats["mean"]), tuple(stats["std"]), num_classes
+    )
     steps = {}
     if METHODS[args.method].needs_steps:  # the training data set holds one item per image of base
         try:
@@ -435,21 +565,38 @@ def _build_method(args: argparse.Namespace, config: TrainConfig,
     return method, base, info
 
 
-def _write_card(args: argparse.Namespace, config: TrainConfig, world_size: int, method: torch.nn.Module,
-                history: list[dict[str, Any]], base: Dataset, info: DataInfo) -> None:
+def _write_card(
+    args: argparse.Namespace,
+    config: TrainConfig,
+    world_size: int,
+    method: torch.nn.Module,
+    history: list[dict[str, Any]],
+    base: Dataset,
+    info: DataInfo,
+) -> None:
     """backbone.safetensors and its backbone.json card in --out, with the feature chosen on training images."""
     out = Path(args.out)
     exported, export = exported_backbone(method)  # DINO ships its teacher, the others their backbone
     save_backbone(export, out / "backbone.safetensors")
     normalize = {"mean": list(info.mean), "std": list(info.std)}
     card = {
-        "format": "vitssl-backbone/1", "weights": "backbone.safetensors", "exported": exported,
-        "model": args.model, "model_args": args.model_args, "architecture": vit.architecture(export),
-        "method": args.method, "method_args": args.method_args, "dataset": args.dataset, "normalize": normalize,
+        "format": "vitssl-backbone/1",
+        "weights": "backbone.safetensors",
+        "exported": exported,
+        "model": args.model,
+        "model_args": args.model_args,
+        "architecture": vit.architecture(export),
+        "method": args.method,
+        "method_args": args.method_args,
+        "dataset": args.dataset,
+        "normalize": normalize,
         **_feature_choice(export, base, normalize, args.feature_validation, args.precision),
-        "steps": history[-1]["step"] if history else 0, "final_loss": history[-1]["loss"] if history else None,
-        "train_config": dataclasses.asdict(config), "world_size": world_size,
-        "torch_version": str(torch.__version__), **_segments(out),
+        "steps": history[-1]["step"] if history else 0,
+        "final_loss": history[-1]["loss"] if history else None,
+        "train_config": dataclasses.asdict(config),
+        "world_size": world_size,
+        "torch_version": str(torch.__version__),
+        **_segments(out),
     }
     atomic_write_json(out / "backbone.json", card)
     loss = f", final loss {card['final_loss']:.4f}" if history else ""
@@ -457,8 +604,9 @@ def _write_card(args: argparse.Namespace, config: TrainConfig, world_size: int, 
     print(f"vitssl: trained {card['steps']} steps{loss}; backbone in {out / 'backbone.safetensors'}{chose}")
 
 
-def _feature_choice(backbone: vit.ViT, base: Dataset, normalize: dict, validation: int,
-                    precision: str) -> dict[str, Any]:
+def _feature_choice(
+    backbone: vit.ViT, base: Dataset, normalize: dict, validation: int, precision: str
+) -> dict[str, Any]:
     """{"feature", "feature_choice"} for the card: kNN on the last training images against the others.
 
     At most a fifth of the images is held out; none (and no "feature") with ``validation=0``
@@ -468,9 +616,14 @@ def _feature_choice(backbone: vit.ViT, base: Dataset, normalize: dict, validatio
     if held_out == 0:
         return {}
     feature, scores = choose_feature(backbone, base, validation=held_out, normalize=normalize, precision=precision)
-    return {"feature": feature, "feature_choice": {
-        "protocol": "weighted kNN (k=20 or fewer, T=0.07) of the held-out images against the others",
-        "held_out": f"the last {held_out} of the {len(base)} training images", "top1": scores}}
+    return {
+        "feature": feature,
+        "feature_choice": {
+            "protocol": "weighted kNN (k=20 or fewer, T=0.07) of the held-out images against the others",
+            "held_out": f"the last {held_out} of the {len(base)} training images",
+            "top1": scores,
+        },
+    }
 
 
 def _segments(out: Path) -> dict[str, Any]:
@@ -487,11 +640,14 @@ def _find_backbone(path: str) -> tuple[vit.ViT, dict[str, Any]]:
     p = Path(path)
     weights = p / "backbone.safetensors" if p.is_dir() else p
     shipped = weights.with_suffix(".json")
-    card_path = shipped if weights.name != "backbone.safetensors" and shipped.is_file() \
-        else weights.with_name("backbone.json")
+    card_path = (
+        shipped if weights.name != "backbone.safetensors" and shipped.is_file() else weights.with_name("backbone.json")
+    )
     if card_path != shipped and (not weights.is_file() or not card_path.is_file()):
-        raise _CliError(f"--checkpoint {path}: expected backbone.safetensors and backbone.json (written by "
-                        "'vitssl pretrain' when training ends), or a shipped NAME.safetensors with NAME.json")
+        raise _CliError(
+            f"--checkpoint {path}: expected backbone.safetensors and backbone.json (written by "
+            "'vitssl pretrain' when training ends), or a shipped NAME.safetensors with NAME.json"
+        )
     try:
         return load_pretrained(card_path)  # the card's "architecture" (or "model") and its weights
     except (OSError, ValueError, TypeError) as err:  # missing weights, a corrupt file, a card without a model
@@ -510,11 +666,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     _check_data_root(dataset, args.data_root, (True, False))
     # The feature the card was measured with, so the CLI and the shipped cards measure the same thing.
     feature = args.feature or (card["feature"] if card.get("feature") in FEATURES else "cls")
-    kwargs = {k: v for k, v in (("data_root", args.data_root), ("max_train", args.max_train),
-                                ("max_test", args.max_test)) if v is not None}
+    kwargs = {
+        k: v
+        for k, v in (("data_root", args.data_root), ("max_train", args.max_train), ("max_test", args.max_test))
+        if v is not None
+    }
     try:
-        metrics = run_protocol(args.protocol, backbone, feature=feature, normalize=card.get("normalize"),
-                               dataset=dataset, **kwargs)
+        metrics = run_protocol(
+            args.protocol, backbone, feature=feature, normalize=card.get("normalize"), dataset=dataset, **kwargs
+        )
     except ValueError as err:
         raise _CliError(str(err)) from None
     except data.DatasetNotFoundError as err:  # not there and no download: the machine's, not the arguments'

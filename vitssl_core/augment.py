@@ -70,7 +70,8 @@ def _photometric(grayscale: bool, strength: float) -> list:
         return [v2.RandomApply([v2.ColorJitter(brightness=0.8 * s, contrast=0.8 * s)], p=0.8)]
     return [
         v2.RandomApply(
-            [v2.ColorJitter(brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=min(0.2 * s, 0.5))], p=0.8),
+            [v2.ColorJitter(brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=min(0.2 * s, 0.5))], p=0.8
+        ),
         v2.RandomGrayscale(p=0.2),
     ]
 
@@ -83,8 +84,9 @@ def _finish(steps: list, mean: Sequence[float] | None, std: Sequence[float] | No
     return v2.Compose(steps)
 
 
-def _view(size: int, grayscale: bool, strength: float, scale: tuple[float, float], blur_p: float,
-          solarize_p: float, mean, std) -> v2.Compose:
+def _view(
+    size: int, grayscale: bool, strength: float, scale: tuple[float, float], blur_p: float, solarize_p: float, mean, std
+) -> v2.Compose:
     _check_prob("blur_p", blur_p)
     _check_prob("solarize_p", solarize_p)
     steps = [
@@ -106,9 +108,16 @@ def _default_scale(grayscale: bool, scale) -> tuple[float, float]:
 
 
 # --------------------------------------------------------------------------- recipes
-def simclr_augment(img_size: int, grayscale: bool, strength: float = 0.5, scale: Sequence[float] | None = None,
-                   blur_p: float = 0.5, solarize_p: float = 0.0, mean: Sequence[float] | None = None,
-                   std: Sequence[float] | None = None) -> v2.Compose:
+def simclr_augment(
+    img_size: int,
+    grayscale: bool,
+    strength: float = 0.5,
+    scale: Sequence[float] | None = None,
+    blur_p: float = 0.5,
+    solarize_p: float = 0.0,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> v2.Compose:
     """SimCLR's view: (C, H, W) float in [0, 1] -> (C, img_size, img_size), normalised if mean/std given.
 
     Random resized crop (``scale`` (0.08, 1) RGB, (0.2, 1) grey by default), horizontal flip,
@@ -121,9 +130,14 @@ def simclr_augment(img_size: int, grayscale: bool, strength: float = 0.5, scale:
     return _view(img_size, grayscale, strength, _default_scale(grayscale, scale), blur_p, solarize_p, mean, std)
 
 
-def asymmetric_augment(img_size: int, grayscale: bool, strength: float = 0.5, scale: Sequence[float] | None = None,
-                       mean: Sequence[float] | None = None,
-                       std: Sequence[float] | None = None) -> tuple[v2.Compose, v2.Compose]:
+def asymmetric_augment(
+    img_size: int,
+    grayscale: bool,
+    strength: float = 0.5,
+    scale: Sequence[float] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> tuple[v2.Compose, v2.Compose]:
     """BYOL's two view recipes, used by MoCo v3 and for DINO's global crops: (first, second).
 
     Both as ``simclr_augment``; the first always blurs and never solarises, the second blurs
@@ -131,13 +145,20 @@ def asymmetric_augment(img_size: int, grayscale: bool, strength: float = 0.5, sc
     """
     _check_size("img_size", img_size)
     scale = _default_scale(grayscale, scale)
-    return (_view(img_size, grayscale, strength, scale, 1.0, 0.0, mean, std),
-            _view(img_size, grayscale, strength, scale, 0.1, 0.2, mean, std))
+    return (
+        _view(img_size, grayscale, strength, scale, 1.0, 0.0, mean, std),
+        _view(img_size, grayscale, strength, scale, 0.1, 0.2, mean, std),
+    )
 
 
-def local_crop_augment(crop_size: int, grayscale: bool, strength: float = 0.5,
-                       scale: Sequence[float] = (0.05, 0.4), mean: Sequence[float] | None = None,
-                       std: Sequence[float] | None = None) -> v2.Compose:
+def local_crop_augment(
+    crop_size: int,
+    grayscale: bool,
+    strength: float = 0.5,
+    scale: Sequence[float] = (0.05, 0.4),
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> v2.Compose:
     """DINO's local crop: a small part (``scale`` of the area) resized to crop_size x crop_size, blur p=0.5.
 
     ``crop_size`` must be a multiple of the ViT's patch size (e.g. 12 or 16 px for patch 4).
@@ -146,10 +167,16 @@ def local_crop_augment(crop_size: int, grayscale: bool, strength: float = 0.5,
     return _view(crop_size, grayscale, strength, _check_scale("scale", scale), 0.5, 0.0, mean, std)
 
 
-def dino_augment(img_size: int, local_size: int, grayscale: bool, strength: float = 0.5,
-                 global_scale: Sequence[float] = (0.4, 1.0), local_scale: Sequence[float] = (0.05, 0.4),
-                 mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None) -> tuple[v2.Compose, v2.Compose, v2.Compose]:
+def dino_augment(
+    img_size: int,
+    local_size: int,
+    grayscale: bool,
+    strength: float = 0.5,
+    global_scale: Sequence[float] = (0.4, 1.0),
+    local_scale: Sequence[float] = (0.05, 0.4),
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> tuple[v2.Compose, v2.Compose, v2.Compose]:
     """DINO's multi-crop recipes: (global 1, global 2, local), for ``MultiCrop``.
 
     Global crops cover ``global_scale`` (0.4-1, DINO's default) of the image at img_size; local
@@ -197,12 +224,22 @@ class TwoViews(Dataset):
 class MultiCrop(Dataset):
     """Wrap a dataset: items become ([global1, global2, local1, ..., localK], label), DINO's multi-crop."""
 
-    def __init__(self, dataset: Dataset, global_transform1: Transform, global_transform2: Transform,
-                 local_transform: Transform | None, n_local: int):
+    def __init__(
+        self,
+        dataset: Dataset,
+        global_transform1: Transform,
+        global_transform2: Transform,
+        local_transform: Transform | None,
+        n_local: int,
+    ):
         if global_transform1 is None or global_transform2 is None:
             raise TypeError("global_transform1 and global_transform2 must be transforms, not None")
-        _check_dataset_and_transforms(dataset, global_transform1=global_transform1,
-                                      global_transform2=global_transform2, local_transform=local_transform)
+        _check_dataset_and_transforms(
+            dataset,
+            global_transform1=global_transform1,
+            global_transform2=global_transform2,
+            local_transform=local_transform,
+        )
         if isinstance(n_local, bool) or not isinstance(n_local, int) or n_local < 0:
             raise ValueError(f"n_local={n_local!r} must be an int >= 0")
         if n_local > 0 and local_transform is None:

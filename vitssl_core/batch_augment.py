@@ -42,8 +42,15 @@ def _uniform(lo: float, hi: float, n: int, device: torch.device) -> Tensor:
     return torch.rand(n, device=device) * (hi - lo) + lo
 
 
-def crop_boxes(B: int, H: int, W: int, scale: tuple[float, float], device: torch.device,
-               ratio: tuple[float, float] = _RATIO, tries: int = 10) -> Tensor:
+def crop_boxes(
+    B: int,
+    H: int,
+    W: int,
+    scale: tuple[float, float],
+    device: torch.device,
+    ratio: tuple[float, float] = _RATIO,
+    tries: int = 10,
+) -> Tensor:
     """(B, 4) integer boxes (top, left, height, width), drawn as ``v2.RandomResizedCrop`` draws them."""
     area = H * W
     target = area * _uniform(scale[0], scale[1], B * tries, device).view(B, tries)
@@ -108,8 +115,9 @@ def _hsv_to_rgb(x: Tensor) -> Tensor:
     f = h * 6.0 - i
     i = i.to(torch.int64) % 6
     p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    table = torch.stack([torch.stack(c, 1) for c in
-                         ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))], 1)  # (B, 6, 3, H, W)
+    table = torch.stack(
+        [torch.stack(c, 1) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))], 1
+    )  # (B, 6, 3, H, W)
     return table.gather(1, i[:, None, None].expand(-1, 1, 3, -1, -1))[:, 0]
 
 
@@ -128,9 +136,18 @@ class BatchView:
     ``size``), solarisation p=``solarize_p``, then normalisation with ``mean``/``std``.
     """
 
-    def __init__(self, size: int, grayscale: bool, strength: float = 0.5, scale: Sequence[float] | None = None,
-                 blur_p: float = 0.5, solarize_p: float = 0.0, jitter_p: float = 0.8,
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+    def __init__(
+        self,
+        size: int,
+        grayscale: bool,
+        strength: float = 0.5,
+        scale: Sequence[float] | None = None,
+        blur_p: float = 0.5,
+        solarize_p: float = 0.0,
+        jitter_p: float = 0.8,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ):
         _check_size("size", size)
         for name, p in (("blur_p", blur_p), ("solarize_p", solarize_p), ("jitter_p", jitter_p)):
             _check_prob(name, p)
@@ -151,8 +168,10 @@ class BatchView:
 
     def __call__(self, images: Tensor) -> Tensor:
         if not isinstance(images, Tensor) or images.ndim != 4 or not images.is_floating_point():
-            raise ValueError(f"images must be a float tensor (B, C, H, W) in [0, 1], got "
-                             f"{getattr(images, 'dtype', type(images).__name__)} {tuple(getattr(images, 'shape', ()))}")
+            raise ValueError(
+                f"images must be a float tensor (B, C, H, W) in [0, 1], got "
+                f"{getattr(images, 'dtype', type(images).__name__)} {tuple(getattr(images, 'shape', ()))}"
+            )
         B, C, H, W = images.shape
         if self.mean is not None and len(self.mean) != C:
             raise ValueError(f"mean has {len(self.mean)} values for {C}-channel images")
@@ -174,12 +193,21 @@ class BatchView:
         """Each image: with p=jitter_p, its jitter ops in a random order (v2.ColorJitter), factors per image."""
         B, dev = x.shape[0], x.device
         apply = torch.rand(B, device=dev) < self.jitter_p
-        ops = [op for op, amount in (("brightness", self.brightness), ("contrast", self.contrast),
-                                     ("saturation", self.saturation), ("hue", self.hue)) if amount > 0]
+        ops = [
+            op
+            for op, amount in (
+                ("brightness", self.brightness),
+                ("contrast", self.contrast),
+                ("saturation", self.saturation),
+                ("hue", self.hue),
+            )
+            if amount > 0
+        ]
         if not ops:
             return x
-        factors = {op: _uniform(max(0.0, 1 - getattr(self, op)), 1 + getattr(self, op), B, dev) for op in ops
-                   if op != "hue"}
+        factors = {
+            op: _uniform(max(0.0, 1 - getattr(self, op)), 1 + getattr(self, op), B, dev) for op in ops if op != "hue"
+        }
         if "hue" in ops:
             factors["hue"] = _uniform(-self.hue, self.hue, B, dev)
         order = torch.argsort(torch.rand(B, len(ops), device=dev), dim=1)  # (B, n_ops): a permutation per image
@@ -218,23 +246,45 @@ class BatchView:
         return torch.where(on[:, None, None, None], y, x)
 
 
-def batch_simclr_views(img_size: int, grayscale: bool, strength: float = 0.5, scale: Sequence[float] | None = None,
-                       mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> list[BatchView]:
+def batch_simclr_views(
+    img_size: int,
+    grayscale: bool,
+    strength: float = 0.5,
+    scale: Sequence[float] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> list[BatchView]:
     """SimCLR's two views, as ``augment.simclr_augment`` (blur p=0.5)."""
     view = BatchView(img_size, grayscale, strength, scale, 0.5, 0.0, mean=mean, std=std)
     return [view, view]
 
 
-def batch_asymmetric_views(img_size: int, grayscale: bool, strength: float = 0.5, scale: Sequence[float] | None = None,
-                           mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> list[BatchView]:
+def batch_asymmetric_views(
+    img_size: int,
+    grayscale: bool,
+    strength: float = 0.5,
+    scale: Sequence[float] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> list[BatchView]:
     """BYOL / MoCo v3's asymmetric pair, as ``augment.asymmetric_augment``."""
-    return [BatchView(img_size, grayscale, strength, scale, 1.0, 0.0, mean=mean, std=std),
-            BatchView(img_size, grayscale, strength, scale, 0.1, 0.2, mean=mean, std=std)]
+    return [
+        BatchView(img_size, grayscale, strength, scale, 1.0, 0.0, mean=mean, std=std),
+        BatchView(img_size, grayscale, strength, scale, 0.1, 0.2, mean=mean, std=std),
+    ]
 
 
-def batch_dino_views(img_size: int, local_size: int, grayscale: bool, n_local: int, strength: float = 0.5,
-                     global_scale: Sequence[float] = (0.4, 1.0), local_scale: Sequence[float] = (0.05, 0.4),
-                     mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> list[BatchView]:
+def batch_dino_views(
+    img_size: int,
+    local_size: int,
+    grayscale: bool,
+    n_local: int,
+    strength: float = 0.5,
+    global_scale: Sequence[float] = (0.4, 1.0),
+    local_scale: Sequence[float] = (0.05, 0.4),
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> list[BatchView]:
     """DINO's multi-crop, as ``augment.dino_augment``: two global views, then ``n_local`` local ones."""
     if local_size > img_size:
         raise ValueError(f"local_size={local_size} must not exceed img_size={img_size}")

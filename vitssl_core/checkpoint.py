@@ -143,8 +143,12 @@ def rng_state() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
-        "numpy": [torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
-                  float(np_state[4])],
+        "numpy": [
+            torch.from_numpy(np_state[1].astype(np.int64)),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ],
         "python": [int(py_state[0]), list(py_state[1]), py_state[2]],
     }
 
@@ -188,8 +192,10 @@ def save_checkpoint(
     try:  # refuse now what could not be read back later
         torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
     except pickle.UnpicklingError as err:
-        raise TypeError(f"state holds objects that torch.load(weights_only=True) refuses; keep to tensors, "
-                        f"numbers, strings, None and lists/tuples/dicts of those ({_unpickling_detail(err)})") from err
+        raise TypeError(
+            f"state holds objects that torch.load(weights_only=True) refuses; keep to tensors, "
+            f"numbers, strings, None and lists/tuples/dicts of those ({_unpickling_detail(err)})"
+        ) from err
 
     name = _step_dir_name(step)
     final, tmp = root / name, root / f"{name}.tmp"
@@ -210,7 +216,7 @@ def save_checkpoint(
     # Keep `final` and the keep - 1 newest earlier checkpoints; remove the rest, .tmp leftovers included.
     others = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(_STEP_PREFIX) and p != final)
     earlier = [p for p in others if not p.name.endswith(".tmp") and p.name < name]
-    kept = set(earlier[len(earlier) - (keep - 1):]) if keep > 1 else set()
+    kept = set(earlier[len(earlier) - (keep - 1) :]) if keep > 1 else set()
     for old in others:
         if old not in kept:
             shutil.rmtree(old, ignore_errors=True)
@@ -232,8 +238,9 @@ def latest_checkpoint(path: str | os.PathLike) -> Path | None:
             try:
                 name = json.loads(pointer.read_text())["dir"]
             except (ValueError, KeyError, TypeError) as err:
-                raise ValueError(f"{pointer} is not a checkpoint pointer ({err}); "
-                                 "expected {'step': .., 'dir': ..}") from err
+                raise ValueError(
+                    f"{pointer} is not a checkpoint pointer ({err}); expected {{'step': .., 'dir': ..}}"
+                ) from err
             step_dir = folder / name
             if not ((step_dir / WEIGHTS_FILE).is_file() and (step_dir / STATE_FILE).is_file()):
                 raise FileNotFoundError(f"{pointer} names {step_dir}, which lacks {WEIGHTS_FILE} or {STATE_FILE}")
@@ -268,8 +275,10 @@ def _load_state(path: Path, map_location: str | torch.device) -> dict:
     except pickle.UnpicklingError as err:
         if not _tries_to_run_code(err):
             detail = next((line.strip() for line in str(err).splitlines() if "Unsupported operand" in line), "")
-            raise ValueError(f"{path} is corrupt: it is not a training state torch.load can read "
-                             f"({detail or 'not a pickle'}); resume from another checkpoint or start again") from err
+            raise ValueError(
+                f"{path} is corrupt: it is not a training state torch.load can read "
+                f"({detail or 'not a pickle'}); resume from another checkpoint or start again"
+            ) from err
         raise UnsafeCheckpointError(
             f"refusing to load {path}: it holds Python objects other than tensors, numbers, strings and "
             f"containers, and unpickling them could run arbitrary code ({_unpickling_detail(err)}). Only load "
@@ -280,8 +289,10 @@ def _load_state(path: Path, map_location: str | torch.device) -> dict:
             raise  # e.g. map_location names a device this machine lacks
         detail = str(err).splitlines()[0].split(". This is an internal")[0] if str(err) else ""
         detail = detail if isinstance(err, RuntimeError) else f"{type(err).__name__} {detail}".strip()
-        raise ValueError(f"{path} is corrupt or truncated: torch.load cannot read it ({detail}); resume from "
-                         "another checkpoint or start again") from err
+        raise ValueError(
+            f"{path} is corrupt or truncated: torch.load cannot read it ({detail}); resume from "
+            "another checkpoint or start again"
+        ) from err
 
 
 def _read_safetensors(path: Path, device: str = "cpu") -> dict[str, Tensor]:
@@ -352,7 +363,7 @@ def load_backbone(path: str | os.PathLike) -> dict[str, Tensor]:
         raise FileNotFoundError(f"path={str(path)!r} is not a file; expected a .safetensors file from save_backbone")
     state = _read_safetensors(path)
     if "patch_embed.proj.weight" not in state and "backbone.patch_embed.proj.weight" in state:
-        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        state = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
     return state
 
 
@@ -377,14 +388,20 @@ def load_pretrained(path: str | os.PathLike) -> tuple[ViT, dict[str, Any]]:
         model = card.get("model") if isinstance(card.get("model"), dict) else card.get("architecture")
     if not isinstance(model, dict):
         baseline = isinstance(card, dict) and "weights" in card and card["weights"] is None
-        raise ValueError(f"{card_path}: the card has no \"model\" mapping of ViT keyword arguments "
-                         "(nor the \"architecture\" of a backbone.json from vitssl pretrain)"
-                         + (f"; it describes a baseline without weights (method {card.get('method')!r}), "
-                            "nothing to load" if baseline else ""))
+        raise ValueError(
+            f'{card_path}: the card has no "model" mapping of ViT keyword arguments '
+            '(nor the "architecture" of a backbone.json from vitssl pretrain)'
+            + (
+                f"; it describes a baseline without weights (method {card.get('method')!r}), nothing to load"
+                if baseline
+                else ""
+            )
+        )
     weights = card_path.with_name(card.get("weights") or card_path.with_suffix(".safetensors").name)
     if not weights.is_file():
-        raise FileNotFoundError(f"{card_path}: its weights {weights.name} are missing (the card describes a "
-                                "baseline without weights?)")
+        raise FileNotFoundError(
+            f"{card_path}: its weights {weights.name} are missing (the card describes a baseline without weights?)"
+        )
     try:
         backbone = ViT(**model)
     except (TypeError, ValueError) as err:

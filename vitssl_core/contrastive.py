@@ -37,8 +37,9 @@ __all__ = ["SimCLR", "MoCoV3", "mlp_head"]
 
 
 # --------------------------------------------------------------------------- shared pieces
-def mlp_head(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int, last_bn: bool = True,
-             bias: bool = False) -> nn.Sequential:
+def mlp_head(
+    num_layers: int, in_dim: int, hidden_dim: int, out_dim: int, last_bn: bool = True, bias: bool = False
+) -> nn.Sequential:
     """MoCo v3's ``_build_mlp``: num_layers x (Linear, BN, ReLU), the last without ReLU.
 
     The last layer gets an affine-free BatchNorm if ``last_bn`` (SimCLR v2's design, MoCo v3
@@ -80,18 +81,26 @@ def _check_common(backbone, proj_dim, hidden_dim, temperature) -> None:
 
 def _two_views(batch) -> tuple[Tensor, Tensor]:
     """([x1, x2], labels) or [x1, x2] -> (x1, x2), each (B, C, H, W) with the same shape."""
-    views = batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 and \
-        isinstance(batch[0], (tuple, list)) else batch
+    views = (
+        batch[0]
+        if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], (tuple, list))
+        else batch
+    )
     if not isinstance(views, (tuple, list)) or len(views) != 2 or not all(isinstance(v, Tensor) for v in views):
-        raise ValueError("batch must be ([view1, view2], labels) with two (B, C, H, W) tensors, as "
-                         "augment.TwoViews yields; got " + type(batch).__name__)
+        raise ValueError(
+            "batch must be ([view1, view2], labels) with two (B, C, H, W) tensors, as "
+            "augment.TwoViews yields; got " + type(batch).__name__
+        )
     x1, x2 = views
     if x1.shape != x2.shape or x1.ndim != 4:
-        raise ValueError(f"the two views must be (B, C, H, W) tensors of one shape, got {tuple(x1.shape)} "
-                         f"and {tuple(x2.shape)}")
+        raise ValueError(
+            f"the two views must be (B, C, H, W) tensors of one shape, got {tuple(x1.shape)} and {tuple(x2.shape)}"
+        )
     if x1.shape[0] < 2:
-        raise ValueError(f"batch size {x1.shape[0]} < 2: a contrastive loss needs negatives (and BatchNorm "
-                         f"needs more than one sample)")
+        raise ValueError(
+            f"batch size {x1.shape[0]} < 2: a contrastive loss needs negatives (and BatchNorm "
+            f"needs more than one sample)"
+        )
     return x1, x2
 
 
@@ -115,7 +124,9 @@ class SimCLR(nn.Module):
         self.backbone = backbone
         # SimCLR v1: 2-layer head; BN after the hidden layer, none on the output.
         self.projector = nn.Sequential(
-            nn.Linear(backbone.embed_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+            nn.Linear(backbone.embed_dim, hidden_dim, bias=False),
+            nn.BatchNorm1d(hidden_dim),
+            nn.ReLU(inplace=True),
             nn.Linear(hidden_dim, proj_dim),
         )
         self.temperature = float(temperature)
@@ -190,8 +201,16 @@ class MoCoV3(nn.Module):
       and learning rate are sized for Fashion-MNIST on a CPU.
     """
 
-    def __init__(self, backbone: ViT, proj_dim: int = 256, hidden_dim: int = 4096, temperature: float = 0.2,
-                 momentum: float = 0.99, freeze_patch_embed: bool | None = None, init_backbone: bool = True):
+    def __init__(
+        self,
+        backbone: ViT,
+        proj_dim: int = 256,
+        hidden_dim: int = 4096,
+        temperature: float = 0.2,
+        momentum: float = 0.99,
+        freeze_patch_embed: bool | None = None,
+        init_backbone: bool = True,
+    ):
         super().__init__()
         _check_common(backbone, proj_dim, hidden_dim, temperature)
         if not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
@@ -199,8 +218,10 @@ class MoCoV3(nn.Module):
         if not isinstance(init_backbone, bool):
             raise ValueError(f"init_backbone={init_backbone!r} must be True or False")
         if freeze_patch_embed is not None and not isinstance(freeze_patch_embed, bool):
-            raise ValueError(f"freeze_patch_embed={freeze_patch_embed!r} must be True, False or None "
-                             f"(None: the same as init_backbone)")
+            raise ValueError(
+                f"freeze_patch_embed={freeze_patch_embed!r} must be True, False or None "
+                f"(None: the same as init_backbone)"
+            )
         self.backbone = backbone
         if init_backbone:
             _init_moco_vit(backbone)
@@ -241,8 +262,9 @@ class MoCoV3(nn.Module):
             k2 = self.momentum_projector(_features(self.momentum_backbone, x2))
         loss = moco_infonce(q1, k2, self.temperature) + moco_infonce(q2, k1, self.temperature)
         with torch.no_grad():
-            pos = 0.5 * (F.cosine_similarity(q1.float(), k2.float()).mean()
-                         + F.cosine_similarity(q2.float(), k1.float()).mean())
+            pos = 0.5 * (
+                F.cosine_similarity(q1.float(), k2.float()).mean() + F.cosine_similarity(q2.float(), k1.float()).mean()
+            )
         return loss, {"loss": float(loss.detach()), "pos_cos": float(pos), "momentum": self.momentum}
 
     def forward(self, batch) -> tuple[Tensor, dict[str, float]]:

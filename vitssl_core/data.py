@@ -36,8 +36,16 @@ NORMALIZE = {
 }
 
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 # (images, labels) file names per split, without the ".gz" suffix.
 FASHION_MNIST_FILES = {
@@ -79,10 +87,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(raw) != expected:
         what = "truncated" if len(raw) < expected else "longer than its header says"
-        raise ValueError(
-            f"{path} is {what}: {len(raw)} bytes, expected {expected} for shape {shape} "
-            f"of {dtype.str}"
-        )
+        raise ValueError(f"{path} is {what}: {len(raw)} bytes, expected {expected} for shape {shape} of {dtype.str}")
     data = np.frombuffer(raw, dtype=dtype, offset=header)
     return data.astype(dtype.newbyteorder("="), copy=True).reshape(shape)  # writable copy
 
@@ -185,9 +190,7 @@ class FashionMNIST(Dataset):
         images_path, labels_path = _locate_fashion_mnist(root, train, download)
         images, labels = read_idx(images_path), read_idx(labels_path)
         if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
-            raise ValueError(
-                f"{images_path} holds {images.dtype} {images.shape}; expected uint8 (N, 28, 28)"
-            )
+            raise ValueError(f"{images_path} holds {images.dtype} {images.shape}; expected uint8 (N, 28, 28)")
         if labels.shape != (len(images),):
             raise ValueError(f"{labels_path} holds shape {labels.shape}; expected ({len(images)},)")
         self.root = images_path.parent
@@ -265,8 +268,7 @@ def image_folder(
     _check_transform(transform)
     if not Path(root).is_dir():
         raise DatasetNotFoundError(
-            f"root={str(root)!r} is not a folder; image_folder expects "
-            "root/<class name>/<image files>"
+            f"root={str(root)!r} is not a folder; image_folder expects root/<class name>/<image files>"
         )
     from torchvision.datasets import ImageFolder
 

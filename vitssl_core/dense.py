@@ -127,7 +127,7 @@ def patch_feature_map(backbone: nn.Module, images: Tensor, n_layers: int = 1) ->
         tokens = backbone.forward_features(images)  # (B, N, D)
     else:  # DINOv2's linear probe concatenates the last blocks' tokens
         tokens = torch.cat(backbone.get_intermediate_layers(images, n_layers), dim=-1)  # (B, N, n*D)
-    patches = tokens[:, -gh * gw:]  # (B, L, n*D): patch tokens come after the class token
+    patches = tokens[:, -gh * gw :]  # (B, L, n*D): patch tokens come after the class token
     return patches.transpose(1, 2).reshape(tokens.shape[0], -1, gh, gw)
 
 
@@ -204,8 +204,10 @@ class SegmentationHead(_BackboneHead):
         else:
             up = dict(scale_factor=2, mode="bilinear", align_corners=False)
             self.decoder = nn.Sequential(
-                *_conv_norm_act(D, hidden_dim), nn.Upsample(**up),
-                *_conv_norm_act(hidden_dim, hidden_dim), nn.Upsample(**up),
+                *_conv_norm_act(D, hidden_dim),
+                nn.Upsample(**up),
+                *_conv_norm_act(hidden_dim, hidden_dim),
+                nn.Upsample(**up),
                 nn.Conv2d(hidden_dim, num_classes, kernel_size=1),
             )
 
@@ -285,7 +287,10 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_inde
 
 
 def mean_iou(
-    pred: Tensor, target: Tensor, num_classes: int, ignore_background: bool = False,
+    pred: Tensor,
+    target: Tensor,
+    num_classes: int,
+    ignore_background: bool = False,
     ignore_index: int = IGNORE_INDEX,
 ) -> tuple[float, Tensor]:
     """mIoU of (N, H, W) class maps: (mean over present classes, (K,) float64 IoU, NaN if absent).
@@ -443,8 +448,13 @@ class DetectionHead(_BackboneHead):
         ltrb = P * torch.exp(raw.clamp(max=math.log(2.0 * max(images.shape[-2:]) / P)))
         ctr = self.centerness(box_feat).flatten(2).squeeze(1)  # (B, L)
         points = patch_centers((gh, gw), P, device=images.device)
-        return {"cls_logits": cls, "ltrb": ltrb, "centerness": ctr, "points": points,
-                "image_size": tuple(images.shape[-2:])}
+        return {
+            "cls_logits": cls,
+            "ltrb": ltrb,
+            "centerness": ctr,
+            "points": points,
+            "image_size": tuple(images.shape[-2:]),
+        }
 
     def loss(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
         """FCOS losses, each summed and divided by the number of positive locations.
@@ -455,8 +465,12 @@ class DetectionHead(_BackboneHead):
         cls, ltrb, ctr, points = (outputs[k] for k in ("cls_logits", "ltrb", "centerness", "points"))
         B = cls.shape[0]
         _check_detection_targets(targets, B, self.num_classes)
-        per_image = [fcos_targets(points, t["boxes"].to(points.device).as_subclass(Tensor),
-                                  torch.as_tensor(t["labels"]).to(points.device)) for t in targets]
+        per_image = [
+            fcos_targets(
+                points, t["boxes"].to(points.device).as_subclass(Tensor), torch.as_tensor(t["labels"]).to(points.device)
+            )
+            for t in targets
+        ]
         labels = torch.stack([p["labels"] for p in per_image])  # (B, L)
         gt_boxes = torch.stack([p["boxes"] for p in per_image])  # (B, L, 4)
         gt_ctr = torch.stack([p["centerness"] for p in per_image])  # (B, L)
@@ -478,8 +492,12 @@ class DetectionHead(_BackboneHead):
 
     @torch.no_grad()
     def postprocess(
-        self, outputs: dict, score_thresh: float = 0.05, nms_iou: float = 0.5,
-        max_det: int = 100, pre_nms_top_n: int = 1000,
+        self,
+        outputs: dict,
+        score_thresh: float = 0.05,
+        nms_iou: float = 0.5,
+        max_det: int = 100,
+        pre_nms_top_n: int = 1000,
     ) -> list[dict[str, Tensor]]:
         """Raw outputs -> per image dict(boxes (n, 4) xyxy, scores (n,), labels (n,) in 1..K-1)."""
         cls, ltrb, ctr, points = (outputs[k] for k in ("cls_logits", "ltrb", "centerness", "points"))
@@ -547,10 +565,15 @@ def detection_map(predictions: list[dict], targets: list[dict]) -> dict[str, flo
             raise ValueError(f"targets[{i}] must be a dict with 'boxes' and 'labels'")
     metric = MeanAveragePrecision(iou_type="bbox", box_format="xyxy", backend="pycocotools")
     metric.update(
-        [{"boxes": _plain(p["boxes"]).float().reshape(-1, 4), "scores": _plain(p["scores"]).float(),
-          "labels": _plain(p["labels"]).long()} for p in predictions],
-        [{"boxes": _plain(t["boxes"]).float().reshape(-1, 4), "labels": _plain(t["labels"]).long()}
-         for t in targets],
+        [
+            {
+                "boxes": _plain(p["boxes"]).float().reshape(-1, 4),
+                "scores": _plain(p["scores"]).float(),
+                "labels": _plain(p["labels"]).long(),
+            }
+            for p in predictions
+        ],
+        [{"boxes": _plain(t["boxes"]).float().reshape(-1, 4), "labels": _plain(t["labels"]).long()} for t in targets],
     )
     result = metric.compute()
     return {"map_50": float(result["map_50"]), "map": float(result["map"])}
@@ -581,8 +604,10 @@ def _use_bf16(device: torch.device, amp: bool | None) -> bool:
 def _param_groups(head: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups under the package's one weight-decay rule (``schedules.decays``)."""
     trainable = [(name, p) for name, p in head.named_parameters() if p.requires_grad]
-    return [{"params": [p for n, p in trainable if decays(n, p)], "weight_decay": weight_decay},
-            {"params": [p for n, p in trainable if not decays(n, p)], "weight_decay": 0.0}]
+    return [
+        {"params": [p for n, p in trainable if decays(n, p)], "weight_decay": weight_decay},
+        {"params": [p for n, p in trainable if not decays(n, p)], "weight_decay": 0.0},
+    ]
 
 
 def train_dense(
@@ -616,8 +641,14 @@ def train_dense(
     if not any(g["params"] for g in params):
         raise ValueError("the head has no trainable parameters")
     device = next(head.parameters()).device
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collate_detection,
-                        generator=torch.Generator().manual_seed(seed), num_workers=num_workers)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        collate_fn=collate_detection,
+        generator=torch.Generator().manual_seed(seed),
+        num_workers=num_workers,
+    )
     total = epochs * len(loader)
     warm = min(total // 20, 500) if warmup_steps is None else warmup_steps
     schedule = cosine_schedule(lr, lr * 0.01, total, warmup_steps=warm)
@@ -670,14 +701,17 @@ def evaluate_segmentation(head: SegmentationHead, dataset: Dataset, batch_size: 
     miou, per_class = _iou_from_confusion(cm, ignore_background=False)
     miou_fg, _ = _iou_from_confusion(cm, ignore_background=True)
     accuracy = float(cm.diag().sum() / cm.sum().clamp(min=1))
-    return {"miou": miou, "miou_foreground": miou_fg, "pixel_accuracy": accuracy,
-            "per_class_iou": per_class.tolist()}
+    return {"miou": miou, "miou_foreground": miou_fg, "pixel_accuracy": accuracy, "per_class_iou": per_class.tolist()}
 
 
 @torch.no_grad()
 def evaluate_detection(
-    head: DetectionHead, dataset: Dataset, batch_size: int = 64, score_thresh: float = 0.05,
-    nms_iou: float = 0.5, max_det: int = 100,
+    head: DetectionHead,
+    dataset: Dataset,
+    batch_size: int = 64,
+    score_thresh: float = 0.05,
+    nms_iou: float = 0.5,
+    max_det: int = 100,
 ) -> dict[str, float]:
     """COCO box mAP of the head on a dataset: {"map_50", "map"} (see ``detection_map``)."""
     _head_for(head, "detection")

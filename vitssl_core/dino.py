@@ -66,11 +66,24 @@ class DINOHead(nn.Module):
     drops the layer's gradients before the optimizer step.)
     """
 
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 nlayers: int = 3, use_bn: bool = False, norm_last_layer: bool = True):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        nlayers: int = 3,
+        use_bn: bool = False,
+        norm_last_layer: bool = True,
+    ):
         super().__init__()
-        for name, v in (("in_dim", in_dim), ("out_dim", out_dim), ("hidden_dim", hidden_dim),
-                        ("bottleneck_dim", bottleneck_dim), ("nlayers", nlayers)):
+        for name, v in (
+            ("in_dim", in_dim),
+            ("out_dim", out_dim),
+            ("hidden_dim", hidden_dim),
+            ("bottleneck_dim", bottleneck_dim),
+            ("nlayers", nlayers),
+        ):
             _check_positive_int(name, v)
         if nlayers == 1:
             self.mlp = nn.Linear(in_dim, bottleneck_dim)
@@ -167,11 +180,23 @@ class DINO(nn.Module):
       ~2000 steps (its time constant) behind the student for much of the run.
     """
 
-    def __init__(self, backbone: ViT, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 n_local_crops: int = 8, teacher_temp: float = 0.04, warmup_teacher_temp: float = 0.04,
-                 warmup_teacher_temp_steps: int = 0, student_temp: float = 0.1, center_momentum: float = 0.9,
-                 momentum: float = 0.996, norm_last_layer: bool = True, use_bn_in_head: bool = False,
-                 freeze_last_layer_steps: int = 0):
+    def __init__(
+        self,
+        backbone: ViT,
+        out_dim: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        n_local_crops: int = 8,
+        teacher_temp: float = 0.04,
+        warmup_teacher_temp: float = 0.04,
+        warmup_teacher_temp_steps: int = 0,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        momentum: float = 0.996,
+        norm_last_layer: bool = True,
+        use_bn_in_head: bool = False,
+        freeze_last_layer_steps: int = 0,
+    ):
         super().__init__()
         if not isinstance(backbone, ViT):
             raise TypeError(f"backbone must be a vitssl_core.ViT, got {type(backbone).__name__}")
@@ -181,20 +206,32 @@ class DINO(nn.Module):
             raise ValueError(
                 f"n_local_crops={n_local_crops} needs a backbone built with dynamic_img_size=True: local crops are "
                 f"smaller than img_size={backbone.img_size[0]} and the positional embedding must be interpolated; "
-                f"build it e.g. as vit_tiny_28(dynamic_img_size=True), or pass n_local_crops=0")
-        for name, v in (("teacher_temp", teacher_temp), ("warmup_teacher_temp", warmup_teacher_temp),
-                        ("student_temp", student_temp)):
+                f"build it e.g. as vit_tiny_28(dynamic_img_size=True), or pass n_local_crops=0"
+            )
+        for name, v in (
+            ("teacher_temp", teacher_temp),
+            ("warmup_teacher_temp", warmup_teacher_temp),
+            ("student_temp", student_temp),
+        ):
             _check_positive_float(name, v)
-        for name, v in (("warmup_teacher_temp_steps", warmup_teacher_temp_steps),
-                        ("freeze_last_layer_steps", freeze_last_layer_steps)):
+        for name, v in (
+            ("warmup_teacher_temp_steps", warmup_teacher_temp_steps),
+            ("freeze_last_layer_steps", freeze_last_layer_steps),
+        ):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name}={v!r} must be an int >= 0")
         _check_unit("center_momentum", center_momentum)
         _check_unit("momentum", momentum)
 
         self.backbone = backbone
-        self.head = DINOHead(backbone.embed_dim, out_dim, hidden_dim, bottleneck_dim, use_bn=use_bn_in_head,
-                             norm_last_layer=norm_last_layer)
+        self.head = DINOHead(
+            backbone.embed_dim,
+            out_dim,
+            hidden_dim,
+            bottleneck_dim,
+            use_bn=use_bn_in_head,
+            norm_last_layer=norm_last_layer,
+        )
         # The teacher starts as an exact copy and is never optimised: requires_grad False keeps it
         # out of the optimizer, which only sees trainable parameters. Like DINO's, it has no
         # stochastic depth: its targets must not depend on which residual branches a coin dropped.
@@ -244,23 +281,32 @@ class DINO(nn.Module):
         """Teacher temperature at ``step``: linear warm-up warmup_teacher_temp -> teacher_temp, then constant."""
         if step >= self.warmup_teacher_temp_steps:
             return self.teacher_temp
-        return self.warmup_teacher_temp + (self.teacher_temp - self.warmup_teacher_temp) * step / \
-            self.warmup_teacher_temp_steps
+        return (
+            self.warmup_teacher_temp
+            + (self.teacher_temp - self.warmup_teacher_temp) * step / self.warmup_teacher_temp_steps
+        )
 
     # ------------------------------------------------------------------ forward pieces
     def _crops(self, batch) -> list[Tensor]:
-        crops = batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 and \
-            isinstance(batch[0], (tuple, list)) else batch
+        crops = (
+            batch[0]
+            if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], (tuple, list))
+            else batch
+        )
         expected = 2 + self.n_local_crops
         if not isinstance(crops, (tuple, list)) or not all(isinstance(c, Tensor) and c.ndim == 4 for c in crops):
-            raise ValueError("batch must be ([global1, global2, local1, ...], labels) with (B, C, H, W) tensors, "
-                             "as augment.MultiCrop yields")
+            raise ValueError(
+                "batch must be ([global1, global2, local1, ...], labels) with (B, C, H, W) tensors, "
+                "as augment.MultiCrop yields"
+            )
         if len(crops) != expected:
-            raise ValueError(f"got {len(crops)} crops; this DINO expects 2 global + n_local_crops="
-                             f"{self.n_local_crops} = {expected}")
+            raise ValueError(
+                f"got {len(crops)} crops; this DINO expects 2 global + n_local_crops={self.n_local_crops} = {expected}"
+            )
         if crops[0].shape != crops[1].shape:
-            raise ValueError(f"the two global crops differ in shape: {tuple(crops[0].shape)} and "
-                             f"{tuple(crops[1].shape)}")
+            raise ValueError(
+                f"the two global crops differ in shape: {tuple(crops[0].shape)} and {tuple(crops[1].shape)}"
+            )
         if any(c.shape[0] != crops[0].shape[0] for c in crops):
             raise ValueError(f"every crop must hold the same batch size, got {[c.shape[0] for c in crops]}")
         return list(crops)
@@ -298,8 +344,14 @@ class DINO(nn.Module):
             kl = loss.detach() - entropy  # KL = CE - H(teacher), averaged over the same pairs
             center_norm = self.center.norm()  # the centre the loss used, before this step's update
         self.update_center(teacher_out)
-        logs = {"loss": float(loss.detach()), "teacher_entropy": float(entropy), "kl": float(kl),
-                "center_norm": float(center_norm), "teacher_temp": temp, "momentum": self.momentum}
+        logs = {
+            "loss": float(loss.detach()),
+            "teacher_entropy": float(entropy),
+            "kl": float(kl),
+            "center_norm": float(center_norm),
+            "teacher_temp": temp,
+            "momentum": self.momentum,
+        }
         return loss, logs
 
     def forward(self, batch) -> tuple[Tensor, dict[str, float]]:

@@ -11,8 +11,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["is_distributed", "get_rank", "get_world_size", "is_main_process", "all_gather_with_grad",
-           "all_reduce_mean", "all_reduce_sum"]
+__all__ = [
+    "is_distributed",
+    "get_rank",
+    "get_world_size",
+    "is_main_process",
+    "all_gather_with_grad",
+    "all_reduce_mean",
+    "all_reduce_sum",
+]
 
 
 def is_distributed() -> bool:
@@ -46,7 +53,7 @@ class _GatherWithGrad(torch.autograd.Function):
         grad = grad.contiguous()
         dist.all_reduce(grad)  # every rank's loss depends on every slice
         n = grad.shape[0] // dist.get_world_size()
-        return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
+        return grad[dist.get_rank() * n : (dist.get_rank() + 1) * n]
 
 
 def all_gather_with_grad(x: Tensor) -> Tensor:

@@ -82,8 +82,12 @@ def _check_positive_float(name: str, value) -> None:
 
 
 def _check_unit(name: str, value, hi_open: bool = True) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and 0.0 <= value and (
-        value < 1.0 if hi_open else value <= 1.0)
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float))
+        and 0.0 <= value
+        and (value < 1.0 if hi_open else value <= 1.0)
+    )
     if not ok:
         raise ValueError(f"{name}={value!r} must be a number in [0, {'1)' if hi_open else '1]'}")
 
@@ -143,8 +147,10 @@ def _prepare(x: Tensor, device: torch.device, normalize: dict | None) -> Tensor:
         std = torch.as_tensor(normalize["std"], dtype=torch.float32, device=device).reshape(-1)
         C = x.shape[1]
         if mean.numel() not in (1, C) or std.numel() not in (1, C):
-            raise ValueError(f"normalize has {mean.numel()} mean and {std.numel()} std value(s) but the images have "
-                             f"{C} channel(s); give one value per channel ({C}) or one for all")
+            raise ValueError(
+                f"normalize has {mean.numel()} mean and {std.numel()} std value(s) but the images have "
+                f"{C} channel(s); give one value per channel ({C}) or one for all"
+            )
         x = (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
     return x
 
@@ -156,7 +162,7 @@ def _batches(images: Images, batch_size: int) -> Iterator[Tensor]:
         if images.ndim not in (3, 4):
             raise ValueError(f"images must have shape (N, H, W) or (N, C, H, W), got {tuple(images.shape)}")
         for start in range(0, len(images), batch_size):
-            yield images[start:start + batch_size]
+            yield images[start : start + batch_size]
     elif isinstance(images, Dataset):
         for batch in DataLoader(images, batch_size=batch_size, shuffle=False):
             yield batch[0] if isinstance(batch, (list, tuple)) else batch
@@ -205,8 +211,13 @@ def _one_cpu_thread(device: torch.device, small: bool = True):
 
 # --------------------------------------------------------------------------- features
 def extract_features(
-    backbone: ViT, images: Images, feature: str = "cls", n_last: int = 1, batch_size: int = 256,
-    normalize: dict | None = None, precision: str = "auto",
+    backbone: ViT,
+    images: Images,
+    feature: str = "cls",
+    n_last: int = 1,
+    batch_size: int = 256,
+    normalize: dict | None = None,
+    precision: str = "auto",
 ) -> Tensor:
     """Frozen features (N, F) float32 on the backbone's device.
 
@@ -251,8 +262,13 @@ def pixel_features(images: Images, batch_size: int = 4096) -> Tensor:
 
 # --------------------------------------------------------------------------- k-nearest neighbours
 def knn_classify(
-    train_features: Tensor, train_labels: Tensor, test_features: Tensor, k: int = 20, temperature: float = 0.07,
-    num_classes: int | None = None, chunk_size: int = 1024,
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk_size: int = 1024,
 ) -> tuple[Tensor, Tensor]:
     """Weighted cosine kNN (DINO): predictions (M,) int64 and vote shares (M, num_classes), rows summing to 1.
 
@@ -264,8 +280,10 @@ def knn_classify(
     _check_features("test_features", test_features)
     labels = _check_labels("train_labels", train_labels, len(train_features), "train_features")
     if train_features.shape[1] != test_features.shape[1]:
-        raise ValueError(f"train_features have {train_features.shape[1]} dims but test_features "
-                         f"{test_features.shape[1]}; they must match")
+        raise ValueError(
+            f"train_features have {train_features.shape[1]} dims but test_features "
+            f"{test_features.shape[1]}; they must match"
+        )
     _check_positive_int("k", k)
     if k > len(train_features):
         raise ValueError(f"k={k} is larger than the training set ({len(train_features)} samples)")
@@ -277,7 +295,7 @@ def knn_classify(
     labels = labels.to(device)
     preds, scores = [], []
     for start in range(0, len(test_features), chunk_size):
-        q = F.normalize(test_features[start:start + chunk_size].to(device).float(), dim=1)  # (c, F)
+        q = F.normalize(test_features[start : start + chunk_size].to(device).float(), dim=1)  # (c, F)
         sim, idx = (q @ train.T).topk(k, dim=1)  # (c, k) each
         # exp((sim - max) / T) is exp(sim / T) up to a per-row factor: same vote, no overflow at small T.
         w = ((sim - sim[:, :1]) / temperature).exp()
@@ -291,8 +309,14 @@ def knn_classify(
 
 
 def knn_accuracy(
-    train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor, k: int = 20,
-    temperature: float = 0.07, num_classes: int | None = None, chunk_size: int = 1024,
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk_size: int = 1024,
 ) -> float:
     """Top-1 accuracy in percent of ``knn_classify`` on (test_features, test_labels)."""
     _check_features("train_features", train_features)
@@ -310,8 +334,15 @@ def knn_accuracy(
 
 
 def choose_feature(
-    backbone: ViT, images: Images, labels: Tensor | None = None, validation: int = 5000, normalize: dict | None = None,
-    k: int = 20, temperature: float = 0.07, precision: str = "auto", batch_size: int = 256,
+    backbone: ViT,
+    images: Images,
+    labels: Tensor | None = None,
+    validation: int = 5000,
+    normalize: dict | None = None,
+    k: int = 20,
+    temperature: float = 0.07,
+    precision: str = "auto",
+    batch_size: int = 256,
 ) -> tuple[str, dict[str, float]]:
     """(best feature, {feature: kNN top-1 %}): which of ``FEATURES`` the probes should read, chosen on training data.
 
@@ -329,25 +360,40 @@ def choose_feature(
     labels = _check_labels("labels", labels, n, "images")
     _check_positive_int("validation", validation)
     if validation >= n:
-        raise ValueError(f"validation={validation} leaves none of the {n} images to classify them by; "
-                         f"hold out fewer (e.g. {max(1, n // 5)})")
-    both = extract_features(backbone, images, "cls+avg", batch_size=batch_size, normalize=normalize,
-                            precision=precision)  # (N, 2D): the class token, then the patch mean
+        raise ValueError(
+            f"validation={validation} leaves none of the {n} images to classify them by; "
+            f"hold out fewer (e.g. {max(1, n // 5)})"
+        )
+    both = extract_features(
+        backbone, images, "cls+avg", batch_size=batch_size, normalize=normalize, precision=precision
+    )  # (N, 2D): the class token, then the patch mean
     dim = both.shape[1] // 2
     views = {"cls": both[:, :dim], "avg": both[:, dim:], "cls+avg": both}
     fit, held_out = slice(0, n - validation), slice(n - validation, None)
     y = labels.to(both.device)
     k = min(k, n - validation)
-    scores = {name: knn_accuracy(f[fit], y[fit], f[held_out], y[held_out], k=k, temperature=temperature)
-              for name, f in views.items()}
+    scores = {
+        name: knn_accuracy(f[fit], y[fit], f[held_out], y[held_out], k=k, temperature=temperature)
+        for name, f in views.items()
+    }
     return max(scores, key=scores.get), scores
 
 
 # --------------------------------------------------------------------------- linear probe
 def linear_probe(
-    train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor, epochs: int = 100,
-    lr: float = 1e-3, batch_size: int = 1024, weight_decay: float = 0.0, batchnorm: bool = True,
-    optimizer: str = "adamw", num_classes: int | None = None, seed: int = 0, return_correct: bool = False,
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    epochs: int = 100,
+    lr: float = 1e-3,
+    batch_size: int = 1024,
+    weight_decay: float = 0.0,
+    batchnorm: bool = True,
+    optimizer: str = "adamw",
+    num_classes: int | None = None,
+    seed: int = 0,
+    return_correct: bool = False,
 ) -> dict[str, float]:
     """A linear classifier on frozen features: {"top1": test %, "train_top1": train %, "loss": last epoch}.
 
@@ -367,8 +413,10 @@ def linear_probe(
     y_train = _check_labels("train_labels", train_labels, len(train_features), "train_features")
     y_test = _check_labels("test_labels", test_labels, len(test_features), "test_features")
     if train_features.shape[1] != test_features.shape[1]:
-        raise ValueError(f"train_features have {train_features.shape[1]} dims but test_features "
-                         f"{test_features.shape[1]}; they must match")
+        raise ValueError(
+            f"train_features have {train_features.shape[1]} dims but test_features "
+            f"{test_features.shape[1]}; they must match"
+        )
     for name, v in (("epochs", epochs), ("batch_size", batch_size)):
         _check_positive_int(name, v)
     _check_positive_float("lr", lr)
@@ -396,8 +444,13 @@ def linear_probe(
     probe = nn.Sequential(norm, linear).eval()
     with torch.no_grad():
         z_train = norm(x_train)  # (N, F) standardised once; only the linear layer trains
-    groups = [{"params": [p for n, p in linear.named_parameters() if decays(n, p) == d],
-               "weight_decay": weight_decay if d else 0.0} for d in (True, False)]  # the package's rule: no bias decay
+    groups = [
+        {
+            "params": [p for n, p in linear.named_parameters() if decays(n, p) == d],
+            "weight_decay": weight_decay if d else 0.0,
+        }
+        for d in (True, False)
+    ]  # the package's rule: no bias decay
     if optimizer == "adamw":
         opt = torch.optim.AdamW(groups, lr=lr)
     else:
@@ -416,19 +469,23 @@ def linear_probe(
                 for group in opt.param_groups:
                     group["lr"] = schedule[step]
                 step += 1
-                loss = F.cross_entropy(linear(z[start:start + bs]), y[start:start + bs])
+                loss = F.cross_entropy(linear(z[start : start + bs]), y[start : start + bs])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                loss_sum += loss.detach() * len(y[start:start + bs])
+                loss_sum += loss.detach() * len(y[start : start + bs])
     with _eval_mode(probe):
+
         def hits(x: Tensor, y: Tensor) -> Tensor:
-            preds = torch.cat([probe(x[i:i + 8192].to(device).float()).argmax(1) for i in range(0, len(x), 8192)])
+            preds = torch.cat([probe(x[i : i + 8192].to(device).float()).argmax(1) for i in range(0, len(x), 8192)])
             return preds.cpu() == y.cpu()
 
         correct = hits(test_features, y_test)
-        out = {"top1": 100.0 * correct.float().mean().item(),
-               "train_top1": 100.0 * hits(x_train, y_train).float().mean().item(), "loss": float(loss_sum) / n}
+        out = {
+            "top1": 100.0 * correct.float().mean().item(),
+            "train_top1": 100.0 * hits(x_train, y_train).float().mean().item(),
+            "loss": float(loss_sum) / n,
+        }
     if return_correct:
         out["correct"] = correct
     return out
@@ -445,7 +502,10 @@ def _layer_id(name: str, depth: int) -> int:
 
 
 def layer_decay_param_groups(
-    model: nn.Module, base_lr: float, weight_decay: float, layer_decay: float = 0.75,
+    model: nn.Module,
+    base_lr: float,
+    weight_decay: float,
+    layer_decay: float = 0.75,
 ) -> list[dict]:
     """AdamW parameter groups with layer-wise lr decay (BEiT): lr = base_lr * layer_decay ** (depth + 1 - id).
 
@@ -469,10 +529,17 @@ def layer_decay_param_groups(
             continue
         lid, decay = _layer_id(name, depth), decays(name, param, exempt)  # the trainer's weight-decay rule
         scale = layer_decay ** (depth + 1 - lid)
-        group = groups.setdefault((lid, decay), {
-            "params": [], "param_names": [], "lr": base_lr * scale, "lr_scale": scale,
-            "weight_decay": weight_decay if decay else 0.0, "layer_id": lid,
-        })
+        group = groups.setdefault(
+            (lid, decay),
+            {
+                "params": [],
+                "param_names": [],
+                "lr": base_lr * scale,
+                "lr_scale": scale,
+                "weight_decay": weight_decay if decay else 0.0,
+                "layer_id": lid,
+            },
+        )
         group["params"].append(param)
         group["param_names"].append(name)
     return [groups[key] for key in sorted(groups)]
@@ -506,13 +573,15 @@ def _finetune_copy(backbone: ViT, num_classes: int, drop_path: float) -> ViT:
 
 def _batch_mixer(mixup: float, cutmix: float, num_classes: int):
     """MixUp / CutMix on a whole batch, (images, int labels) -> (mixed images, soft labels); None if both are 0."""
-    mixers = ([v2.MixUp(alpha=float(mixup), num_classes=num_classes)] if mixup > 0 else []) + \
-             ([v2.CutMix(alpha=float(cutmix), num_classes=num_classes)] if cutmix > 0 else [])
+    mixers = ([v2.MixUp(alpha=float(mixup), num_classes=num_classes)] if mixup > 0 else []) + (
+        [v2.CutMix(alpha=float(cutmix), num_classes=num_classes)] if cutmix > 0 else []
+    )
     return v2.RandomChoice(mixers) if len(mixers) > 1 else (mixers[0] if mixers else None)
 
 
 def _finetune_augment(crop_scale: tuple[float, float] | None, mix):
     """(x, y) -> (x, y): a random resized crop and flip per image (if ``crop_scale``), then ``mix`` (if any)."""
+
     def augment(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         if crop_scale is not None:  # crop and flip commute with the per-channel normalisation
             B, _, H, W = x.shape
@@ -520,15 +589,32 @@ def _finetune_augment(crop_scale: tuple[float, float] | None, mix):
         if mix is not None:
             x, y = mix(x, y)  # y becomes soft targets (B, num_classes)
         return x, y
+
     return augment
 
 
 def finetune(
-    backbone: ViT, train_set, test_set, num_classes: int, epochs: int = 10, lr: float = 5e-4,
-    layer_decay: float = 0.75, drop_path: float = 0.1, label_smoothing: float = 0.1, mixup: float = 0.0,
-    cutmix: float = 0.0, warmup_epochs: int = 1, weight_decay: float = 0.05, batch_size: int = 128,
-    min_lr: float = 1e-6, normalize: dict | None = None, precision: str = "auto", seed: int = 0,
-    num_workers: int = 0, progress: bool = False, crop_scale: Sequence[float] | None = None,
+    backbone: ViT,
+    train_set,
+    test_set,
+    num_classes: int,
+    epochs: int = 10,
+    lr: float = 5e-4,
+    layer_decay: float = 0.75,
+    drop_path: float = 0.1,
+    label_smoothing: float = 0.1,
+    mixup: float = 0.0,
+    cutmix: float = 0.0,
+    warmup_epochs: int = 1,
+    weight_decay: float = 0.05,
+    batch_size: int = 128,
+    min_lr: float = 1e-6,
+    normalize: dict | None = None,
+    precision: str = "auto",
+    seed: int = 0,
+    num_workers: int = 0,
+    progress: bool = False,
+    crop_scale: Sequence[float] | None = None,
     return_correct: bool = False,
 ) -> dict[str, float]:
     """Fine-tune a deep copy of ``backbone`` end to end: {"top1": test %, "train_loss", "epochs", "steps"}.
@@ -564,8 +650,14 @@ def finetune(
 
     model = _finetune_copy(backbone, num_classes, drop_path)
     opt = torch.optim.AdamW(layer_decay_param_groups(model, lr, weight_decay, layer_decay), lr=lr)
-    loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=len(train_set) > batch_size,
-                        generator=torch.Generator().manual_seed(seed), num_workers=num_workers)
+    loader = DataLoader(
+        train_set,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=len(train_set) > batch_size,
+        generator=torch.Generator().manual_seed(seed),
+        num_workers=num_workers,
+    )
     schedule = cosine_schedule(lr, min_lr, epochs * len(loader), warmup_epochs * len(loader))
     augment = _finetune_augment(crop_scale, _batch_mixer(mixup, cutmix, num_classes))
     device = _device_of(model)
@@ -628,17 +720,21 @@ def mcnemar(correct_a: Tensor, correct_b: Tensor) -> dict[str, float]:
     """
     for name, c in (("correct_a", correct_a), ("correct_b", correct_b)):
         if not isinstance(c, Tensor) or c.ndim != 1:
-            raise ValueError(f"{name} must be a 1-D tensor of per-image correctness, got "
-                             f"{tuple(getattr(c, 'shape', ()))}")
+            raise ValueError(
+                f"{name} must be a 1-D tensor of per-image correctness, got {tuple(getattr(c, 'shape', ()))}"
+            )
     if correct_a.shape != correct_b.shape or len(correct_a) == 0:
-        raise ValueError(f"correct_a {tuple(correct_a.shape)} and correct_b {tuple(correct_b.shape)} must score "
-                         "the same, non-empty test set")
+        raise ValueError(
+            f"correct_a {tuple(correct_a.shape)} and correct_b {tuple(correct_b.shape)} must score "
+            "the same, non-empty test set"
+        )
     a, b = correct_a.bool().cpu(), correct_b.bool().cpu()
     a_only, b_only = int((a & ~b).sum()), int((~a & b).sum())
     n, k = a_only + b_only, min(a_only, b_only)
     # P(X <= k) for X ~ Binomial(n, 1/2), in log space (n can be thousands), doubled for two sides.
-    log_terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2)
-                 for i in range(k + 1)]
+    log_terms = [
+        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2) for i in range(k + 1)
+    ]
     top = max(log_terms)
     p = min(1.0, 2 * math.exp(top) * sum(math.exp(t - top) for t in log_terms)) if n else 1.0
     return {"a_only": a_only, "b_only": b_only, "difference": 100.0 * (a_only - b_only) / len(a), "p_value": p}
@@ -646,7 +742,10 @@ def mcnemar(correct_a: Tensor, correct_b: Tensor) -> dict[str, float]:
 
 # --------------------------------------------------------------------------- label efficiency
 def class_balanced_subset(
-    labels: Tensor, fraction: float | None = None, per_class: int | None = None, seed: int = 0,
+    labels: Tensor,
+    fraction: float | None = None,
+    per_class: int | None = None,
+    seed: int = 0,
 ) -> Tensor:
     """Sorted indices (M,) int64 of a class-balanced subset, the same for the same seed.
 
@@ -658,8 +757,9 @@ def class_balanced_subset(
     labels = _check_labels("labels", labels, len(labels), "labels")
     if (fraction is None) == (per_class is None):
         raise ValueError(f"give exactly one of fraction={fraction!r} and per_class={per_class!r}")
-    if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
-                                 or not 0 < fraction <= 1):
+    if fraction is not None and (
+        isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1
+    ):
         raise ValueError(f"fraction={fraction!r} must be in (0, 1]")
     if per_class is not None:
         _check_positive_int("per_class", per_class)
@@ -679,8 +779,14 @@ def class_balanced_subset(
 
 
 def label_efficiency(
-    train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor,
-    fractions: Sequence[float] = (0.01, 0.1, 1.0), protocol: str = "linear", seed: int = 0, **kwargs,
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    fractions: Sequence[float] = (0.01, 0.1, 1.0),
+    protocol: str = "linear",
+    seed: int = 0,
+    **kwargs,
 ) -> dict[float, float]:
     """{fraction: top-1 %} of a kNN or linear probe trained on class-balanced label subsets.
 
@@ -713,7 +819,10 @@ def _grid(backbone: ViT, x: Tensor) -> tuple[int, int]:
 
 
 def attention_maps(
-    backbone: ViT, images: Tensor, upsample: bool = False, normalize: dict | None = None,
+    backbone: ViT,
+    images: Tensor,
+    upsample: bool = False,
+    normalize: dict | None = None,
 ) -> Tensor:
     """Where the class token looks in the last block (DINO): (B, h, gh, gw), or (B, h, H, W) if upsampled.
 
@@ -733,7 +842,10 @@ def attention_maps(
 
 
 def attention_distance(
-    backbone: ViT, images: Tensor, normalize: dict | None = None, batch_size: int = 64,
+    backbone: ViT,
+    images: Tensor,
+    normalize: dict | None = None,
+    batch_size: int = 64,
 ) -> Tensor:
     """Mean attention distance in pixels, (depth, h) (Dosovitskiy et al., 2021, Fig. 7).
 
@@ -749,8 +861,7 @@ def attention_distance(
         for raw in _batches(images, batch_size):
             x = _prepare(raw, device, normalize)
             gh, gw = _grid(backbone, x)
-            rows, cols = torch.meshgrid(torch.arange(gh, device=device), torch.arange(gw, device=device),
-                                        indexing="ij")
+            rows, cols = torch.meshgrid(torch.arange(gh, device=device), torch.arange(gw, device=device), indexing="ij")
             centres = torch.stack([rows, cols], -1).reshape(-1, 2).float() * backbone.patch_size  # (L, 2) px
             dist = torch.cdist(centres, centres)  # (L, L): pixels between patch centres
             per_layer = []
@@ -811,16 +922,20 @@ def _load_split(dataset: str, train: bool, data_root, img_size: int) -> tuple[Im
             raise ValueError("dataset='cifar10' needs data_root=<folder holding cifar-10-batches-py>")
         ds = data.cifar10(data_root, train=train)
     elif dataset.startswith("folder:") and len(dataset) > len("folder:"):
-        root = Path(dataset[len("folder:"):])
+        root = Path(dataset[len("folder:") :])
         names = ("train",) if train else ("val", "test")
         split = next((root / n for n in names if (root / n).is_dir()), None)
         if split is None:
-            raise ValueError(f"dataset={dataset!r}: expected the sub-folder {' or '.join(names)} in {root} "
-                             "(folder:PATH evaluates on PATH/train and PATH/val or PATH/test, each <class>/<image>)")
+            raise ValueError(
+                f"dataset={dataset!r}: expected the sub-folder {' or '.join(names)} in {root} "
+                "(folder:PATH evaluates on PATH/train and PATH/val or PATH/test, each <class>/<image>)"
+            )
         ds = data.image_folder(split, img_size=img_size)
     else:
-        raise ValueError(f"dataset={dataset!r} is not 'fashion_mnist', 'cifar10', 'folder:PATH' "
-                         "or a (train, test) pair of Datasets / (images, labels) tensors")
+        raise ValueError(
+            f"dataset={dataset!r} is not 'fashion_mnist', 'cifar10', 'folder:PATH' "
+            "or a (train, test) pair of Datasets / (images, labels) tensors"
+        )
     return ds, torch.as_tensor(ds.targets)
 
 
@@ -849,8 +964,12 @@ def _with_labels(images: Images, labels: Tensor) -> Images | tuple[Tensor, Tenso
 
 
 def run_protocol(
-    protocol: str, backbone: ViT, feature: str = "cls", normalize: dict | None = None,
-    dataset: str | tuple = "fashion_mnist", **kwargs,
+    protocol: str,
+    backbone: ViT,
+    feature: str = "cls",
+    normalize: dict | None = None,
+    dataset: str | tuple = "fashion_mnist",
+    **kwargs,
 ) -> dict:
     """Evaluate ``backbone`` with one protocol; returns a dict of metrics (top-1 in percent).
 
@@ -886,8 +1005,17 @@ def run_protocol(
 
     if protocol == "finetune":
         num_classes = kwargs.pop("num_classes", int(max(y_train.max(), y_test.max())) + 1)
-        return {**out, **finetune(backbone, _with_labels(train, y_train), _with_labels(test, y_test), num_classes,
-                                  normalize=normalize, **kwargs)}
+        return {
+            **out,
+            **finetune(
+                backbone,
+                _with_labels(train, y_train),
+                _with_labels(test, y_test),
+                num_classes,
+                normalize=normalize,
+                **kwargs,
+            ),
+        }
 
     extract = {k: kwargs.pop(k) for k in _EXTRACT_KWARGS if k in kwargs}
     bs = extract.pop("extract_batch_size", 256)
@@ -897,8 +1025,12 @@ def run_protocol(
     out["feature"] = feature
     if protocol == "knn":
         k, t = kwargs.pop("k", 20), kwargs.pop("temperature", 0.07)
-        return {**out, "k": k, "temperature": t,
-                "top1": knn_accuracy(f_train, y_train, f_test, y_test, k=k, temperature=t, **kwargs)}
+        return {
+            **out,
+            "k": k,
+            "temperature": t,
+            "top1": knn_accuracy(f_train, y_train, f_test, y_test, k=k, temperature=t, **kwargs),
+        }
     if protocol == "linear":
         return {**out, **linear_probe(f_train, y_train, f_test, y_test, **kwargs)}
     probe = kwargs.pop("probe", "linear")

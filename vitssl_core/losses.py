@@ -57,11 +57,14 @@ def _check_pair(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
         if t.ndim != 2:
             raise ValueError(f"{name} must have shape (B, D) with 2 dims, got {t.ndim} dims {tuple(t.shape)}")
     if a.shape != b.shape:
-        raise ValueError(f"{name_a} and {name_b} must have the same shape (B, D), got {tuple(a.shape)} and "
-                         f"{tuple(b.shape)}")
+        raise ValueError(
+            f"{name_a} and {name_b} must have the same shape (B, D), got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     if a.shape[0] < 2:
-        raise ValueError(f"{name_a} has {a.shape[0]} sample(s); a contrastive loss needs at least 2 so that "
-                         f"every anchor has a negative")
+        raise ValueError(
+            f"{name_a} has {a.shape[0]} sample(s); a contrastive loss needs at least 2 so that "
+            f"every anchor has a negative"
+        )
 
 
 def _no_autocast(device: torch.device):
@@ -70,8 +73,9 @@ def _no_autocast(device: torch.device):
 
 
 # --------------------------------------------------------------------------- InfoNCE / NT-Xent
-def info_nce(z1: Tensor, z2: Tensor, temperature: float = 0.1, reduction: str = "mean",
-             symmetric: bool = True) -> Tensor:
+def info_nce(
+    z1: Tensor, z2: Tensor, temperature: float = 0.1, reduction: str = "mean", symmetric: bool = True
+) -> Tensor:
     """NT-Xent on two views: z1, z2 (B, D) -> scalar float32 loss.
 
     Cosine similarity; for each anchor the positive is its other view and the other 2B - 2
@@ -129,18 +133,23 @@ def moco_infonce(q: Tensor, k: Tensor, temperature: float = 0.2) -> Tensor:
 def sharpen(teacher_logits: Tensor, center: Tensor, temperature: float) -> Tensor:
     """DINO's teacher target: softmax((logits - center) / temperature), (B, K) -> (B, K) float32, no grad."""
     if not isinstance(teacher_logits, Tensor) or teacher_logits.ndim != 2:
-        raise ValueError(f"teacher_logits must be a (B, K) tensor, got "
-                         f"{tuple(teacher_logits.shape) if isinstance(teacher_logits, Tensor) else teacher_logits!r}")
+        raise ValueError(
+            f"teacher_logits must be a (B, K) tensor, got "
+            f"{tuple(teacher_logits.shape) if isinstance(teacher_logits, Tensor) else teacher_logits!r}"
+        )
     if not isinstance(center, Tensor) or center.shape[-1] != teacher_logits.shape[-1]:
-        raise ValueError(f"center must be a tensor of shape (1, K={teacher_logits.shape[-1]}), got "
-                         f"{tuple(center.shape) if isinstance(center, Tensor) else center!r}")
+        raise ValueError(
+            f"center must be a tensor of shape (1, K={teacher_logits.shape[-1]}), got "
+            f"{tuple(center.shape) if isinstance(center, Tensor) else center!r}"
+        )
     _check_temperature(temperature)
     with torch.no_grad(), _no_autocast(teacher_logits.device):
         return F.softmax((teacher_logits.float() - center.float()) / temperature, dim=-1)
 
 
-def dino_cross_entropy(student_logits: Sequence[Tensor], teacher_probs: Sequence[Tensor],
-                       student_temp: float = 0.1) -> Tensor:
+def dino_cross_entropy(
+    student_logits: Sequence[Tensor], teacher_probs: Sequence[Tensor], student_temp: float = 0.1
+) -> Tensor:
     """DINO's loss: mean over pairs (teacher view i, student view v != i) of CE(p_t_i, softmax(s_v / T_s)).
 
     ``student_logits``: V tensors (B, K), global crops first; ``teacher_probs``: G <= V tensors

@@ -46,9 +46,9 @@ def _strip_backbone_prefix(module: nn.Module, state_dict: dict, prefix: str, loc
         if not key.startswith(prefix):
             state_dict[key] = value
             continue
-        name = key[len(prefix):]
+        name = key[len(prefix) :]
         backbone = name.startswith(_BACKBONE)
-        name = name[len(_BACKBONE):] if backbone else name
+        name = name[len(_BACKBONE) :] if backbone else name
         group = (0 if backbone else 1) if "." not in name else (2 if backbone else 3)
         ours.append((group, prefix + name, value))
     for _, key, value in sorted(ours, key=lambda t: t[0]):  # stable: order within a group kept
@@ -58,7 +58,7 @@ def _strip_backbone_prefix(module: nn.Module, state_dict: dict, prefix: str, loc
 def _add_backbone_prefix(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
     """load_state_dict pre-hook: the inverse renaming; keys already under ``backbone.`` are left alone."""
     for key in [k for k in state_dict if k.startswith(prefix)]:
-        name = key[len(prefix):]
+        name = key[len(prefix) :]
         if name.split(".", 1)[0] not in DECODER_NAMES and not name.startswith(_BACKBONE):
             state_dict[prefix + _BACKBONE + name] = state_dict.pop(key)
 
@@ -100,12 +100,17 @@ class MAE(nn.Module):
         super().__init__()
         if not isinstance(encoder, ViT):
             raise TypeError(f"encoder must be a vitssl_core.ViT, got {type(encoder).__name__}")
-        for name, value in (("decoder_embed_dim", decoder_embed_dim), ("decoder_depth", decoder_depth),
-                            ("decoder_num_heads", decoder_num_heads)):
+        for name, value in (
+            ("decoder_embed_dim", decoder_embed_dim),
+            ("decoder_depth", decoder_depth),
+            ("decoder_num_heads", decoder_num_heads),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}={value!r} must be a positive int")
         if decoder_embed_dim % decoder_num_heads:
-            raise ValueError(f"decoder_embed_dim={decoder_embed_dim} is not divisible by decoder_num_heads={decoder_num_heads}")
+            raise ValueError(
+                f"decoder_embed_dim={decoder_embed_dim} is not divisible by decoder_num_heads={decoder_num_heads}"
+            )
         if decoder_embed_dim % 4:
             raise ValueError(f"decoder_embed_dim={decoder_embed_dim} must be divisible by 4 (2-D sin-cos positions)")
         if not 0.0 <= mask_ratio < 1.0:
@@ -156,18 +161,22 @@ class MAE(nn.Module):
         """(B, L, P*P*C) -> (B, C, H, W)."""
         return unpatchify(x, self.backbone.patch_size, self.backbone.in_chans, self.backbone.grid_size)
 
-    def random_masking(self, batch_size: int, mask_ratio: float, noise: Tensor | None = None,
-                       device: torch.device | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def random_masking(
+        self, batch_size: int, mask_ratio: float, noise: Tensor | None = None, device: torch.device | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """ids_keep (B, L_keep), mask (B, L) with 1 = hidden, ids_restore (B, L)."""
         return random_masking(batch_size, self.backbone.num_patches, mask_ratio, noise=noise, device=device)
 
-    def forward_encoder(self, imgs: Tensor, mask_ratio: float, noise: Tensor | None = None
-                        ) -> tuple[Tensor, Tensor, Tensor]:
+    def forward_encoder(
+        self, imgs: Tensor, mask_ratio: float, noise: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Encode the visible patches only: latent (B, 1+L_keep, D), mask (B, L), ids_restore (B, L)."""
         if not isinstance(imgs, Tensor) or imgs.ndim != 4 or tuple(imgs.shape[-2:]) != self.backbone.img_size:
             shape = tuple(imgs.shape) if isinstance(imgs, Tensor) else type(imgs).__name__
-            raise ValueError(f"imgs must be (B, {self.backbone.in_chans}, {self.backbone.img_size[0]}, "
-                             f"{self.backbone.img_size[1]}) for this MAE, got {shape}")
+            raise ValueError(
+                f"imgs must be (B, {self.backbone.in_chans}, {self.backbone.img_size[0]}, "
+                f"{self.backbone.img_size[1]}) for this MAE, got {shape}"
+            )
         ids_keep, mask, ids_restore = self.random_masking(imgs.shape[0], mask_ratio, noise, imgs.device)
         latent = self.backbone.forward_features(imgs, keep_idx=ids_keep)  # (B, 1+L_keep, D)
         return latent, mask, ids_restore
@@ -202,8 +211,9 @@ class MAE(nn.Module):
         loss = loss.mean(dim=-1)  # (B, L): mean over the pixels of a patch
         return (loss * mask).sum() / mask.sum()
 
-    def forward(self, imgs: Tensor, mask_ratio: float | None = None, noise: Tensor | None = None
-                ) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        self, imgs: Tensor, mask_ratio: float | None = None, noise: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """(B, C, H, W) -> (loss scalar, pred (B, L, P*P*C), mask (B, L) with 1 = hidden)."""
         mask_ratio = self.mask_ratio if mask_ratio is None else mask_ratio
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
@@ -219,8 +229,9 @@ class MAE(nn.Module):
         return loss, {"loss": loss.detach().item()}
 
     @torch.no_grad()
-    def reconstruct(self, imgs: Tensor, mask_ratio: float | None = None, noise: Tensor | None = None
-                    ) -> tuple[Tensor, Tensor, Tensor]:
+    def reconstruct(
+        self, imgs: Tensor, mask_ratio: float | None = None, noise: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """For figures: (masked_imgs, reconstruction, pasted), each (B, C, H, W).
 
         ``masked_imgs`` has hidden patches set to 0; ``reconstruction`` is the decoder's output

@@ -58,8 +58,10 @@ def masked_token_cross_entropy(logits: Tensor, target_ids: Tensor, mask: Tensor,
     if logits.ndim != 3:
         raise ValueError(f"logits must be (B, L, K), got {tuple(logits.shape)}")
     if target_ids.shape != logits.shape[:2] or mask.shape != logits.shape[:2]:
-        raise ValueError(f"target_ids {tuple(target_ids.shape)} and mask {tuple(mask.shape)} must both be "
-                         f"(B, L)={tuple(logits.shape[:2])} to match logits")
+        raise ValueError(
+            f"target_ids {tuple(target_ids.shape)} and mask {tuple(mask.shape)} must both be "
+            f"(B, L)={tuple(logits.shape[:2])} to match logits"
+        )
     B, L, K = logits.shape
     if logits.dtype not in (torch.float32, torch.float64):
         logits = logits.float()  # a log-softmax in half precision loses the small probabilities
@@ -104,14 +106,23 @@ class SimMIM(nn.Module):
         gh, gw = encoder.grid_size
         if mask_unit is None:
             mask_unit = 2 if gh % 2 == 0 and gw % 2 == 0 else 1
-        if isinstance(mask_unit, bool) or not isinstance(mask_unit, int) or mask_unit < 1 or gh % mask_unit \
-                or gw % mask_unit:
-            raise ValueError(f"mask_unit={mask_unit!r} (patches per side of a hidden square) must be a positive "
-                             f"int that divides the {gh}x{gw} patch grid")
+        if (
+            isinstance(mask_unit, bool)
+            or not isinstance(mask_unit, int)
+            or mask_unit < 1
+            or gh % mask_unit
+            or gw % mask_unit
+        ):
+            raise ValueError(
+                f"mask_unit={mask_unit!r} (patches per side of a hidden square) must be a positive "
+                f"int that divides the {gh}x{gw} patch grid"
+            )
         units = (gh // mask_unit) * (gw // mask_unit)
         if math.ceil(units * mask_ratio) >= units:
-            raise ValueError(f"mask_ratio={mask_ratio} hides all {units} units of {mask_unit}x{mask_unit} "
-                             "patches; lower it or use a smaller mask_unit")
+            raise ValueError(
+                f"mask_ratio={mask_ratio} hides all {units} units of {mask_unit}x{mask_unit} "
+                "patches; lower it or use a smaller mask_unit"
+            )
         P = encoder.patch_size
         self.backbone = encoder
         self.mask_ratio = float(mask_ratio)
@@ -175,8 +186,12 @@ class PatchTokenizer(nn.Module):
 
     def config(self) -> dict:
         """Constructor keywords, enough to rebuild an empty tokenizer before loading a state dict."""
-        return {"patch_size": self.patch_size, "vocab_size": self.vocab_size, "in_chans": self.in_chans,
-                "normalize": self.normalize}
+        return {
+            "patch_size": self.patch_size,
+            "vocab_size": self.vocab_size,
+            "in_chans": self.in_chans,
+            "normalize": self.normalize,
+        }
 
     # ------------------------------------------------------------------ features
     def _check_imgs(self, imgs: Tensor) -> Tensor:
@@ -358,15 +373,23 @@ class BEiT(nn.Module):
       28-pixel image, kept as BEiT has them.
     """
 
-    def __init__(self, encoder: ViT, tokenizer: PatchTokenizer, num_masked: int | None = None,
-                 mask_ratio: float = 0.4, min_block: int | None = None):
+    def __init__(
+        self,
+        encoder: ViT,
+        tokenizer: PatchTokenizer,
+        num_masked: int | None = None,
+        mask_ratio: float = 0.4,
+        min_block: int | None = None,
+    ):
         super().__init__()
         _check_encoder(encoder)
         if not isinstance(tokenizer, PatchTokenizer):
             raise TypeError(f"tokenizer must be a PatchTokenizer, got {type(tokenizer).__name__}")
         if tokenizer.patch_size != encoder.patch_size or tokenizer.in_chans != encoder.in_chans:
-            raise ValueError(f"tokenizer (patch_size={tokenizer.patch_size}, in_chans={tokenizer.in_chans}) does "
-                             f"not match the encoder (patch_size={encoder.patch_size}, in_chans={encoder.in_chans})")
+            raise ValueError(
+                f"tokenizer (patch_size={tokenizer.patch_size}, in_chans={tokenizer.in_chans}) does "
+                f"not match the encoder (patch_size={encoder.patch_size}, in_chans={encoder.in_chans})"
+            )
         L = encoder.num_patches
         if num_masked is None:
             if not 0.0 < mask_ratio < 1.0:
@@ -389,8 +412,9 @@ class BEiT(nn.Module):
     def forward_with_targets(self, imgs: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(B, C, H, W) -> (loss, logits (B, L, K), mask (B, L) with 1 = hidden, target ids (B, L))."""
         if mask is None:
-            mask = block_masking(imgs.shape[0], self.backbone.grid_size, self.num_masked, self.min_block,
-                                 device=imgs.device)
+            mask = block_masking(
+                imgs.shape[0], self.backbone.grid_size, self.num_masked, self.min_block, device=imgs.device
+            )
         target = self.tokenizer.encode(imgs)  # (B, L) visual words of the intact image
         z = self.backbone.forward_features(imgs, mask=mask, mask_token=self.mask_token)  # (B, 1+L, D)
         logits = self.lm_head(z[:, 1:])  # (B, L, K)

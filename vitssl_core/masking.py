@@ -45,9 +45,7 @@ def patchify(imgs: Tensor, patch_size: int) -> Tensor:
     return rearrange(imgs, "b c (h p) (w q) -> b (h w) (p q c)", p=patch_size, q=patch_size)
 
 
-def unpatchify(
-    x: Tensor, patch_size: int, channels: int, grid_size: int | tuple[int, int] | None = None
-) -> Tensor:
+def unpatchify(x: Tensor, patch_size: int, channels: int, grid_size: int | tuple[int, int] | None = None) -> Tensor:
     """(B, L, P*P*C) patches -> (B, C, H, W) images; the inverse of ``patchify``.
 
     ``grid_size`` (gh, gw) is needed only for non-square grids; by default L must be a square.
@@ -162,8 +160,9 @@ def default_min_block(grid_size: int | tuple[int, int]) -> int:
     return max(1, round(16 * gh * gw / 196))
 
 
-def _add_block(rng: random.Random, grid: list[list[int]], budget: int, min_block: float,
-               log_aspect: tuple[float, float]) -> int:
+def _add_block(
+    rng: random.Random, grid: list[list[int]], budget: int, min_block: float, log_aspect: tuple[float, float]
+) -> int:
     """Hide one random rectangle that uncovers 1..``budget`` new patches; return how many (0: gave up).
 
     BEiT's ``MaskingGenerator._mask``: up to 10 tries, each with an area drawn uniformly in
@@ -189,8 +188,15 @@ def _add_block(rng: random.Random, grid: list[list[int]], budget: int, min_block
     return 0
 
 
-def _one_block_mask(rng: random.Random, gh: int, gw: int, num_masked: int, min_block: int, max_block: int,
-                    log_aspect: tuple[float, float]) -> list[list[int]]:
+def _one_block_mask(
+    rng: random.Random,
+    gh: int,
+    gw: int,
+    num_masked: int,
+    min_block: int,
+    max_block: int,
+    log_aspect: tuple[float, float],
+) -> list[list[int]]:
     """One (gh, gw) 0/1 grid with at most ``num_masked`` ones: blocks until the count or a failure."""
     grid = [[0] * gw for _ in range(gh)]
     count = 0

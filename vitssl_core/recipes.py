@@ -119,27 +119,45 @@ class Transformed(Dataset):
 # --------------------------------------------------------------------------- data recipes
 def supervised_data(dataset: Dataset, info: DataInfo, method: nn.Module | None = None) -> Dataset:
     """DeiT-style light augmentation for small images: padded random crop, flip, normalise."""
-    return Transformed(dataset, v2.Compose([
-        v2.RandomCrop(info.img_size, padding=info.img_size // 8),
-        v2.RandomHorizontalFlip(),
-        v2.Normalize(mean=list(info.mean), std=list(info.std)),
-    ]))
+    return Transformed(
+        dataset,
+        v2.Compose(
+            [
+                v2.RandomCrop(info.img_size, padding=info.img_size // 8),
+                v2.RandomHorizontalFlip(),
+                v2.Normalize(mean=list(info.mean), std=list(info.std)),
+            ]
+        ),
+    )
 
 
 def masked_data(scale: tuple[float, float], jitter: float = 0.0) -> Callable[[Dataset, DataInfo, nn.Module], Dataset]:
     """MAE/SimMIM/BEiT recipe: colour jitter (if ``jitter``), random resized crop (area fraction
     ``scale``), flip, normalise. BEiT's ``ColorJitter(0.4, 0.4, 0.4)`` comes first, on the whole
     image; on grey images only brightness and contrast (saturation means nothing on one channel)."""
+
     def recipe(dataset: Dataset, info: DataInfo, method: nn.Module | None = None) -> Dataset:
-        colour = [] if not jitter else [
-            v2.ColorJitter(brightness=jitter, contrast=jitter) if info.grayscale
-            else v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter)]
-        return Transformed(dataset, v2.Compose([
-            *colour,
-            v2.RandomResizedCrop(info.img_size, scale=scale, antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.Normalize(mean=list(info.mean), std=list(info.std)),
-        ]))
+        colour = (
+            []
+            if not jitter
+            else [
+                v2.ColorJitter(brightness=jitter, contrast=jitter)
+                if info.grayscale
+                else v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter)
+            ]
+        )
+        return Transformed(
+            dataset,
+            v2.Compose(
+                [
+                    *colour,
+                    v2.RandomResizedCrop(info.img_size, scale=scale, antialias=True),
+                    v2.RandomHorizontalFlip(),
+                    v2.Normalize(mean=list(info.mean), std=list(info.std)),
+                ]
+            ),
+        )
+
     return recipe
 
 
@@ -160,8 +178,9 @@ def dino_local_size(img_size: int, patch_size: int) -> int:
 
 def dino_views(info: DataInfo, method: DINO) -> BatchViews:
     local = dino_local_size(info.img_size, method.backbone.patch_size)
-    return BatchViews(batch_dino_views(info.img_size, local, info.grayscale, method.n_local_crops,
-                                       mean=info.mean, std=info.std))
+    return BatchViews(
+        batch_dino_views(info.img_size, local, info.grayscale, method.n_local_crops, mean=info.mean, std=info.std)
+    )
 
 
 # --------------------------------------------------------------------------- methods with small-image defaults
@@ -186,10 +205,17 @@ def dino(backbone: vit.ViT, epoch_steps: int, total_steps: int, **kw: Any) -> DI
     early is unstable): here max(1, min(30 epochs, half the run)) steps, so a short run spends
     its second half at the final temperature. Keywords override any of these.
     """
-    kw = {"out_dim": 4096, "hidden_dim": 1024, "n_local_crops": 6, "warmup_teacher_temp": 0.04,
-          "teacher_temp": 0.07, "momentum": 0.996,
-          "warmup_teacher_temp_steps": max(1, min(30 * epoch_steps, total_steps // 2)),
-          "freeze_last_layer_steps": min(epoch_steps, total_steps // 2), **kw}
+    kw = {
+        "out_dim": 4096,
+        "hidden_dim": 1024,
+        "n_local_crops": 6,
+        "warmup_teacher_temp": 0.04,
+        "teacher_temp": 0.07,
+        "momentum": 0.996,
+        "warmup_teacher_temp_steps": max(1, min(30 * epoch_steps, total_steps // 2)),
+        "freeze_last_layer_steps": min(epoch_steps, total_steps // 2),
+        **kw,
+    }
     if kw["n_local_crops"] > 0:
         backbone.dynamic_img_size = True  # local crops are smaller than the global ones
     return DINO(backbone, **kw)
@@ -200,8 +226,7 @@ def mae(backbone: vit.ViT, **kw: Any) -> MAE:
     return MAE(backbone, **{"decoder_embed_dim": 128, "decoder_depth": 4, "decoder_num_heads": 4, **kw})
 
 
-def beit(backbone: vit.ViT, dataset: Dataset, vocab_size: int = 256, tokenizer_images: int = 10000,
-         **kw: Any) -> BEiT:
+def beit(backbone: vit.ViT, dataset: Dataset, vocab_size: int = 256, tokenizer_images: int = 10000, **kw: Any) -> BEiT:
     """Fit the k-means patch tokenizer on the first ``tokenizer_images`` training images, then build BEiT."""
     n = min(len(dataset), tokenizer_images)
     images = torch.stack([dataset[i][0] for i in range(n)])  # (n, C, H, W) in [0, 1]
@@ -228,8 +253,15 @@ def _entry(name: str) -> MethodEntry:
     return METHODS[name]
 
 
-def build_method(name: str, backbone: vit.ViT, info: DataInfo, dataset: Dataset | None = None,
-                 epoch_steps: int | None = None, total_steps: int | None = None, **method_args: Any) -> nn.Module:
+def build_method(
+    name: str,
+    backbone: vit.ViT,
+    info: DataInfo,
+    dataset: Dataset | None = None,
+    epoch_steps: int | None = None,
+    total_steps: int | None = None,
+    **method_args: Any,
+) -> nn.Module:
     """The method ``name`` around ``backbone`` with this module's defaults, ``method_args`` overriding them.
 
     What an entry needs besides: ``num_classes`` (from ``info``, unless given), ``dataset`` (BEiT
@@ -248,8 +280,9 @@ def build_method(name: str, backbone: vit.ViT, info: DataInfo, dataset: Dataset 
     if entry.needs_steps:
         for arg, value in (("epoch_steps", epoch_steps), ("total_steps", total_steps)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"method {name!r} needs {arg}= as an int > 0 (its schedules count steps), "
-                                 f"got {value!r}")
+                raise ValueError(
+                    f"method {name!r} needs {arg}= as an int > 0 (its schedules count steps), got {value!r}"
+                )
         kwargs.update(epoch_steps=epoch_steps, total_steps=total_steps)
     return entry.build(backbone, **kwargs)
 

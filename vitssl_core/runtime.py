@@ -118,12 +118,16 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise ValueError(f"device={device!r} is not a torch device; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from err
     if found.type == "cuda":  # fail here, not deep in the first .to(device)
         if not torch.cuda.is_available():
-            raise ValueError(f"device={device!r}: CUDA is not available on this machine "
-                             f"({'a CPU-only torch build' if torch.version.cuda is None else 'no GPU found'}); "
-                             "use 'cpu' or 'auto'")
+            raise ValueError(
+                f"device={device!r}: CUDA is not available on this machine "
+                f"({'a CPU-only torch build' if torch.version.cuda is None else 'no GPU found'}); "
+                "use 'cpu' or 'auto'"
+            )
         if found.index is not None and found.index >= torch.cuda.device_count():
-            raise ValueError(f"device={device!r}: this machine has {torch.cuda.device_count()} GPU(s), "
-                             f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+            raise ValueError(
+                f"device={device!r}: this machine has {torch.cuda.device_count()} GPU(s), "
+                f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
+            )
     return found
 
 
@@ -170,8 +174,10 @@ def hardware(device: str | torch.device = "cpu") -> str:
             if line.startswith("model name"):
                 name = line.split(":", 1)[1].strip()
                 break
-    return (f"{name} ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} thread(s) "
-            f"of {os.cpu_count()} cores")
+    return (
+        f"{name} ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} thread(s) "
+        f"of {os.cpu_count()} cores"
+    )
 
 
 # --------------------------------------------------------------------------- seeds

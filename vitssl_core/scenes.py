@@ -202,7 +202,7 @@ class FashionScenes(Dataset):
             x0 = int(torch.randint(W - size + 1, (), generator=g))
             item = self.render_item(item_id, size).numpy()  # (size, size)
             new = np.zeros((H, W), dtype=bool)
-            new[y0:y0 + size, x0:x0 + size] = item > self.threshold
+            new[y0 : y0 + size, x0 : x0 + size] = item > self.threshold
             if not new.any():
                 continue
             cut = np.concatenate([masks & ~new, new[None]])  # (K+1, H, W): the new item on top
@@ -211,7 +211,7 @@ class FashionScenes(Dataset):
                 continue
             if _max_pairwise_iou(_tight_boxes(cut)) > self.max_overlap:
                 continue
-            region = image[y0:y0 + size, x0:x0 + size]
+            region = image[y0 : y0 + size, x0 : x0 + size]
             np.maximum(region, item, out=region)
             masks = cut
             full_area = np.append(full_area, areas[-1])
@@ -229,9 +229,7 @@ class FashionScenes(Dataset):
         masks_t = torch.from_numpy(masks)
         semantic = (masks_t.long() * label_t[:, None, None]).sum(0)  # (H, W): masks are disjoint
         target = {
-            "boxes": tv_tensors.BoundingBoxes(
-                torch.from_numpy(_tight_boxes(masks)), format="XYXY", canvas_size=(H, W)
-            ),
+            "boxes": tv_tensors.BoundingBoxes(torch.from_numpy(_tight_boxes(masks)), format="XYXY", canvas_size=(H, W)),
             "labels": label_t,
             "masks": tv_tensors.Mask(masks_t),
             "semantic": tv_tensors.Mask(semantic),

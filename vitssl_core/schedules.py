@@ -24,8 +24,9 @@ __all__ = ["cosine_schedule", "cosine_momentum", "ema_update_", "decays", "NO_DE
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token")  # any parameter whose name contains one
 
 
-def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0,
-                    warmup_start: float = 0.0) -> Tensor:
+def cosine_schedule(
+    base: float, final: float, total_steps: int, warmup_steps: int = 0, warmup_start: float = 0.0
+) -> Tensor:
     """(total_steps,) values: linear warm-up warmup_start -> base, then cosine base -> final.
 
     Used for the learning rate (final ~ 0), weight decay (e.g. 0.04 -> 0.4) and EMA momentum
@@ -35,8 +36,11 @@ def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: i
         raise ValueError(f"total_steps={total_steps!r} must be a positive int")
     if not isinstance(warmup_steps, int) or not 0 <= warmup_steps <= total_steps:
         raise ValueError(f"warmup_steps={warmup_steps!r} must be an int in [0, total_steps={total_steps}]")
-    warm = torch.linspace(warmup_start, base, warmup_steps + 1, dtype=torch.float64)[:-1] if warmup_steps else \
-        torch.empty(0, dtype=torch.float64)
+    warm = (
+        torch.linspace(warmup_start, base, warmup_steps + 1, dtype=torch.float64)[:-1]
+        if warmup_steps
+        else torch.empty(0, dtype=torch.float64)
+    )
     n = total_steps - warmup_steps
     t = torch.arange(n, dtype=torch.float64) / max(n, 1)
     cos = final + 0.5 * (base - final) * (1 + torch.cos(math.pi * t))
@@ -69,8 +73,9 @@ def ema_update_(targets: Iterable[Tensor], sources: Iterable[Tensor], momentum: 
         raise ValueError(f"{len(targets)} targets but {len(sources)} sources; they must pair up")
     for target, source in zip(targets, sources):
         if target.shape != source.shape:
-            raise ValueError(f"an EMA target of shape {tuple(target.shape)} is paired with a source of shape "
-                             f"{tuple(source.shape)}")
+            raise ValueError(
+                f"an EMA target of shape {tuple(target.shape)} is paired with a source of shape {tuple(source.shape)}"
+            )
         target.mul_(momentum).add_(source.detach(), alpha=1.0 - momentum)
 
 
@@ -82,7 +87,12 @@ def decays(name: str, param: Tensor, exempt: Iterable[str] = ()) -> bool:
     ``exempt`` (a model's ``no_weight_decay()``; matched as the whole name or its last parts).
     """
     if not isinstance(name, str) or not isinstance(param, Tensor):
-        raise TypeError(f"decays(name, param) takes a str and a Tensor, got {type(name).__name__} and "
-                        f"{type(param).__name__}")
-    return not (param.ndim <= 1 or name.endswith("bias") or any(t in name for t in NO_DECAY_NAMES)
-                or any(name == s or name.endswith("." + s) for s in exempt))
+        raise TypeError(
+            f"decays(name, param) takes a str and a Tensor, got {type(name).__name__} and {type(param).__name__}"
+        )
+    return not (
+        param.ndim <= 1
+        or name.endswith("bias")
+        or any(t in name for t in NO_DECAY_NAMES)
+        or any(name == s or name.endswith("." + s) for s in exempt)
+    )

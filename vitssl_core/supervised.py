@@ -56,8 +56,10 @@ class Supervised(nn.Module):
     def training_step(self, batch: tuple[Tensor, Tensor] | list[Tensor]) -> tuple[Tensor, dict[str, float]]:
         """``(images (B, C, H, W), labels (B,) int64)`` -> (cross-entropy loss, {"acc": accuracy in [0, 1]})."""
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise ValueError(f"batch must be (images, labels), got {type(batch).__name__} of length "
-                             f"{len(batch) if isinstance(batch, (tuple, list)) else 'n/a'}")
+            raise ValueError(
+                f"batch must be (images, labels), got {type(batch).__name__} of length "
+                f"{len(batch) if isinstance(batch, (tuple, list)) else 'n/a'}"
+            )
         images, labels = batch
         if not isinstance(labels, Tensor) or labels.ndim != 1 or labels.dtype != torch.int64:
             shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__

@@ -72,6 +72,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .distributed import all_reduce_sum, is_distributed
+
 # The runtime helpers lived here before runtime.py; they stay importable from vitssl_core.train.
 from .runtime import (
     PRECISIONS,
@@ -155,24 +156,37 @@ class TrainConfig:
         if (self.epochs is None) == (self.max_steps is None):
             raise ValueError(f"give exactly one of epochs={self.epochs!r} and max_steps={self.max_steps!r}")
         if self.warmup_steps is not None and self.warmup_epochs is not None:
-            raise ValueError(f"give at most one of warmup_steps={self.warmup_steps!r} and "
-                             f"warmup_epochs={self.warmup_epochs!r}")
+            raise ValueError(
+                f"give at most one of warmup_steps={self.warmup_steps!r} and warmup_epochs={self.warmup_epochs!r}"
+            )
         # name: (whole numbers only, 0 allowed, None allowed)
-        rules = {"epochs": (True, False, True), "max_steps": (True, False, True),
-                 "batch_size": (True, False, False), "accum_steps": (True, False, False),
-                 "log_every": (True, False, False), "checkpoint_every": (True, False, True),
-                 "warmup_steps": (True, True, True), "seed": (True, True, False), "num_workers": (True, True, False),
-                 "blr": (False, False, False), "min_lr": (False, True, False), "warmup_epochs": (False, True, True),
-                 "weight_decay": (False, True, False), "weight_decay_end": (False, True, True),
-                 "grad_clip": (False, False, True)}
+        rules = {
+            "epochs": (True, False, True),
+            "max_steps": (True, False, True),
+            "batch_size": (True, False, False),
+            "accum_steps": (True, False, False),
+            "log_every": (True, False, False),
+            "checkpoint_every": (True, False, True),
+            "warmup_steps": (True, True, True),
+            "seed": (True, True, False),
+            "num_workers": (True, True, False),
+            "blr": (False, False, False),
+            "min_lr": (False, True, False),
+            "warmup_epochs": (False, True, True),
+            "weight_decay": (False, True, False),
+            "weight_decay_end": (False, True, True),
+            "grad_clip": (False, False, True),
+        }
         for name, (integer, zero, optional) in rules.items():
             value = getattr(self, name)
             if value is None and optional:
                 continue
             kinds = int if integer else (int, float)
             if isinstance(value, bool) or not isinstance(value, kinds) or not (value >= 0 if zero else value > 0):
-                raise ValueError(f"{name}={value!r} must be {'an int' if integer else 'a number'} "
-                                 f"{'>=' if zero else '>'} 0{' or None' if optional else ''}")
+                raise ValueError(
+                    f"{name}={value!r} must be {'an int' if integer else 'a number'} "
+                    f"{'>=' if zero else '>'} 0{' or None' if optional else ''}"
+                )
         betas = tuple(self.betas) if isinstance(self.betas, (list, tuple)) else None
         if betas is None or len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas={self.betas!r} must be two numbers in [0, 1), e.g. (0.9, 0.999)")
@@ -253,8 +267,10 @@ def make_schedules(
     else:
         warmup = 0
     if warmup > total_steps:
-        raise ValueError(f"the warm-up ({warmup} steps) is longer than the run ({total_steps} steps); "
-                         "shorten warmup_steps / warmup_epochs")
+        raise ValueError(
+            f"the warm-up ({warmup} steps) is longer than the run ({total_steps} steps); "
+            "shorten warmup_steps / warmup_epochs"
+        )
     lr = cosine_schedule(config.peak_lr(world_size), config.min_lr, total_steps, warmup_steps=warmup)
     wd_end = config.weight_decay if config.weight_decay_end is None else config.weight_decay_end
     wd = cosine_schedule(config.weight_decay, wd_end, total_steps)
@@ -299,7 +315,7 @@ class _ResumableSampler(DistributedSampler):
     start: int = 0
 
     def __iter__(self) -> Iterator[int]:
-        return iter(list(super().__iter__())[self.start:])
+        return iter(list(super().__iter__())[self.start :])
 
     def __len__(self) -> int:
         return self.num_samples - self.start
@@ -357,10 +373,12 @@ def exported_backbone(method: nn.Module) -> tuple[str, nn.Module]:
     if not callable(export):
         return "backbone", method.backbone
     found = export()
-    if not (isinstance(found, tuple) and len(found) == 2 and isinstance(found[0], str)
-            and isinstance(found[1], nn.Module)):
-        raise TypeError(f"{type(method).__name__}.export_backbone() must return (name, nn.Module), got "
-                        f"{type(found).__name__}")
+    if not (
+        isinstance(found, tuple) and len(found) == 2 and isinstance(found[0], str) and isinstance(found[1], nn.Module)
+    ):
+        raise TypeError(
+            f"{type(method).__name__}.export_backbone() must return (name, nn.Module), got {type(found).__name__}"
+        )
     return found
 
 
@@ -376,20 +394,32 @@ def _read_history(path: Path, rows: int) -> list[dict[str, Any]]:
             except ValueError:  # a line cut short by a crash: nothing after it is trusted
                 break
     if len(history) < rows:
-        warnings.warn(f"{path} holds {len(history)} complete rows, the checkpoint expected {rows}; "
-                      "the history before the resume is incomplete", stacklevel=5)  # train's caller
+        warnings.warn(
+            f"{path} holds {len(history)} complete rows, the checkpoint expected {rows}; "
+            "the history before the resume is incomplete",
+            stacklevel=5,
+        )  # train's caller
     return history
 
 
 def _warn_config_changes(saved: dict[str, Any], config: TrainConfig) -> None:
     ignore = {"resume", "progress", "out_dir", "device", "num_workers", "compile", "log_every", "checkpoint_every"}
     now = dataclasses.asdict(config)
-    changed = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in now if k in saved and k not in ignore and
-               (list(saved[k]) if isinstance(saved[k], tuple) else saved[k]) !=
-               (list(now[k]) if isinstance(now[k], tuple) else now[k])]
+    changed = [
+        f"{k}: {saved[k]!r} -> {now[k]!r}"
+        for k in now
+        if k in saved
+        and k not in ignore
+        and (list(saved[k]) if isinstance(saved[k], tuple) else saved[k])
+        != (list(now[k]) if isinstance(now[k], tuple) else now[k])
+    ]
     if changed:
-        warnings.warn("resuming with a config that differs from the checkpoint's (" + "; ".join(changed) +
-                      "); the schedules follow the new config", stacklevel=5)  # train's caller
+        warnings.warn(
+            "resuming with a config that differs from the checkpoint's ("
+            + "; ".join(changed)
+            + "); the schedules follow the new config",
+            stacklevel=5,
+        )  # train's caller
 
 
 def _same_on_all_ranks(value: int, device: torch.device, what: str) -> None:
@@ -398,26 +428,40 @@ def _same_on_all_ranks(value: int, device: torch.device, what: str) -> None:
     t = torch.tensor([value, -value], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     if t[0].item() != -t[1].item():
-        raise RuntimeError(f"the processes disagree on {what} (min {-t[1].item():.0f}, max {t[0].item():.0f}); "
-                           "out_dir must be on a file system that every node sees")
+        raise RuntimeError(
+            f"the processes disagree on {what} (min {-t[1].item():.0f}, max {t[0].item():.0f}); "
+            "out_dir must be on a file system that every node sees"
+        )
 
 
 def _state_mismatch(expected: dict[str, Tensor], found: dict[str, Tensor]) -> str:
     """'2 missing keys (a, b), 1 unexpected key (c), ...': how ``found`` differs from ``expected``, a few names each."""
-    kinds = (("missing", [k for k in expected if k not in found]),
-             ("unexpected", [k for k in found if k not in expected]),
-             ("of another shape", [k for k in expected if k in found and expected[k].shape != found[k].shape]))
-    return ", ".join(f"{len(keys)} key(s) {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
-                     for kind, keys in kinds if keys) or "keys of another dtype"
+    kinds = (
+        ("missing", [k for k in expected if k not in found]),
+        ("unexpected", [k for k in found if k not in expected]),
+        ("of another shape", [k for k in expected if k in found and expected[k].shape != found[k].shape]),
+    )
+    return (
+        ", ".join(
+            f"{len(keys)} key(s) {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+            for kind, keys in kinds
+            if keys
+        )
+        or "keys of another dtype"
+    )
 
 
 def _non_finite(what: str, value: float, step: int, total: int, epoch: int, saved: Path | None) -> FloatingPointError:
     """The error for a non-finite loss or gradient norm at 0-based ``step``; ``saved``: the checkpoints, if any."""
-    kept = f"the last checkpoint ({latest_checkpoint(saved)}) is kept" if saved is not None \
+    kept = (
+        f"the last checkpoint ({latest_checkpoint(saved)}) is kept"
+        if saved is not None
         else "no checkpoint had been saved yet"
+    )
     return FloatingPointError(
         f"{what} is {value} at step {step + 1} of {total} (epoch {epoch}); the weights were not updated and "
-        f"{kept}. Lower the learning rate, set grad_clip, or use precision='fp32'.")
+        f"{kept}. Lower the learning rate, set grad_clip, or use precision='fp32'."
+    )
 
 
 # --------------------------------------------------------------------------- the loop's state
@@ -527,8 +571,9 @@ def _check_train_args(method: Any, dataset: Any, config: Any, callback: Any, bat
     if batch_transform is not None and not callable(batch_transform):
         raise TypeError(f"batch_transform={batch_transform!r} must be callable or None")
     if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
-        raise TypeError(f"dataset must be a map-style Dataset (with __len__ and __getitem__), "
-                        f"got {type(dataset).__name__}")
+        raise TypeError(
+            f"dataset must be a map-style Dataset (with __len__ and __getitem__), got {type(dataset).__name__}"
+        )
 
 
 def _set_up(method: nn.Module, dataset: Dataset, config: TrainConfig) -> _Setup:
@@ -549,10 +594,22 @@ def _set_up(method: nn.Module, dataset: Dataset, config: TrainConfig) -> _Setup:
     fused = device.type in ("cpu", "cuda") and all(p.is_floating_point() for g in groups for p in g["params"])
     optimizer = torch.optim.AdamW(groups, lr=float(lr_schedule[0]), betas=config.betas, fused=fused)
     out = Path(config.out_dir) if config.out_dir is not None else None
-    return _Setup(method=method, config=config, rank=info.rank, world=world, device=device, bf16=bf16,
-                  epoch_steps=epoch_steps, total=total, lr_schedule=lr_schedule, wd_schedule=wd_schedule,
-                  groups=groups, optimizer=optimizer, out=out,
-                  ckpt_root=out / CHECKPOINT_DIR if out is not None else None)
+    return _Setup(
+        method=method,
+        config=config,
+        rank=info.rank,
+        world=world,
+        device=device,
+        bf16=bf16,
+        epoch_steps=epoch_steps,
+        total=total,
+        lr_schedule=lr_schedule,
+        wd_schedule=wd_schedule,
+        groups=groups,
+        optimizer=optimizer,
+        out=out,
+        ckpt_root=out / CHECKPOINT_DIR if out is not None else None,
+    )
 
 
 def _start_or_resume(setup: _Setup) -> _RunState:
@@ -560,8 +617,10 @@ def _start_or_resume(setup: _Setup) -> _RunState:
     config, root = setup.config, setup.ckpt_root
     found = latest_checkpoint(root) if root is not None and root.is_dir() else None
     if found is not None and not config.resume:
-        raise FileExistsError(f"out_dir={config.out_dir!r} already holds a checkpoint ({found}); pass resume=True "
-                              "to continue it, or choose another out_dir")
+        raise FileExistsError(
+            f"out_dir={config.out_dir!r} already holds a checkpoint ({found}); pass resume=True "
+            "to continue it, or choose another out_dir"
+        )
     if found is not None:
         state = _resume(setup, found)
     else:
@@ -574,10 +633,17 @@ def _start_or_resume(setup: _Setup) -> _RunState:
         setup.out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(setup.out / HISTORY_FILE, "".join(json.dumps(r) + "\n" for r in state.history).encode())
         if found is None:
-            atomic_write_json(setup.out / CONFIG_FILE, {
-                **dataclasses.asdict(config), "world_size": setup.world, "peak_lr": config.peak_lr(setup.world),
-                "total_steps": setup.total, "steps_per_epoch": setup.epoch_steps,
-                "precision_used": "bf16" if setup.bf16 else "fp32"})
+            atomic_write_json(
+                setup.out / CONFIG_FILE,
+                {
+                    **dataclasses.asdict(config),
+                    "world_size": setup.world,
+                    "peak_lr": config.peak_lr(setup.world),
+                    "total_steps": setup.total,
+                    "steps_per_epoch": setup.epoch_steps,
+                    "precision_used": "bf16" if setup.bf16 else "fp32",
+                },
+            )
     return state
 
 
@@ -588,25 +654,39 @@ def _resume(setup: _Setup, found: Path) -> _RunState:
     try:
         method.load_state_dict(weights)
     except RuntimeError as err:  # torch lists every key; say in one line what does not fit
-        raise ValueError(f"the checkpoint {found} does not fit this {type(method).__name__}: "
-                         f"{_state_mismatch(method.state_dict(), weights)}; resume with the method, model and "
-                         "method arguments that wrote it, or choose another out_dir") from err
+        raise ValueError(
+            f"the checkpoint {found} does not fit this {type(method).__name__}: "
+            f"{_state_mismatch(method.state_dict(), weights)}; resume with the method, model and "
+            "method arguments that wrote it, or choose another out_dir"
+        ) from err
     setup.optimizer.load_state_dict(saved["optimizer"])
-    state = _RunState(step=saved["step"], epoch=saved["epoch"], pos=saved["pos"], interval=saved["interval"],
-                      segments=list(saved.get("segments", [])), last_saved=saved["step"])
+    state = _RunState(
+        step=saved["step"],
+        epoch=saved["epoch"],
+        pos=saved["pos"],
+        interval=saved["interval"],
+        segments=list(saved.get("segments", [])),
+        last_saved=saved["step"],
+    )
     if len(saved["rng"]) == world:
         set_rng_state(saved["rng"][rank])
     else:  # an emergency save of a multi-process run holds rank 0's RNG only
         seed_everything(setup.config.seed + rank + 7919 * state.step)
         if rank != 0:
-            warnings.warn(f"the checkpoint holds RNG states for {len(saved['rng'])} process(es), not {world}; "
-                          "process RNGs were reseeded", stacklevel=4)
+            warnings.warn(
+                f"the checkpoint holds RNG states for {len(saved['rng'])} process(es), not {world}; "
+                "process RNGs were reseeded",
+                stacklevel=4,
+            )
     if setup.main:  # the history file and the warnings are rank 0's business
         state.history = _read_history(setup.out / HISTORY_FILE, saved["history_len"])
         _warn_config_changes(saved["config"], setup.config)
     if setup.main and saved["world_size"] != world:
-        warnings.warn(f"the checkpoint was written by {saved['world_size']} process(es), this run has {world}: "
-                      "the global batch and the order of samples change", stacklevel=4)
+        warnings.warn(
+            f"the checkpoint was written by {saved['world_size']} process(es), this run has {world}: "
+            "the global batch and the order of samples change",
+            stacklevel=4,
+        )
     return state
 
 
@@ -627,23 +707,43 @@ def _wrap_model(setup: _Setup) -> None:
 def _make_loader(setup: _Setup, dataset: Dataset) -> None:
     """A sampler whose order depends only on (seed, epoch) and a loader with its own seeded generator."""
     config = setup.config
-    setup.sampler = _ResumableSampler(dataset, num_replicas=setup.world, rank=setup.rank, shuffle=True,
-                                      seed=config.seed, drop_last=True)
+    setup.sampler = _ResumableSampler(
+        dataset, num_replicas=setup.world, rank=setup.rank, shuffle=True, seed=config.seed, drop_last=True
+    )
     setup.generator = torch.Generator()
-    setup.loader = DataLoader(dataset, batch_size=config.batch_size, sampler=setup.sampler,
-                              num_workers=config.num_workers, drop_last=True, generator=setup.generator,
-                              pin_memory=setup.device.type == "cuda", persistent_workers=config.num_workers > 0)
+    setup.loader = DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        sampler=setup.sampler,
+        num_workers=config.num_workers,
+        drop_last=True,
+        generator=setup.generator,
+        pin_memory=setup.device.type == "cuda",
+        persistent_workers=config.num_workers > 0,
+    )
 
 
 def _run(setup: _Setup, state: _RunState) -> list[dict[str, Any]]:
     """Steps until the end; on an interruption or error the last completed step is saved first."""
-    state.segments.append({"hardware": hardware(setup.device), "world_size": setup.world,
-                           "precision": "bf16" if setup.bf16 else "fp32", "from_step": state.step,
-                           "to_step": state.step, "seconds": 0.0})
+    state.segments.append(
+        {
+            "hardware": hardware(setup.device),
+            "world_size": setup.world,
+            "precision": "bf16" if setup.bf16 else "fp32",
+            "from_step": state.step,
+            "to_step": state.step,
+            "seconds": 0.0,
+        }
+    )
     state.t_start = time.perf_counter()
     state.rng_snapshot = rng_state()
-    state.bar = tqdm(total=setup.total, initial=state.step, disable=not (setup.config.progress and setup.main),
-                     unit="step", dynamic_ncols=True)
+    state.bar = tqdm(
+        total=setup.total,
+        initial=state.step,
+        disable=not (setup.config.progress and setup.main),
+        unit="step",
+        dynamic_ncols=True,
+    )
     state.history_file = open(setup.out / HISTORY_FILE, "a") if setup.main and setup.out is not None else None
     state.t_last = time.perf_counter()
     try:
@@ -676,24 +776,32 @@ def _train_step(setup: _Setup, state: _RunState) -> None:
     loss_value = reduced[0].item() / setup.world
     stop_now = reduced[1].item() > 0
     if not math.isfinite(loss_value):
-        raise _non_finite("loss", loss_value, state.step, setup.total, state.epoch,
-                          setup.ckpt_root if state.last_saved is not None else None)
+        raise _non_finite(
+            "loss",
+            loss_value,
+            state.step,
+            setup.total,
+            state.epoch,
+            setup.ckpt_root if state.last_saved is not None else None,
+        )
     grad_norm = _optimizer_step(setup, state)
     state.bar.update(1)
     _accumulate(state, loss_value, grad_norm, logs)
     if state.step % setup.config.log_every == 0 or state.step == setup.total:
         _log_row(setup, state)
     every = setup.config.checkpoint_every
-    if setup.ckpt_root is not None and (state.step == setup.total or stop_now
-                                        or (every is not None and state.step % every == 0)):
+    if setup.ckpt_root is not None and (
+        state.step == setup.total or stop_now or (every is not None and state.step % every == 0)
+    ):
         rngs = _gather_rng(setup, state)
         if setup.main:
             _save(setup, state, rngs)
         state.last_saved = state.step
     if stop_now:
         where = f"; checkpoint saved in {setup.ckpt_root}, continue with resume=True" if setup.ckpt_root else ""
-        raise KeyboardInterrupt(f"training stopped by {state.stop.requested or 'another process'} "
-                                f"after step {state.step}{where}")
+        raise KeyboardInterrupt(
+            f"training stopped by {state.stop.requested or 'another process'} after step {state.step}{where}"
+        )
 
 
 def _start_epoch(setup: _Setup, state: _RunState) -> None:
@@ -703,8 +811,9 @@ def _start_epoch(setup: _Setup, state: _RunState) -> None:
         state.epoch, state.pos = state.epoch + 1, 0
     setup.sampler.set_epoch(state.epoch)
     setup.sampler.start = state.pos * config.accum_steps * config.batch_size
-    setup.generator.manual_seed(int(np.random.SeedSequence([config.seed, state.epoch, setup.rank])
-                                    .generate_state(1)[0]))
+    setup.generator.manual_seed(
+        int(np.random.SeedSequence([config.seed, state.epoch, setup.rank]).generate_state(1)[0])
+    )
     state.batches = iter(setup.loader)
 
 
@@ -724,8 +833,10 @@ def _forward_backward(setup: _Setup, state: _RunState) -> tuple[Tensor, dict[str
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=setup.bf16):
                 loss, logs = setup.model(batch)
             if not isinstance(loss, Tensor) or loss.ndim != 0:
-                raise TypeError(f"{type(method).__name__}.training_step must return (scalar Tensor, dict); "
-                                f"got a loss of type {type(loss).__name__}")
+                raise TypeError(
+                    f"{type(method).__name__}.training_step must return (scalar Tensor, dict); "
+                    f"got a loss of type {type(loss).__name__}"
+                )
             (loss.float() / config.accum_steps).backward()
         loss_sum += loss.detach().float()
         for k, v in logs.items():
@@ -747,11 +858,20 @@ def _optimizer_step(setup: _Setup, state: _RunState) -> float | None:
     # A finite loss can still have non-finite gradients (an overflow in the backward); they must
     # not reach AdamW either. Their joint norm is non-finite then: the clip's, or one fused pass.
     # Under DDP every process holds the same reduced gradients, so all of them stop together.
-    norm = grad_norm if grad_norm is not None else float(torch.nn.utils.get_total_norm(
-        [p.grad for p in params if p.grad is not None]))
+    norm = (
+        grad_norm
+        if grad_norm is not None
+        else float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+    )
     if not math.isfinite(norm):
-        raise _non_finite("gradient norm", norm, step, setup.total, state.epoch,
-                          setup.ckpt_root if state.last_saved is not None else None)
+        raise _non_finite(
+            "gradient norm",
+            norm,
+            step,
+            setup.total,
+            state.epoch,
+            setup.ckpt_root if state.last_saved is not None else None,
+        )
     if callable(getattr(method, "on_before_optimizer_step", None)):
         method.on_before_optimizer_step(step, setup.total)
     state.updating = True
@@ -782,17 +902,23 @@ def _log_row(setup: _Setup, state: _RunState) -> None:
     interval, step = state.interval, state.step
     n = interval["steps"]
     row = {k: v / n for k, v in interval["logs"].items()}
-    row.update(step=step, epoch=round(step / setup.epoch_steps, 4), loss=interval["loss"] / n,
-               lr=float(setup.lr_schedule[step - 1]), wd=float(setup.wd_schedule[step - 1]),
-               img_per_s=n * setup.images_per_step / max(now - state.t_last, 1e-9),
-               wall_s=round(sum(g["seconds"] for g in state.segments[:-1]) + now - state.t_start, 1))
+    row.update(
+        step=step,
+        epoch=round(step / setup.epoch_steps, 4),
+        loss=interval["loss"] / n,
+        lr=float(setup.lr_schedule[step - 1]),
+        wd=float(setup.wd_schedule[step - 1]),
+        img_per_s=n * setup.images_per_step / max(now - state.t_last, 1e-9),
+        wall_s=round(sum(g["seconds"] for g in state.segments[:-1]) + now - state.t_start, 1),
+    )
     if setup.config.grad_clip is not None:
         row["grad_norm"] = interval["grad_norm"] / n
     state.history.append(row)
     state.interval = _empty_interval()
     state.t_last = now
-    state.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['img_per_s']:.0f}",
-                          refresh=False)
+    state.bar.set_postfix(
+        loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['img_per_s']:.0f}", refresh=False
+    )
     if state.history_file is not None:
         state.history_file.write(json.dumps(row) + "\n")
         state.history_file.flush()
@@ -813,10 +939,20 @@ def _gather_rng(setup: _Setup, state: _RunState) -> list[dict[str, Any]]:
 def _save(setup: _Setup, state: _RunState, rng_states: list[dict[str, Any]]) -> None:
     """A checkpoint of step ``state.step``: weights, optimizer, position, RNGs and this segment's time."""
     state.segments[-1].update(to_step=state.step, seconds=round(time.perf_counter() - state.t_start, 1))
-    saved = {"format": 1, "step": state.step, "epoch": state.epoch, "pos": state.pos,
-             "optimizer": setup.optimizer.state_dict(), "rng": rng_states, "config": dataclasses.asdict(setup.config),
-             "history_len": len(state.history), "interval": state.interval, "world_size": setup.world,
-             "torch_version": str(torch.__version__), "segments": state.segments}
+    saved = {
+        "format": 1,
+        "step": state.step,
+        "epoch": state.epoch,
+        "pos": state.pos,
+        "optimizer": setup.optimizer.state_dict(),
+        "rng": rng_states,
+        "config": dataclasses.asdict(setup.config),
+        "history_len": len(state.history),
+        "interval": state.interval,
+        "world_size": setup.world,
+        "torch_version": str(torch.__version__),
+        "segments": state.segments,
+    }
     save_checkpoint(setup.ckpt_root, state.step, setup.method.state_dict(), saved)
 
 

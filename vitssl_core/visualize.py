@@ -96,8 +96,10 @@ def load_image(path: str | os.PathLike, size: int | tuple[int, int] = 28, in_cha
 def _as_float(images: Tensor, normalize: dict | None) -> Tensor:
     """uint8 or float [0, 1] images (B, H, W) or (B, C, H, W) -> normalised float (B, C, H, W)."""
     if not isinstance(images, Tensor) or images.ndim not in (3, 4):
-        raise ValueError(f"images must be a tensor (B, H, W) or (B, C, H, W), got "
-                         f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}")
+        raise ValueError(
+            f"images must be a tensor (B, H, W) or (B, C, H, W), got "
+            f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}"
+        )
     if images.dtype != torch.uint8 and not images.is_floating_point():
         raise TypeError(f"images have dtype {images.dtype}; give uint8 in [0, 255] or float in [0, 1]")
     x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
@@ -130,8 +132,10 @@ def attention_mask(maps: Tensor, keep: float = 0.6) -> Tensor:
     exceeds ``1 - keep``.
     """
     if not isinstance(maps, Tensor) or maps.ndim < 2 or not maps.is_floating_point():
-        raise ValueError(f"maps must be a float tensor (..., gh, gw), got "
-                         f"{tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__}")
+        raise ValueError(
+            f"maps must be a float tensor (..., gh, gw), got "
+            f"{tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__}"
+        )
     if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
         raise ValueError(f"keep={keep!r} must be a share of the attention mass in (0, 1]")
     if (maps < 0).any():
@@ -165,10 +169,16 @@ def mean_attention_distance(attn: Tensor, grid_size: int | tuple[int, int], patc
     """
     dist = patch_distances(grid_size, patch_size)  # (L, L)
     L = dist.shape[0]
-    if not isinstance(attn, Tensor) or attn.ndim != 4 or attn.shape[-1] != attn.shape[-2] \
-            or attn.shape[-1] not in (L, L + 1):
-        raise ValueError(f"attn must be (B, h, N, N) with N = {L} or {L + 1} for grid {grid_size}, got "
-                         f"{tuple(attn.shape) if isinstance(attn, Tensor) else type(attn).__name__}")
+    if (
+        not isinstance(attn, Tensor)
+        or attn.ndim != 4
+        or attn.shape[-1] != attn.shape[-2]
+        or attn.shape[-1] not in (L, L + 1)
+    ):
+        raise ValueError(
+            f"attn must be (B, h, N, N) with N = {L} or {L + 1} for grid {grid_size}, got "
+            f"{tuple(attn.shape) if isinstance(attn, Tensor) else type(attn).__name__}"
+        )
     a = attn[:, :, -L:, -L:].float()  # patch-to-patch
     a = a / a.sum(dim=-1, keepdim=True).clamp_min(1e-12)
     return (a * dist).sum(-1).mean(dim=(0, 2))  # (h,)
@@ -181,8 +191,9 @@ def uniform_attention_distance(grid_size: int | tuple[int, int], patch_size: int
 
 
 @torch.no_grad()
-def layer_attention_distance(backbone: ViT, images: Tensor, normalize: dict | None = None,
-                             batch_size: int = 256) -> Tensor:
+def layer_attention_distance(
+    backbone: ViT, images: Tensor, normalize: dict | None = None, batch_size: int = 256
+) -> Tensor:
     """Mean attention distance (depth, h) in pixels over ``images``; average over heads for one per layer."""
     if not isinstance(backbone, ViT):
         raise TypeError(f"backbone must be a vitssl_core.ViT, got {type(backbone).__name__}")
@@ -196,10 +207,11 @@ def layer_attention_distance(backbone: ViT, images: Tensor, normalize: dict | No
     try:
         total = None
         for start in range(0, len(x_all), batch_size):
-            x = x_all[start:start + batch_size]
+            x = x_all[start : start + batch_size]
             grid = (x.shape[-2] // backbone.patch_size, x.shape[-1] // backbone.patch_size)
-            per_layer = torch.stack([mean_attention_distance(a, grid, backbone.patch_size) * len(x)
-                                     for a in backbone.get_selfattentions(x)])  # (depth, h)
+            per_layer = torch.stack(
+                [mean_attention_distance(a, grid, backbone.patch_size) * len(x) for a in backbone.get_selfattentions(x)]
+            )  # (depth, h)
             total = per_layer if total is None else total + per_layer
     finally:
         backbone.train(was_training)
@@ -216,7 +228,7 @@ def position_similarity(model: ViT | Tensor, grid_size: tuple[int, int] | None =
     if isinstance(model, ViT):
         table = model.pos_embed.detach()[0]
         grid = model.grid_size
-        table = table[-grid[0] * grid[1]:]  # drop the class token's row if there is one
+        table = table[-grid[0] * grid[1] :]  # drop the class token's row if there is one
     elif isinstance(model, Tensor):
         if grid_size is None:
             raise ValueError("grid_size is required when model is a positional table")
@@ -224,8 +236,9 @@ def position_similarity(model: ViT | Tensor, grid_size: tuple[int, int] | None =
         table = table[0] if table.ndim == 3 else table
         grid = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
         if table.ndim != 2 or table.shape[0] != grid[0] * grid[1]:
-            raise ValueError(f"the table must be (L, D) with L = {grid[0] * grid[1]} for grid {grid}, "
-                             f"got {tuple(model.shape)}")
+            raise ValueError(
+                f"the table must be (L, D) with L = {grid[0] * grid[1]} for grid {grid}, got {tuple(model.shape)}"
+            )
     else:
         raise TypeError(f"model must be a vitssl_core.ViT or a tensor, got {type(model).__name__}")
     t = F.normalize(table.float(), dim=-1)
@@ -240,27 +253,43 @@ def load_mae(checkpoint: str | os.PathLike) -> tuple[MAE, dict[str, Any]]:
     encoder, card = load_pretrained(card_path)
     decoder = card.get("decoder")
     if card.get("method") != "mae" or not isinstance(decoder, dict) or not decoder.get("weights"):
-        raise ValueError(f"{card_path.name}: not an MAE card with a shipped decoder (method "
-                         f"{card.get('method')!r}); reconstructions need the decoder")
+        raise ValueError(
+            f"{card_path.name}: not an MAE card with a shipped decoder (method "
+            f"{card.get('method')!r}); reconstructions need the decoder"
+        )
     path = card_path.with_name(decoder["weights"])
     if not path.is_file():
         raise FileNotFoundError(f"{card_path.name}: its decoder weights {path.name} are missing")
     args = card.get("method_args", {})
-    mae = MAE(encoder, decoder_embed_dim=args.get("decoder_embed_dim", 512), decoder_depth=args.get("decoder_depth", 8),
-              decoder_num_heads=args.get("decoder_num_heads", 16), mask_ratio=args.get("mask_ratio", 0.75),
-              norm_pix_loss=args.get("norm_pix_loss", True), init_encoder=False)
+    mae = MAE(
+        encoder,
+        decoder_embed_dim=args.get("decoder_embed_dim", 512),
+        decoder_depth=args.get("decoder_depth", 8),
+        decoder_num_heads=args.get("decoder_num_heads", 16),
+        mask_ratio=args.get("mask_ratio", 0.75),
+        norm_pix_loss=args.get("norm_pix_loss", True),
+        init_encoder=False,
+    )
     weights = {k: v.float() for k, v in load_backbone(path).items()}
     expected = {k for k in mae.state_dict() if k.split(".", 1)[0] in DECODER_NAMES}
     if set(weights) != expected:
-        raise ValueError(f"{path.name} does not hold MAE's decoder keys: missing "
-                         f"{sorted(expected - set(weights))[:3]}, unexpected {sorted(set(weights) - expected)[:3]}")
+        raise ValueError(
+            f"{path.name} does not hold MAE's decoder keys: missing "
+            f"{sorted(expected - set(weights))[:3]}, unexpected {sorted(set(weights) - expected)[:3]}"
+        )
     mae.load_state_dict(weights, strict=False)  # the encoder is loaded already
     return mae.eval(), card
 
 
 @torch.no_grad()
-def mae_reconstruction(mae: MAE, images: Tensor, mask_ratio: float = 0.75, normalize: dict | None = None,
-                       seed: int = 0, stats: str = "target") -> dict[str, Tensor]:
+def mae_reconstruction(
+    mae: MAE,
+    images: Tensor,
+    mask_ratio: float = 0.75,
+    normalize: dict | None = None,
+    seed: int = 0,
+    stats: str = "target",
+) -> dict[str, Tensor]:
     """MAE's picture: {"original", "masked", "reconstruction", "pasted"} (B, C, H, W) in [0, 1], "mask" (B, L).
 
     With ``norm_pix_loss`` the decoder predicts each patch normalised by its own mean and
@@ -293,8 +322,12 @@ def mae_reconstruction(mae: MAE, images: Tensor, mask_ratio: float = 0.75, norma
             var = ((var * vis).sum(1, keepdim=True) / vis.sum(1, keepdim=True)).expand_as(var)
         pred = pred * (var + 1.0e-6) ** 0.5 + mean
     m = mask.unsqueeze(-1)
-    out = {"original": x, "masked": mae.unpatchify(patches * (1 - m)), "reconstruction": mae.unpatchify(pred),
-           "pasted": mae.unpatchify(patches * (1 - m) + pred * m)}
+    out = {
+        "original": x,
+        "masked": mae.unpatchify(patches * (1 - m)),
+        "reconstruction": mae.unpatchify(pred),
+        "pasted": mae.unpatchify(patches * (1 - m) + pred * m),
+    }
     if normalize is not None:  # back to pixels in [0, 1]
         mean = torch.as_tensor(normalize["mean"], dtype=torch.float32).reshape(1, -1, 1, 1)
         std = torch.as_tensor(normalize["std"], dtype=torch.float32).reshape(1, -1, 1, 1)
@@ -320,8 +353,10 @@ def draw_attention(images: Tensor, maps: Tensor, masks: Tensor | None = None, ti
     ``masks`` (``attention_mask``) is given, the image shaded by the share of heads that keep each patch."""
     x = _as_float(images, None)
     if not isinstance(maps, Tensor) or maps.ndim != 4 or len(maps) != len(x):
-        raise ValueError(f"maps must be (B, h, gh, gw) with B = {len(x)}, got "
-                         f"{tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__}")
+        raise ValueError(
+            f"maps must be (B, h, gh, gw) with B = {len(x)}, got "
+            f"{tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__}"
+        )
     B, h, gh, gw = maps.shape
     ncols = 1 + h + (masks is not None)
     fig = Figure(figsize=(1.5 * ncols, 1.5 * B + 0.4), layout="constrained")
@@ -335,7 +370,7 @@ def draw_attention(images: Tensor, maps: Tensor, masks: Tensor | None = None, ti
             axes[i, 1 + j].set_xticks([])
             axes[i, 1 + j].set_yticks([])
         if masks is not None:
-            keep = F.interpolate(masks[i:i + 1].float().cpu(), size=x.shape[-2:], mode="nearest")[0]  # (h, H, W)
+            keep = F.interpolate(masks[i : i + 1].float().cpu(), size=x.shape[-2:], mode="nearest")[0]  # (h, H, W)
             share = keep.mean(0)  # (H, W): the share of heads whose mask keeps each pixel
             _image(axes[i, -1], x[i] * (0.2 + 0.8 * share), "masks: brighter =\nkept by more heads" if i == 0 else "")
     if title:
@@ -360,8 +395,9 @@ def draw_reconstruction(result: dict[str, Tensor], n: int | None = None, title: 
     return fig
 
 
-def draw_attention_distance(distances: dict[str, Tensor], reference: float | None = None,
-                            patch_size: int | None = None) -> Figure:
+def draw_attention_distance(
+    distances: dict[str, Tensor], reference: float | None = None, patch_size: int | None = None
+) -> Figure:
     """Mean attention distance per layer: one panel per model, a dot per head, a line for the mean."""
     if not isinstance(distances, dict) or not distances:
         raise ValueError("distances must be a non-empty dict of name -> (depth, h) tensors")
@@ -410,8 +446,14 @@ def draw_position_similarity(sim: Tensor, title: str = "") -> Figure:
     return fig
 
 
-def render(kind: str, checkpoint: str | os.PathLike, image: str | os.PathLike, out: str | os.PathLike,
-           mask_ratio: float = 0.75, seed: int = 0) -> Path:
+def render(
+    kind: str,
+    checkpoint: str | os.PathLike,
+    image: str | os.PathLike,
+    out: str | os.PathLike,
+    mask_ratio: float = 0.75,
+    seed: int = 0,
+) -> Path:
     """What ``vitssl show`` does: draw ``kind`` ("attention" or "reconstruction") for one image file
     with a checkpoint, and save the figure as ``out`` (PNG). Returns the path written."""
     if kind not in ("attention", "reconstruction"):
@@ -425,8 +467,12 @@ def render(kind: str, checkpoint: str | os.PathLike, image: str | os.PathLike, o
         backbone, card = load_pretrained(resolve_checkpoint(checkpoint))
         img = load_image(image, backbone.img_size, backbone.in_chans)
         maps = class_token_attention(backbone, img, card.get("normalize"))
-        fig = draw_attention(img, maps, attention_mask(maps), title=f"{card.get('name', checkpoint)}: "
-                             "class-token attention of the last block")
+        fig = draw_attention(
+            img,
+            maps,
+            attention_mask(maps),
+            title=f"{card.get('name', checkpoint)}: class-token attention of the last block",
+        )
     else:
         mae, card = load_mae(checkpoint)
         img = load_image(image, mae.backbone.img_size, mae.backbone.in_chans)
@@ -434,4 +480,3 @@ def render(kind: str, checkpoint: str | os.PathLike, image: str | os.PathLike, o
         fig = draw_reconstruction(result, title=f"{card.get('name', checkpoint)}: {mask_ratio:.0%} of patches hidden")
     fig.savefig(out, dpi=120)
     return out
-

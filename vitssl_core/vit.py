@@ -254,8 +254,14 @@ class ViT(nn.Module):
         dynamic_img_size: bool = False,
     ):
         super().__init__()
-        for name, value in (("img_size", img_size), ("patch_size", patch_size), ("in_chans", in_chans),
-                            ("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads)):
+        for name, value in (
+            ("img_size", img_size),
+            ("patch_size", patch_size),
+            ("in_chans", in_chans),
+            ("embed_dim", embed_dim),
+            ("depth", depth),
+            ("num_heads", num_heads),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name}={value!r} must be a positive int")
         if not isinstance(num_classes, int) or num_classes < 0:
@@ -268,8 +274,12 @@ class ViT(nn.Module):
             raise ValueError(f"pos_embed={pos_embed!r} is not one of {_POS_EMBEDS}")
         if global_pool not in _POOLS:
             raise ValueError(f"global_pool={global_pool!r} is not one of {_POOLS}")
-        for name, p in (("drop_rate", drop_rate), ("proj_drop_rate", proj_drop_rate),
-                        ("attn_drop_rate", attn_drop_rate), ("drop_path_rate", drop_path_rate)):
+        for name, p in (
+            ("drop_rate", drop_rate),
+            ("proj_drop_rate", proj_drop_rate),
+            ("attn_drop_rate", attn_drop_rate),
+            ("drop_path_rate", drop_path_rate),
+        ):
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"{name}={p} must be in [0, 1)")
         if mlp_ratio <= 0:
@@ -288,14 +298,17 @@ class ViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         # A fixed sin-cos table is still a Parameter (frozen), as in MAE, so it sits in the state
         # dict under timm's key and checkpoints carry it.
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.patch_embed.num_patches, embed_dim),
-                                      requires_grad=pos_embed == "learned")
+        self.pos_embed = nn.Parameter(
+            torch.zeros(1, 1 + self.patch_embed.num_patches, embed_dim), requires_grad=pos_embed == "learned"
+        )
         self.pos_drop = nn.Dropout(drop_rate)
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows with depth
-        self.blocks = nn.ModuleList([
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, proj_drop_rate, attn_drop_rate, dpr[i], init_values)
-            for i in range(depth)
-        ])
+        self.blocks = nn.ModuleList(
+            [
+                Block(embed_dim, num_heads, mlp_ratio, qkv_bias, proj_drop_rate, attn_drop_rate, dpr[i], init_values)
+                for i in range(depth)
+            ]
+        )
         # timm: with average pooling the final norm moves after the pooling (fc_norm).
         use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
         self.norm = nn.Identity() if use_fc_norm else nn.LayerNorm(embed_dim, eps=1e-6)
@@ -395,8 +408,10 @@ class ViT(nn.Module):
         weight = self.patch_embed.proj.weight
         cast = torch.is_autocast_enabled(x.device.type) and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
         if x.dtype != weight.dtype and not cast:  # else conv2d fails 14 frames deep
-            raise TypeError(f"x has dtype {x.dtype} but the model's weights are {weight.dtype}; convert the images "
-                            f"(x.to({weight.dtype})) or the model (model.to({x.dtype}))")
+            raise TypeError(
+                f"x has dtype {x.dtype} but the model's weights are {weight.dtype}; convert the images "
+                f"(x.to({weight.dtype})) or the model (model.to({x.dtype}))"
+            )
         H, W = x.shape[-2:]
         P = self.patch_size
         if self.dynamic_img_size:
@@ -458,7 +473,7 @@ class ViT(nn.Module):
     def pool(self, x: Tensor) -> Tensor:
         """(B, N, D) tokens -> (B, D): the class token, or the mean of the patch tokens."""
         if self.global_pool == "avg":
-            return x[:, self.num_prefix_tokens:].mean(dim=1)
+            return x[:, self.num_prefix_tokens :].mean(dim=1)
         return x[:, 0]
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -523,12 +538,19 @@ def architecture(backbone: ViT) -> dict:
         raise TypeError(f"backbone must be a vitssl_core.ViT, got {type(backbone).__name__}")
     block = backbone.blocks[0]
     return {
-        "img_size": backbone.img_size[0], "patch_size": backbone.patch_size, "in_chans": backbone.in_chans,
-        "num_classes": 0, "global_pool": backbone.global_pool, "embed_dim": backbone.embed_dim,
-        "depth": len(backbone.blocks), "num_heads": backbone.num_heads,
-        "mlp_ratio": block.mlp.fc1.out_features / backbone.embed_dim, "qkv_bias": block.attn.qkv.bias is not None,
+        "img_size": backbone.img_size[0],
+        "patch_size": backbone.patch_size,
+        "in_chans": backbone.in_chans,
+        "num_classes": 0,
+        "global_pool": backbone.global_pool,
+        "embed_dim": backbone.embed_dim,
+        "depth": len(backbone.blocks),
+        "num_heads": backbone.num_heads,
+        "mlp_ratio": block.mlp.fc1.out_features / backbone.embed_dim,
+        "qkv_bias": block.attn.qkv.bias is not None,
         "init_values": 1e-5 if isinstance(block.ls1, LayerScale) else None,
-        "fc_norm": isinstance(backbone.fc_norm, nn.LayerNorm), "pos_embed": backbone.pos_embed_type,
+        "fc_norm": isinstance(backbone.fc_norm, nn.LayerNorm),
+        "pos_embed": backbone.pos_embed_type,
         "dynamic_img_size": backbone.dynamic_img_size,
     }
 
@@ -555,8 +577,10 @@ vit_tiny_28.__doc__ = "ViT-Tiny for 28x28 grey images (Fashion-MNIST): patch 4, 
 vit_small_28 = _preset(dict(img_size=28, patch_size=4, in_chans=1, **_SMALL))
 vit_small_28.__doc__ = "ViT-Small for 28x28 grey images: patch 4, 49 patches."
 vit_mini_28 = _preset(dict(img_size=28, patch_size=7, in_chans=1, embed_dim=128, depth=6, num_heads=4))
-vit_mini_28.__doc__ = ("A CPU-sized ViT for 28x28 grey images: patch 7 (a 4x4 grid of 16 patches), D=128, 6 blocks, "
-                       "4 heads, 1.2M parameters; the architecture of the shipped checkpoints.")
+vit_mini_28.__doc__ = (
+    "A CPU-sized ViT for 28x28 grey images: patch 7 (a 4x4 grid of 16 patches), D=128, 6 blocks, "
+    "4 heads, 1.2M parameters; the architecture of the shipped checkpoints."
+)
 vit_tiny_32 = _preset(dict(img_size=32, patch_size=4, in_chans=3, **_TINY))
 vit_tiny_32.__doc__ = "ViT-Tiny for 32x32 colour images (CIFAR-10): patch 4, an 8x8 grid of 64 patches."
 vit_small_32 = _preset(dict(img_size=32, patch_size=4, in_chans=3, **_SMALL))

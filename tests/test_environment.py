@@ -39,6 +39,7 @@ def test_environment_pins_python_311_and_installs_the_package():
     assert "-e ." in pip
 
 
-def test_dev_extra_holds_book_and_test():
+def test_dev_extra_holds_book_test_and_the_linter():
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    assert extras["dev"] == ["vitssl-core[book,test]"]
+    assert extras["dev"][0] == "vitssl-core[book,test]"
+    assert [_normalise(r).split(">")[0] for r in extras["dev"][1:]] == ["ruff"]  # what .ci/run checks with

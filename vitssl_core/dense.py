@@ -60,7 +60,7 @@ from torchvision.ops import batched_nms, generalized_box_iou_loss, sigmoid_focal
 from tqdm import tqdm
 
 from .scenes import collate_detection
-from .runtime import to_device
+from .runtime import autocast, to_device
 from .schedules import cosine_schedule, decays
 
 __all__ = [
@@ -595,10 +595,12 @@ def _check_dataset_size(head: _BackboneHead, dataset: Dataset) -> None:
     check_backbone_resolution(head.backbone, *image.shape[-2:])  # fail before the first step
 
 
-def _use_bf16(device: torch.device, amp: bool | None) -> bool:
-    if amp is None:  # bf16 pays off on GPUs; on CPUs it is usually slower for small models
-        return device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return bool(amp)
+def _precision(device: torch.device, amp: bool | None) -> str:
+    """``amp`` in the package's precision names: None is "auto" on CUDA and fp32 on CPUs, where
+    bf16 is usually slower for heads this small; True and False force bf16 and fp32."""
+    if amp is None:
+        return "auto" if device.type == "cuda" else "fp32"
+    return "bf16" if amp else "fp32"
 
 
 def _param_groups(head: nn.Module, weight_decay: float) -> list[dict]:
@@ -653,7 +655,7 @@ def train_dense(
     warm = min(total // 20, 500) if warmup_steps is None else warmup_steps
     schedule = cosine_schedule(lr, lr * 0.01, total, warmup_steps=warm)
     optimizer = torch.optim.AdamW(params, lr=lr)
-    bf16 = _use_bf16(device, amp)
+    precision = _precision(device, amp)
     history: dict[str, list[float]] = {"loss": [], "lr": [], "epoch_loss": []}
     head.train()
     step = 0
@@ -663,7 +665,7 @@ def train_dense(
             for group in optimizer.param_groups:
                 group["lr"] = float(schedule[step])
             images, targets = images.to(device), to_device(targets, device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with autocast(device, precision):
                 outputs = head(images)
             loss = head.loss(outputs, targets)["loss"]
             optimizer.zero_grad(set_to_none=True)

@@ -52,12 +52,12 @@ from vitssl_core.checkpoint import (
 )
 from vitssl_core.data import NORMALIZE, load_fashion_mnist_tensors
 from vitssl_core.evaluate import (
-    FEATURES,
+    choose_feature_from,
     class_balanced_subset,
     correct_to_hex,
     extract_features,
+    feature_view,
     finetune,
-    knn_accuracy,
     knn_classify,
     linear_probe,
     pixel_features,
@@ -105,18 +105,10 @@ def _wall_seconds(run: Path) -> float | None:
     return float(sum(float(line) for line in file.read_text().split()))
 
 
-def _slice(f: torch.Tensor, feature: str, dim: int) -> torch.Tensor:
-    """The columns of ``feature`` in "cls+avg" features (N, 2 * dim)."""
-    return {"cls": f[:, :dim], "avg": f[:, dim:], "cls+avg": f}[feature]
-
-
-def _feature_choice(f_train: torch.Tensor, y_train: torch.Tensor, dim: int) -> tuple[str, dict[str, float]]:
+def _feature_choice(f_train: torch.Tensor, y_train: torch.Tensor) -> tuple[str, dict[str, float]]:
     """The feature with the best kNN accuracy on the last VALIDATION training images, and all the scores."""
-    views = {name: _slice(f_train, name, dim) for name in FEATURES}
     n_val = min(VALIDATION, len(f_train) // 5)  # VALIDATION on the full training split
-    fit, val = slice(0, len(f_train) - n_val), slice(len(f_train) - n_val, None)
-    scores = {name: knn_accuracy(f[fit], y_train[fit], f[val], y_train[val], **KNN) for name, f in views.items()}
-    return max(scores, key=scores.get), scores
+    return choose_feature_from(f_train, y_train, n_val, **KNN)
 
 
 def _probe_metrics(f_train, y_train, f_test, y_test) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
@@ -308,12 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     card.update({"method": run_card["method"], "weights": weights.name, "model": model, "normalize": normalize})
     atomic_write_json(out / f"{args.name}.json", card)  # load_pretrained reads the card next to the weights
     backbone, _ = load_pretrained(weights)  # the float16 weights, read back as float32: what ships
-    dim = backbone.embed_dim
 
     both_train = extract_features(backbone, x_train, "cls+avg", normalize=normalize, precision="fp32")
     both_test = extract_features(backbone, x_test, "cls+avg", normalize=normalize, precision="fp32")
-    feature, choice = _feature_choice(both_train, y_train, dim)
-    f_train, f_test = _slice(both_train, feature, dim), _slice(both_test, feature, dim)
+    feature, choice = _feature_choice(both_train, y_train)
+    f_train, f_test = feature_view(both_train, feature), feature_view(both_test, feature)
     _, correct = _probe_metrics(f_train, y_train, f_test, y_test)
     if run_card["method"] == "supervised":
         correct.update(_scratch_on_fractions(model, x_train, y_train, x_test, y_test, normalize))

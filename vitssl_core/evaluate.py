@@ -367,15 +367,36 @@ def choose_feature(
     both = extract_features(
         backbone, images, "cls+avg", batch_size=batch_size, normalize=normalize, precision=precision
     )  # (N, 2D): the class token, then the patch mean
+    return choose_feature_from(both, labels, validation, k=k, temperature=temperature)
+
+
+def feature_view(both: Tensor, feature: str) -> Tensor:
+    """The columns of ``feature`` (one of ``FEATURES``) in "cls+avg" features (N, 2D): class token, then patch mean."""
+    if feature not in FEATURES:
+        raise ValueError(f"feature={feature!r} is not one of {FEATURES}")
+    if not isinstance(both, Tensor) or both.ndim != 2 or both.shape[1] % 2:
+        raise ValueError(f"both must be (N, 2D) 'cls+avg' features, got {getattr(both, 'shape', type(both))}")
     dim = both.shape[1] // 2
-    views = {"cls": both[:, :dim], "avg": both[:, dim:], "cls+avg": both}
+    return {"cls": both[:, :dim], "avg": both[:, dim:], "cls+avg": both}[feature]
+
+
+def choose_feature_from(
+    both: Tensor, labels: Tensor, validation: int, k: int = 20, temperature: float = 0.07
+) -> tuple[str, dict[str, float]]:
+    """``choose_feature`` on "cls+avg" features (N, 2D) already extracted: the last ``validation``
+    rows are classified by weighted kNN against the rows before them, per feature."""
+    n = len(both)
+    labels = _check_labels("labels", labels, n, "both")
+    _check_positive_int("validation", validation)
+    if validation >= n:
+        raise ValueError(f"validation={validation} leaves none of the {n} rows to classify them by")
     fit, held_out = slice(0, n - validation), slice(n - validation, None)
     y = labels.to(both.device)
     k = min(k, n - validation)
-    scores = {
-        name: knn_accuracy(f[fit], y[fit], f[held_out], y[held_out], k=k, temperature=temperature)
-        for name, f in views.items()
-    }
+    scores = {}
+    for name in FEATURES:
+        f = feature_view(both, name)
+        scores[name] = knn_accuracy(f[fit], y[fit], f[held_out], y[held_out], k=k, temperature=temperature)
     return max(scores, key=scores.get), scores
 
 

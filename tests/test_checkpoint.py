@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import TINY, model_args
 from vitssl_core import ViT
 from vitssl_core.__main__ import main as cli_main
 from vitssl_core.checkpoint import (
@@ -34,7 +35,6 @@ from vitssl_core.checkpoint import (
 from vitssl_core.supervised import Supervised
 from vitssl_core.train import TrainConfig, train
 
-TINY = dict(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=2, num_heads=2)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -240,18 +240,7 @@ VICTIM = textwrap.dedent("""
     cli.train = lambda *args, **kw: train(*args, **kw, callback=pause)
     sys.exit(cli.main(argv))
 """)
-RESUME_TINY = [
-    "--model-arg",
-    "depth=1",
-    "--model-arg",
-    "embed_dim=32",
-    "--model-arg",
-    "num_heads=2",
-    "--model-arg",
-    "patch_size=7",
-    "--model-arg",
-    "drop_path_rate=0.1",
-]
+RESUME_TINY = model_args(depth=1, drop_path_rate=0.1)
 RESUME_METHODS = {  # method -> --method-arg pairs that keep its heads tiny
     "supervised": {},
     "simclr": {"hidden_dim": 32, "proj_dim": 16},

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from helpers import model_args
 from vitssl_core import ViT
 from vitssl_core import __main__ as cli
 from vitssl_core.checkpoint import load_backbone, load_checkpoint, load_pretrained, save_backbone
@@ -18,16 +19,7 @@ from vitssl_core.data import load_fashion_mnist_tensors
 from vitssl_core.evaluate import FEATURES, extract_features, knn_accuracy, run_protocol
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_ARGS = [
-    "--model-arg",
-    "depth=2",
-    "--model-arg",
-    "embed_dim=32",
-    "--model-arg",
-    "num_heads=2",
-    "--model-arg",
-    "patch_size=7",
-]
+TINY_ARGS = model_args()
 
 
 def smoke(out, *extra):
@@ -485,14 +477,7 @@ def test_every_method_pretrains_from_the_cli(method, extra, tmp_path, capsys, ne
         "fp32",
         "--out",
         str(out),
-        "--model-arg",
-        "depth=1",
-        "--model-arg",
-        "embed_dim=32",
-        "--model-arg",
-        "num_heads=2",
-        "--model-arg",
-        "patch_size=4",
+        *model_args(depth=1, patch_size=4),
         *extra,
     ]
     assert cli.main(argv) == 0, capsys.readouterr().err

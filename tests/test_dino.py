@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
+from helpers import model_args
 from vitssl_core import __main__ as cli
 from vitssl_core import data
 from vitssl_core.augment import MultiCrop, dino_augment
@@ -508,16 +509,7 @@ def test_cli_pretrain_ships_the_teacher(tmp_path, capsys, needs_fashion_mnist):
         "cpu",
         "--out",
         str(out),
-        "--model-arg",
-        "depth=1",
-        "--model-arg",
-        "embed_dim=32",
-        "--model-arg",
-        "num_heads=2",
-        "--model-arg",
-        "patch_size=4",
-        "--model-arg",
-        "drop_path_rate=0.1",
+        *model_args(depth=1, patch_size=4, drop_path_rate=0.1),
         "--method-arg",
         "n_local_crops=2",
         "--method-arg",

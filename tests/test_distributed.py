@@ -20,6 +20,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
+from helpers import model_args
 from vitssl_core import __main__ as cli
 from vitssl_core.augment import simclr_augment
 from vitssl_core.checkpoint import latest_checkpoint
@@ -30,16 +31,7 @@ from vitssl_core.train import DistInfo, setup_distributed, sync_batchnorm
 from vitssl_core.vit import ViT
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_ARGS = [
-    "--model-arg",
-    "depth=2",
-    "--model-arg",
-    "embed_dim=32",
-    "--model-arg",
-    "num_heads=2",
-    "--model-arg",
-    "patch_size=7",
-]
+TINY_ARGS = model_args()
 
 
 # --------------------------------------------------------------------------- SimCLR on 2 ranks = 1 process

@@ -12,10 +12,9 @@ import torch
 from sklearn.neighbors import KNeighborsClassifier
 from torch.utils.data import TensorDataset
 
+from helpers import TINY
 from vitssl_core import ViT, data
 from vitssl_core import evaluate as E
-
-TINY = dict(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=2, num_heads=2)
 
 
 def tiny(**kw):

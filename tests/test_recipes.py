@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
+from helpers import TINY, model_args
 from vitssl_core import ViT, data, recipes
 from vitssl_core import __main__ as cli
 from vitssl_core.batch_augment import BatchViews
@@ -12,7 +13,6 @@ from vitssl_core.dino import DINO
 from vitssl_core.runtime import seed_everything
 from vitssl_core.supervised import Supervised
 
-TINY = dict(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=2, num_heads=2)
 STATS = data.NORMALIZE["fashion_mnist"]
 INFO = recipes.DataInfo("fashion_mnist", 28, 1, tuple(STATS["mean"]), tuple(STATS["std"]), 10)
 
@@ -71,7 +71,7 @@ def test_the_cli_builds_exactly_what_the_library_builds(needs_fashion_mnist):
         "16",
         "--out",
         "x",
-        *[w for k, v in TINY.items() if k != "in_chans" for w in ("--model-arg", f"{k}={v}")],
+        *model_args(img_size=28),
     ]
     args = cli.parse_args(argv)
     seed_everything(0)

@@ -4,10 +4,14 @@ One process, same configuration (a ViT-Tiny-like encoder and the same decoder), 
 same precision; steps (forward + backward + AdamW) of the two models are interleaved so that
 machine load hits both alike, and the median over rounds is reported. Then our step time at
 mask ratios 0.5, 0.75 and 0.9: MAE's encoder only sees the visible patches, so it should fall.
+On a CPU, ``--ceiling`` profiles both steps and splits their time into matrix products (GEMMs),
+fused attention, GELU and everything else, with the largest ratio over HF that our step could
+reach if everything else cost nothing (both compute the same products, so the GEMM share bounds it).
 
     pip install transformers   # for this benchmark only; vitssl_core does not need it
     python benchmarks/mae_speed.py                       # 28x28 grey, patch 4 (Fashion-MNIST)
     python benchmarks/mae_speed.py --img-size 32 --in-chans 3 --batch-size 128 --device cuda
+    python benchmarks/mae_speed.py --threads 1 --skip-bf16 --ceiling   # where the CPU time goes
 """
 
 from __future__ import annotations
@@ -143,6 +147,48 @@ def scaling(a, device) -> None:
         )
 
 
+KINDS = {  # profiler op names -> the part of the step they belong to
+    "GEMM": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
+    "attention": (
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+    ),
+    "GELU": ("aten::gelu", "aten::gelu_backward"),
+}
+
+
+def ceiling(a, device) -> None:
+    """Per model: the share of a step's self CPU time per KIND, and the bound it puts on our speed-up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    x = torch.randn(a.batch_size, a.in_chans, a.img_size, a.img_size, device=device)
+    seconds = {}
+    for name, model, loss_fn in (
+        ("ours", build_ours(a, a.mask_ratio), ours_loss),
+        ("HF", build_hf(a, a.mask_ratio), hf_loss),
+    ):
+        step = make_step(model.to(device).train(), loss_fn, x, device, False)
+        for _ in range(a.warmup):
+            step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(a.rounds):
+                step()
+        self_us = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+        total = sum(self_us.values())
+        parts = {kind: sum(self_us.get(op, 0.0) for op in ops) for kind, ops in KINDS.items()}
+        parts["everything else"] = total - sum(parts.values())
+        seconds[name] = parts
+        print(f"[fp32 profile] {name:4s} " + "   ".join(f"{k} {100 * v / total:4.1f} %" for k, v in parts.items()))
+    hf_total = sum(seconds["HF"].values())
+    ours_floor = sum(v for k, v in seconds["ours"].items() if k != "everything else")
+    print(
+        f"[fp32 profile] GEMM time ours/HF {seconds['ours']['GEMM'] / seconds['HF']['GEMM']:.2f}; "
+        f"if everything but GEMMs, attention and GELU cost nothing, ours would be "
+        f"{hf_total / ours_floor:.2f}x HF at most"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -161,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
     p.add_argument("--skip-bf16", action="store_true")
+    p.add_argument("--ceiling", action="store_true", help="CPU only: profile where each step's time goes")
     p.add_argument("--quick", action="store_true", help="tiny models, one round: a smoke test in seconds")
     a = p.parse_args(argv)
     if a.quick:
@@ -190,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     if not a.skip_bf16:
         compare(a, device, amp=True)
     scaling(a, device)
+    if (a.ceiling or a.quick) and device.type == "cpu":  # --quick smoke-tests every part
+        ceiling(a, device)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,13 @@ They check that the programs still run against today's package, not what they me
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from vitssl_core import load_pretrained
 from vitssl_core.evaluate import correct_from_hex
@@ -70,3 +72,58 @@ def test_ship_checkpoint_quick_refuses_the_shipped_folder(capsys):
 def test_offline_site_quick_builds_a_page(tmp_path):
     done = run(REPO / "scripts" / "offline_site.py", "--quick", cwd=tmp_path)
     assert "loads Mermaid without ES modules" in done.stdout
+
+
+def test_carry_run_saves_a_run_to_a_branch_and_restores_it_byte_for_byte(tmp_path):
+    from vitssl_core.checkpoint import latest_checkpoint, save_checkpoint
+
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    (repo / "scripts" / "carry_run.sh").write_bytes((REPO / "scripts" / "carry_run.sh").read_bytes())
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", "-b", "main", str(repo)], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "main"], check=True)
+    main_head = subprocess.run([*git, "rev-parse", "main"], capture_output=True, text=True).stdout
+
+    runs = tmp_path / "runs"  # VITSSL_RUNS, outside the repository
+    run_dir = runs / "results" / "tiny"
+    for step in (3, 6):  # two checkpoints: save_checkpoint keeps the newest only
+        save_checkpoint(run_dir / "checkpoints", step, {"w": torch.full((4, 4), float(step))}, {"step": step})
+    (run_dir / "train.log").write_text("step 6 loss 1.0\n")
+    (run_dir / "checkpoints" / "step_00000009.tmp").mkdir()  # a killed process's half-written folder
+    (run_dir / "checkpoints" / "step_00000009.tmp" / "model.safetensors").write_bytes(b"half")
+    before = {
+        p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and ".tmp" not in str(p)
+    }
+
+    env = {
+        **os.environ,
+        "VITSSL_RUNS": str(runs),
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+
+    def carry(*args, code=0):
+        done = subprocess.run(
+            ["bash", str(repo / "scripts" / "carry_run.sh"), *args], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == code, done.stderr
+        return done
+
+    carry("save", "tiny")
+    carry("save", "tiny")  # a second save replaces the first: one parentless commit
+    assert subprocess.run([*git, "rev-list", "--count", "runs/tiny"], capture_output=True, text=True).stdout == "1\n"
+    assert subprocess.run([*git, "rev-parse", "main"], capture_output=True, text=True).stdout == main_head
+    assert subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True).stdout == ""
+
+    carry("restore", "tiny", code=2)  # never over an existing run
+    shutil.rmtree(runs)
+    carry("restore", "tiny")
+    after = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert after == before  # byte for byte, without the .tmp leftover
+    assert latest_checkpoint(run_dir).name == "step_00000006"
+    carry("save", "missing", code=2)
+    carry("restore", "missing", code=2)

@@ -294,6 +294,19 @@ def main(argv: list[str] | None = None) -> int:
         card["train_config"] = run_card.get("train_config")
         card["method_args"] = run_card.get("method_args")
 
+    # How the backbone was made, assembled before the evaluation (the long part) so that a card
+    # lacking a field fails in seconds, not after an hour of fine-tuning.
+    provenance = {
+        "recipe": recipe,
+        "command": command,
+        "seed": (run_card.get("train_config") or {}).get("seed", 0),  # random weights have no train_config
+        "steps": run_card.get("steps"),
+        "final_loss": run_card.get("final_loss"),
+        "exported": run_card.get("exported") or "backbone",
+        "train_hardware": _train_hardware(run_card),
+        "train_wall_seconds": wall,
+        "train_segments": run_card.get("train_segments"),
+    }
     model = architecture(backbone)
     weights = out / f"{args.name}.safetensors"
     save_backbone(backbone, weights, dtype=torch.float16, metadata={"card": f"{args.name}.json"})
@@ -331,15 +344,7 @@ def main(argv: list[str] | None = None) -> int:
                 "finetune": {"epochs": args.finetune_epochs, **FINETUNE} if args.finetune_epochs > 0 else None,
             },
             "correct": {k: correct_to_hex(c) for k, c in correct.items()},
-            "recipe": recipe,
-            "command": command,
-            "seed": run_card.get("train_config", {}).get("seed", 0),
-            "steps": run_card.get("steps"),
-            "final_loss": run_card.get("final_loss"),
-            "exported": run_card.get("exported") or "backbone",
-            "train_hardware": _train_hardware(run_card),
-            "train_wall_seconds": wall,
-            "train_segments": run_card.get("train_segments"),
+            **provenance,
             "eval_wall_seconds": round(time.perf_counter() - start, 1),
             "parameters": sum(p.numel() for p in backbone.parameters()),
             "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from vitssl_core import load_pretrained
+from vitssl_core.checkpoint import load_backbone
 from vitssl_core.evaluate import correct_from_hex
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,10 +39,18 @@ def test_benchmark_runs_quick(name, tmp_path, request):
     assert done.stdout.strip(), f"{name} printed nothing"
 
 
-def test_ship_checkpoint_quick_writes_a_loadable_card(tmp_path, needs_fashion_mnist):
+@pytest.mark.parametrize(
+    "what, method",
+    [
+        (["--random"], "random"),
+        (["--remeasure", str(REPO / "checkpoints" / "random.json")], "random"),  # a card without train_config
+        (["--remeasure", str(REPO / "checkpoints" / "mae.json")], "mae"),  # a card with a decoder
+    ],
+)
+def test_ship_checkpoint_quick_writes_a_loadable_card(what, method, tmp_path, needs_fashion_mnist):
     run(
         REPO / "scripts" / "ship_checkpoint.py",
-        "--random",
+        *what,
         "--name",
         "quick",
         "--quick",
@@ -52,7 +61,16 @@ def test_ship_checkpoint_quick_writes_a_loadable_card(tmp_path, needs_fashion_mn
         cwd=tmp_path,
     )
     card = json.loads((tmp_path / "quick.json").read_text())
-    assert card["method"] == "random" and card["protocols"]["finetune"]["epochs"] == 1
+    assert card["method"] == method and card["protocols"]["finetune"]["epochs"] == 1
+    if what[0] == "--remeasure":  # the training record and weights are the shipped ones
+        shipped = json.loads(Path(what[1]).read_text())
+        ours, theirs = (
+            load_backbone(tmp_path / "quick.safetensors"),
+            load_backbone(Path(what[1]).with_suffix(".safetensors")),
+        )
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+        assert card["seed"] == shipped["seed"] and card["train_segments"] == shipped["train_segments"]
+        assert card.get("decoder") == shipped.get("decoder")
     backbone, loaded = load_pretrained(tmp_path / "quick.safetensors")
     assert loaded["feature"] == card["feature"] and backbone.embed_dim == card["model"]["embed_dim"]
     for key, value in card["metrics"].items():  # each number is the share of its per-image record

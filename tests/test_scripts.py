@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from vitssl_core import load_pretrained
-from vitssl_core.checkpoint import load_backbone
+from vitssl_core.checkpoint import latest_checkpoint, load_backbone, save_checkpoint
 from vitssl_core.evaluate import correct_from_hex
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,8 +93,6 @@ def test_offline_site_quick_builds_a_page(tmp_path):
 
 
 def test_carry_run_saves_a_run_to_a_branch_and_restores_it_byte_for_byte(tmp_path):
-    from vitssl_core.checkpoint import latest_checkpoint, save_checkpoint
-
     repo = tmp_path / "repo"
     (repo / "scripts").mkdir(parents=True)
     (repo / "scripts" / "carry_run.sh").write_bytes((REPO / "scripts" / "carry_run.sh").read_bytes())

@@ -197,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--finetune-epochs",
         type=int,
-        default=10,
-        help="default: 10; 0 leaves the card's "
+        default=20,
+        help="default: 20; 0 leaves the card's "
         "fine-tuning column empty (a row the CPU could not afford under the common protocol)",
     )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())

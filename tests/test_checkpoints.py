@@ -55,6 +55,16 @@ def test_sizes_within_budget():
     assert sum(sizes.values()) <= 40 * MB
 
 
+def test_fine_tuning_column_holds_one_protocol():
+    # "pre-training helps" is only measured at equal budget: every fine-tuned row, random weights
+    # and the supervised baseline included, went through the same recipe for the same epochs.
+    cards = {c.stem: _card(c) for c in CARDS}
+    protocols = {n: c["protocols"]["finetune"] for n, c in cards.items() if c["metrics"]["finetune"] is not None}
+    assert {"random", "supervised"} <= set(protocols), sorted(protocols)
+    first = next(iter(protocols.values()))
+    assert all(p == first for p in protocols.values()), protocols
+
+
 @pytest.mark.parametrize("path", CARDS, ids=lambda p: p.stem)
 def test_card_is_complete(path):
     card = _card(path)

@@ -82,6 +82,15 @@ FINETUNE = dict(
     lr=5e-4, layer_decay=0.75, drop_path=0.1, label_smoothing=0.1, crop_scale=None, warmup_epochs=1, batch_size=128
 )
 
+# the entry of a card's "protocols" that describes how each metric was measured
+PROTOCOL_OF = {
+    "knn": "knn",
+    "linear": "linear",
+    "finetune": "finetune",
+    "label_1pct": "label_fractions",
+    "label_10pct": "label_fractions",
+}
+
 
 def _git_revision() -> str:
     try:
@@ -350,9 +359,30 @@ def main(argv: list[str] | None = None) -> int:
             "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
         }
     )
+    if args.remeasure and (superseded := _superseded(old, card)):
+        card["superseded"] = superseded
     atomic_write_json(out / f"{args.name}.json", card)
     print(json.dumps({"feature": feature, **metrics}, indent=2))
     return 0
+
+
+def _superseded(old: dict, card: dict) -> dict | None:
+    """What a --remeasure replaced, so no measured number is lost: the old card's metrics whose
+    protocol changed, with that protocol and revision, chained to what the old card superseded."""
+    before, now = old.get("protocols") or {}, card["protocols"]
+    replaced = {
+        k: v
+        for k, v in old["metrics"].items()
+        if v is not None and before.get(PROTOCOL_OF[k]) != now.get(PROTOCOL_OF[k])
+    }
+    if not replaced:
+        return old.get("superseded")
+    return {
+        "metrics": replaced,
+        "protocols": {PROTOCOL_OF[k]: before.get(PROTOCOL_OF[k]) for k in replaced},
+        "code_revision": old.get("code_revision"),
+        "earlier": old.get("superseded"),
+    }
 
 
 def _train_hardware(run_card: dict) -> str | None:

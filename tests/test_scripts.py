@@ -71,6 +71,9 @@ def test_ship_checkpoint_quick_writes_a_loadable_card(what, method, tmp_path, ne
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
         assert card["seed"] == shipped["seed"] and card["train_segments"] == shipped["train_segments"]
         assert card.get("decoder") == shipped.get("decoder")
+        # the shipped fine-tuning number was made under another protocol: kept, not lost
+        assert card["superseded"]["metrics"]["finetune"] == shipped["metrics"]["finetune"]
+        assert card["superseded"]["protocols"]["finetune"] == shipped["protocols"]["finetune"]
     backbone, loaded = load_pretrained(tmp_path / "quick.safetensors")
     assert loaded["feature"] == card["feature"] and backbone.embed_dim == card["model"]["embed_dim"]
     for key, value in card["metrics"].items():  # each number is the share of its per-image record
@@ -78,10 +81,33 @@ def test_ship_checkpoint_quick_writes_a_loadable_card(what, method, tmp_path, ne
         assert value == pytest.approx(100 * correct.float().mean().item(), abs=0.005), key
 
 
-def test_ship_checkpoint_quick_refuses_the_shipped_folder(capsys):
+def _ship_module():
     spec = importlib.util.spec_from_file_location("ship_checkpoint", REPO / "scripts" / "ship_checkpoint.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_remeasure_keeps_the_numbers_whose_protocol_changed():
+    superseded = _ship_module()._superseded
+    protocols = {"knn": {"k": 20}, "linear": "probe", "finetune": {"epochs": 10}, "label_fractions": "subset"}
+    metrics = {"knn": 80.0, "linear": 81.0, "finetune": 90.0, "label_1pct": 70.0, "label_10pct": 75.0}
+    old = {"metrics": metrics, "protocols": protocols, "code_revision": "abc", "superseded": {"finetune": 85.0}}
+    same = {"protocols": dict(protocols)}
+    assert superseded(old, same) == {"finetune": 85.0}  # nothing replaced: the older record is carried over
+    longer = {"protocols": {**protocols, "finetune": {"epochs": 20}, "label_fractions": "scratch"}}
+    assert superseded(old, longer) == {
+        "metrics": {"finetune": 90.0, "label_1pct": 70.0, "label_10pct": 75.0},
+        "protocols": {"finetune": {"epochs": 10}, "label_fractions": "subset"},
+        "code_revision": "abc",
+        "earlier": {"finetune": 85.0},
+    }
+    unmeasured = {**old, "metrics": {**metrics, "finetune": None}, "superseded": None}
+    assert superseded(unmeasured, {"protocols": {**protocols, "finetune": {"epochs": 20}}}) is None
+
+
+def test_ship_checkpoint_quick_refuses_the_shipped_folder(capsys):
+    module = _ship_module()
     with pytest.raises(SystemExit) as exit_info:
         module.main(["--random", "--name", "x", "--quick"])  # --out defaults to checkpoints/
     assert exit_info.value.code == 2 and "outside checkpoints/" in capsys.readouterr().err

@@ -368,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _superseded(old: dict, card: dict) -> dict | None:
     """What a --remeasure replaced, so no measured number is lost: the old card's metrics whose
-    protocol changed, with that protocol and revision, chained to what the old card superseded."""
+    protocol changed, with that protocol, their per-image records and the revision, chained to
+    what the old card superseded."""
     before, now = old.get("protocols") or {}, card["protocols"]
     replaced = {
         k: v
@@ -380,6 +381,7 @@ def _superseded(old: dict, card: dict) -> dict | None:
     return {
         "metrics": replaced,
         "protocols": {PROTOCOL_OF[k]: before.get(PROTOCOL_OF[k]) for k in replaced},
+        "correct": {k: bits for k, bits in (old.get("correct") or {}).items() if k in replaced},  # paired tests
         "code_revision": old.get("code_revision"),
         "earlier": old.get("superseded"),
     }

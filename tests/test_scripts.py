@@ -74,6 +74,7 @@ def test_ship_checkpoint_quick_writes_a_loadable_card(what, method, tmp_path, ne
         # the shipped fine-tuning number was made under another protocol: kept, not lost
         assert card["superseded"]["metrics"]["finetune"] == shipped["metrics"]["finetune"]
         assert card["superseded"]["protocols"]["finetune"] == shipped["protocols"]["finetune"]
+        assert card["superseded"]["correct"]["finetune"] == shipped["correct"]["finetune"]
     backbone, loaded = load_pretrained(tmp_path / "quick.safetensors")
     assert loaded["feature"] == card["feature"] and backbone.embed_dim == card["model"]["embed_dim"]
     for key, value in card["metrics"].items():  # each number is the share of its per-image record
@@ -92,13 +93,20 @@ def test_remeasure_keeps_the_numbers_whose_protocol_changed():
     superseded = _ship_module()._superseded
     protocols = {"knn": {"k": 20}, "linear": "probe", "finetune": {"epochs": 10}, "label_fractions": "subset"}
     metrics = {"knn": 80.0, "linear": 81.0, "finetune": 90.0, "label_1pct": 70.0, "label_10pct": 75.0}
-    old = {"metrics": metrics, "protocols": protocols, "code_revision": "abc", "superseded": {"finetune": 85.0}}
+    old = {
+        "metrics": metrics,
+        "protocols": protocols,
+        "code_revision": "abc",
+        "superseded": {"finetune": 85.0},
+        "correct": {"knn": "ff", "finetune": "0f"},
+    }
     same = {"protocols": dict(protocols)}
     assert superseded(old, same) == {"finetune": 85.0}  # nothing replaced: the older record is carried over
     longer = {"protocols": {**protocols, "finetune": {"epochs": 20}, "label_fractions": "scratch"}}
     assert superseded(old, longer) == {
         "metrics": {"finetune": 90.0, "label_1pct": 70.0, "label_10pct": 75.0},
         "protocols": {"finetune": {"epochs": 10}, "label_fractions": "subset"},
+        "correct": {"finetune": "0f"},
         "code_revision": "abc",
         "earlier": {"finetune": 85.0},
     }

@@ -458,7 +458,7 @@ def test_evaluate_unknown_protocol_is_one_line(trained, capsys):
         ("beit", ["--method-arg", "vocab_size=16", "--method-arg", "tokenizer_images=64"]),
     ],
 )
-def test_every_method_pretrains_from_the_cli(method, extra, tmp_path, capsys, needs_fashion_mnist):
+def test_every_method_pretrains_from_the_cli(method, extra, tmp_path, capsys, monkeypatch, needs_fashion_mnist):
     out = tmp_path / method
     argv = [
         "pretrain",
@@ -486,9 +486,52 @@ def test_every_method_pretrains_from_the_cli(method, extra, tmp_path, capsys, ne
     card = json.loads((out / "backbone.json").read_text())
     assert card["method"] == method
     backbone = ViT(**card["architecture"])
-    backbone.load_state_dict(load_backbone(out / "backbone.safetensors"), strict=True)
+    shipped = load_backbone(out / "backbone.safetensors")
+    backbone.load_state_dict(shipped, strict=True)
+
+    # The run card names where the exported backbone lives in the training checkpoint (DINO: its teacher)...
+    run_card = json.loads((out / "run.json").read_text())
+    assert run_card["exported"] == card["exported"] == ("teacher" if method == "dino" else "backbone")
+    assert run_card["state_keys"].keys() == shipped.keys()
+    owner = {"dino": "teacher_backbone.", "mae": ""}.get(method, "backbone.")
+    assert all(v == owner + k for k, v in run_card["state_keys"].items())  # MAE's encoder keys are MAE's own
+    assert run_card["architecture"] == card["architecture"] and run_card["method"] == method
+    # ...so `vitssl evaluate` reads a run that has not finished: here the same weights, from step 3's checkpoint.
+    (out / "backbone.safetensors").unlink()
+    seen = []
+    monkeypatch.setattr(cli, "run_protocol", lambda protocol, b, **kw: seen.append(b) or {"top1": 1.0})
+    assert cli.main(["evaluate", "--checkpoint", str(out), "--device", "cpu"]) == 0
+    assert "is still training" in capsys.readouterr().err
+    assert seen[0].state_dict().keys() == shipped.keys()
+    assert all(torch.equal(v, shipped[k]) for k, v in seen[0].state_dict().items())
 
 
 def test_evaluate_without_a_backbone_says_what_is_missing(tmp_path, capsys):
     assert cli.main(["evaluate", "--checkpoint", str(tmp_path)]) == 2
     assert "backbone.json" in capsys.readouterr().err
+
+
+def test_evaluate_a_run_in_progress_says_what_is_wrong(trained, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{not json")
+    assert cli.main(["evaluate", "--checkpoint", str(run)]) == 2
+    assert "run.json is not a run card" in capsys.readouterr().err
+    (run / "run.json").write_text((trained / "run.json").read_text())  # a run that has not saved yet
+    assert cli.main(["evaluate", "--checkpoint", str(run)]) == 1
+    assert "no readable checkpoint yet" in capsys.readouterr().err
+
+    # The trainer replaced the checkpoint while it was read: the next try reads the new one.
+    (run / "checkpoints").symlink_to(trained / "checkpoints", target_is_directory=True)
+    real, calls = cli.load_checkpoint, []
+
+    def racing(path):
+        calls.append(path)
+        if len(calls) == 1:
+            raise FileNotFoundError("step_00000002/model.safetensors vanished")
+        return real(path)
+
+    monkeypatch.setattr(cli, "load_checkpoint", racing)
+    monkeypatch.setattr(cli, "run_protocol", lambda protocol, b, **kw: {"top1": 1.0})
+    assert cli.main(["evaluate", "--checkpoint", str(run)]) == 0 and len(calls) == 2
+    assert "at step 4" in capsys.readouterr().err

@@ -7,8 +7,10 @@ small-image recipe (``vitssl_core.recipes``, which Python users call too), a dat
 backbone the method exports (``train.exported_backbone``; DINO's EMA teacher), named in the
 card's ``"exported"``, and the feature the probes should read (``"feature"``), chosen by kNN on
 held-out training images (``evaluate.choose_feature``). ``vitssl evaluate`` reads that pair back
-and hands the backbone, with that feature, to ``vitssl_core.evaluate.run_protocol``. The same
-command runs under ``torchrun``.
+and hands the backbone, with that feature, to ``vitssl_core.evaluate.run_protocol``. A run that
+is still training has ``run.json`` instead (written at its first logged step): where the
+exported backbone's tensors sit in the training checkpoints, so ``vitssl evaluate`` probes its
+newest checkpoint. The same command runs under ``torchrun``.
 
 This module is the only place that parses arguments; the library takes keyword arguments.
 Exit codes: 0 done, 1 failed while running, 2 bad arguments (one line on stderr), 130 stopped
@@ -173,6 +175,8 @@ examples:
   vitssl evaluate --checkpoint runs/sup --protocol knn
   vitssl evaluate --checkpoint runs/sup/backbone.safetensors --protocol linear --max-train 10000
   vitssl evaluate --checkpoint checkpoints/simclr.safetensors --protocol knn   # a shipped backbone
+  vitssl evaluate --checkpoint runs/dino --max-train 10000 --max-test 2000      # a run still training:
+      # its newest checkpoint's exported backbone (DINO: the teacher), to watch a long run for collapse
 """
 
 
@@ -320,7 +324,8 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "--checkpoint",
         required=True,
         metavar="PATH",
-        help="a pretrain --out folder, or a backbone.safetensors with its backbone.json beside it",
+        help="a pretrain --out folder (one still training too: its newest checkpoint), or a "
+        "backbone.safetensors with its backbone.json beside it",
     )
     e.add_argument(
         "--protocol", default="knn", choices=PROTOCOLS, help="knn, linear, finetune or label_efficiency (default: knn)"
@@ -512,8 +517,11 @@ def _pretrain(args: argparse.Namespace) -> int:
         method, base, data_info = _build_method(args, config, info.world_size)
         dataset, views = recipes.training_data(args.method, base, data_info, method)
 
+        started = _RunCard(args, config, info.world_size, method, data_info)
         try:
-            history = train(method, dataset, config, batch_transform=views)
+            history = train(
+                method, dataset, config, callback=started if info.rank == 0 else None, batch_transform=views
+            )
         except KeyboardInterrupt as err:
             raise _CliError(f"stopped ({err}); continue with the same command and --resume", code=130) from None
         except FloatingPointError as err:
@@ -565,6 +573,55 @@ def _build_method(
     return method, base, info
 
 
+RUN_CARD = "run.json"  # in --out while a run trains: what `vitssl evaluate` needs to read its checkpoints
+
+
+def _card_head(args: argparse.Namespace, method: torch.nn.Module, info: DataInfo) -> dict[str, Any]:
+    """The part of the card known before training: the exported backbone's name and build, method, data."""
+    exported, export = exported_backbone(method)  # DINO ships its teacher, the others their backbone
+    return {
+        "exported": exported,
+        "model": args.model,
+        "model_args": args.model_args,
+        "architecture": vit.architecture(export),
+        "method": args.method,
+        "method_args": args.method_args,
+        "dataset": args.dataset,
+        "normalize": {"mean": list(info.mean), "std": list(info.std)},
+    }
+
+
+class _RunCard:
+    """The training callback that writes --out/run.json at the first logged row of this call.
+
+    By then the run has really started (a resume has loaded its checkpoint), so the file never
+    describes a run that refused to start. Its ``"state_keys"`` map each key of the exported
+    backbone to its key in the method's state dict (found by identity: MAE renames its encoder's
+    keys, DINO's teacher sits under ``teacher_backbone.``), so ``vitssl evaluate`` can read the
+    backbone from any training checkpoint.
+    """
+
+    def __init__(self, args: argparse.Namespace, config: TrainConfig, world_size: int, method: Any, info: DataInfo):
+        self.out, self.written = Path(args.out), False
+        export = exported_backbone(method)[1]
+        in_method = {id(t): k for k, t in method.state_dict(keep_vars=True).items()}
+        keys = {k: in_method.get(id(t)) for k, t in export.state_dict(keep_vars=True).items()}
+        self.card = {
+            "format": "vitssl-run/1",
+            **_card_head(args, method, info),
+            "state_keys": keys,
+            "train_config": dataclasses.asdict(config),
+            "world_size": world_size,
+        }
+        if None in keys.values():  # a method that copies its backbone's tensors: no card, never a crash
+            self.written = True
+
+    def __call__(self, row: dict[str, Any]) -> None:
+        if not self.written:
+            atomic_write_json(self.out / RUN_CARD, self.card)
+            self.written = True
+
+
 def _write_card(
     args: argparse.Namespace,
     config: TrainConfig,
@@ -576,21 +633,14 @@ def _write_card(
 ) -> None:
     """backbone.safetensors and its backbone.json card in --out, with the feature chosen on training images."""
     out = Path(args.out)
-    exported, export = exported_backbone(method)  # DINO ships its teacher, the others their backbone
+    export = exported_backbone(method)[1]
     save_backbone(export, out / "backbone.safetensors")
-    normalize = {"mean": list(info.mean), "std": list(info.std)}
+    head = _card_head(args, method, info)
     card = {
         "format": "vitssl-backbone/1",
         "weights": "backbone.safetensors",
-        "exported": exported,
-        "model": args.model,
-        "model_args": args.model_args,
-        "architecture": vit.architecture(export),
-        "method": args.method,
-        "method_args": args.method_args,
-        "dataset": args.dataset,
-        "normalize": normalize,
-        **_feature_choice(export, base, normalize, args.feature_validation, args.precision),
+        **head,
+        **_feature_choice(export, base, head["normalize"], args.feature_validation, args.precision),
         "steps": history[-1]["step"] if history else 0,
         "final_loss": history[-1]["loss"] if history else None,
         "train_config": dataclasses.asdict(config),
@@ -638,6 +688,8 @@ def _find_backbone(path: str) -> tuple[vit.ViT, dict[str, Any]]:
     """(backbone, its card) from a pretrain --out folder, its backbone.safetensors, or a shipped
     checkpoints/NAME.safetensors (or NAME.json)."""
     p = Path(path)
+    if p.is_dir() and not (p / "backbone.safetensors").is_file() and (p / RUN_CARD).is_file():
+        return _run_in_progress(p)
     weights = p / "backbone.safetensors" if p.is_dir() else p
     shipped = weights.with_suffix(".json")
     card_path = (
@@ -646,12 +698,57 @@ def _find_backbone(path: str) -> tuple[vit.ViT, dict[str, Any]]:
     if card_path != shipped and (not weights.is_file() or not card_path.is_file()):
         raise _CliError(
             f"--checkpoint {path}: expected backbone.safetensors and backbone.json (written by "
-            "'vitssl pretrain' when training ends), or a shipped NAME.safetensors with NAME.json"
+            "'vitssl pretrain' when training ends), a run still training (its run.json and checkpoints/), "
+            "or a shipped NAME.safetensors with NAME.json"
         )
     try:
         return load_pretrained(card_path)  # the card's "architecture" (or "model") and its weights
     except (OSError, ValueError, TypeError) as err:  # missing weights, a corrupt file, a card without a model
         raise _CliError(f"--checkpoint {path}: {err}") from None
+
+
+def _run_in_progress(folder: Path, tries: int = 3) -> tuple[vit.ViT, dict[str, Any]]:
+    """(exported backbone, run card with ``"steps"``) from the newest checkpoint of a run still training.
+
+    The trainer may replace that checkpoint while it is read (it removes the previous one after
+    committing the next), so a read that loses the race is tried again.
+    """
+    try:
+        card = json.loads((folder / RUN_CARD).read_text())
+        keys, architecture = dict(card["state_keys"]), dict(card["architecture"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise _CliError(
+            f"--checkpoint {folder}: {RUN_CARD} is not a run card from 'vitssl pretrain' ({err!r})"
+        ) from None
+    for attempt in range(tries):
+        try:
+            weights, state = load_checkpoint(folder / CHECKPOINT_DIR)
+            break
+        except (FileNotFoundError, ValueError) as err:
+            if attempt == tries - 1 or not (folder / CHECKPOINT_DIR).is_dir():
+                raise _CliError(
+                    f"--checkpoint {folder}: the run has no readable checkpoint yet ({err})", code=1
+                ) from None
+    missing = sorted(k for k in keys.values() if k not in weights)
+    try:
+        if missing:
+            raise ValueError(f"the checkpoint lacks {len(missing)} of its keys, e.g. {missing[0]!r}")
+        backbone = vit.ViT(**architecture)
+        backbone.load_state_dict(
+            {k: weights[m].float() if weights[m].is_floating_point() else weights[m] for k, m in keys.items()}
+        )
+    except (TypeError, ValueError, RuntimeError) as err:
+        first = " ".join(str(err).strip().splitlines()[:2])[:300]
+        raise _CliError(
+            f"--checkpoint {folder}: its checkpoint does not hold the backbone {RUN_CARD} describes: {first}", code=1
+        ) from None
+    total = card.get("train_config", {}).get("epochs")
+    print(
+        f"vitssl: {folder} is still training; evaluating its {card.get('exported', 'backbone')} at step "
+        f"{state['step']} (epoch {state.get('epoch', '?')} of {total})",
+        file=sys.stderr,
+    )
+    return backbone.eval(), {**card, "steps": state["step"]}
 
 
 def _evaluate(args: argparse.Namespace) -> int:

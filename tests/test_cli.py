@@ -523,6 +523,7 @@ def test_evaluate_a_run_in_progress_says_what_is_wrong(trained, tmp_path, monkey
 
     # The trainer replaced the checkpoint while it was read: the next try reads the new one.
     (run / "checkpoints").symlink_to(trained / "checkpoints", target_is_directory=True)
+    (run / "config.json").write_text((trained / "config.json").read_text())  # the trainer's: the run's length
     real, calls = cli.load_checkpoint, []
 
     def racing(path):
@@ -534,4 +535,4 @@ def test_evaluate_a_run_in_progress_says_what_is_wrong(trained, tmp_path, monkey
     monkeypatch.setattr(cli, "load_checkpoint", racing)
     monkeypatch.setattr(cli, "run_protocol", lambda protocol, b, **kw: {"top1": 1.0})
     assert cli.main(["evaluate", "--checkpoint", str(run)]) == 0 and len(calls) == 2
-    assert "at step 4" in capsys.readouterr().err
+    assert "at step 4 of 4" in capsys.readouterr().err

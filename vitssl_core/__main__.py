@@ -742,10 +742,13 @@ def _run_in_progress(folder: Path, tries: int = 3) -> tuple[vit.ViT, dict[str, A
         raise _CliError(
             f"--checkpoint {folder}: its checkpoint does not hold the backbone {RUN_CARD} describes: {first}", code=1
         ) from None
-    total = card.get("train_config", {}).get("epochs")
+    try:  # the trainer's resolved config.json knows the run's length
+        of = f" of {int(json.loads((folder / 'config.json').read_text())['total_steps'])}"
+    except (OSError, ValueError, KeyError, TypeError):
+        of = ""
     print(
         f"vitssl: {folder} is still training; evaluating its {card.get('exported', 'backbone')} at step "
-        f"{state['step']} (epoch {state.get('epoch', '?')} of {total})",
+        f"{state['step']}{of}",
         file=sys.stderr,
     )
     return backbone.eval(), {**card, "steps": state["step"]}

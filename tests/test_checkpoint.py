@@ -236,8 +236,10 @@ VICTIM = textwrap.dedent("""
     from vitssl_core import __main__ as cli
 
     k, argv, train = int(sys.argv[1]), sys.argv[2:], cli.train
-    pause = lambda row: time.sleep(600) if row["step"] > k else None
-    cli.train = lambda *args, **kw: train(*args, **kw, callback=pause)
+    def chain(callback):  # the CLI's own callback (it writes run.json) runs first
+        return lambda row: (callback and callback(row), time.sleep(600) if row["step"] > k else None)
+
+    cli.train = lambda *args, callback=None, **kw: train(*args, **kw, callback=chain(callback))
     sys.exit(cli.main(argv))
 """)
 RESUME_TINY = model_args(depth=1, drop_path_rate=0.1)

@@ -517,11 +517,9 @@ def _pretrain(args: argparse.Namespace) -> int:
         method, base, data_info = _build_method(args, config, info.world_size)
         dataset, views = recipes.training_data(args.method, base, data_info, method)
 
-        started = _RunCard(args, config, info.world_size, method, data_info)
+        started = _RunCard(args, config, info.world_size, method, data_info) if info.rank == 0 else None
         try:
-            history = train(
-                method, dataset, config, callback=started if info.rank == 0 else None, batch_transform=views
-            )
+            history = train(method, dataset, config, callback=started, batch_transform=views)
         except KeyboardInterrupt as err:
             raise _CliError(f"stopped ({err}); continue with the same command and --resume", code=130) from None
         except FloatingPointError as err:
@@ -576,9 +574,8 @@ def _build_method(
 RUN_CARD = "run.json"  # in --out while a run trains: what `vitssl evaluate` needs to read its checkpoints
 
 
-def _card_head(args: argparse.Namespace, method: torch.nn.Module, info: DataInfo) -> dict[str, Any]:
+def _card_head(args: argparse.Namespace, exported: str, export: vit.ViT, info: DataInfo) -> dict[str, Any]:
     """The part of the card known before training: the exported backbone's name and build, method, data."""
-    exported, export = exported_backbone(method)  # DINO ships its teacher, the others their backbone
     return {
         "exported": exported,
         "model": args.model,
@@ -602,24 +599,24 @@ class _RunCard:
     """
 
     def __init__(self, args: argparse.Namespace, config: TrainConfig, world_size: int, method: Any, info: DataInfo):
-        self.out, self.written = Path(args.out), False
-        export = exported_backbone(method)[1]
+        self.out = Path(args.out)
+        exported, export = exported_backbone(method)
         in_method = {id(t): k for k, t in method.state_dict(keep_vars=True).items()}
         keys = {k: in_method.get(id(t)) for k, t in export.state_dict(keep_vars=True).items()}
-        self.card = {
+        self.pending: dict[str, Any] | None = {  # the card still to write
             "format": "vitssl-run/1",
-            **_card_head(args, method, info),
+            **_card_head(args, exported, export, info),
             "state_keys": keys,
             "train_config": dataclasses.asdict(config),
             "world_size": world_size,
         }
         if None in keys.values():  # a method that copies its backbone's tensors: no card, never a crash
-            self.written = True
+            self.pending = None
 
     def __call__(self, row: dict[str, Any]) -> None:
-        if not self.written:
-            atomic_write_json(self.out / RUN_CARD, self.card)
-            self.written = True
+        if self.pending is not None:
+            atomic_write_json(self.out / RUN_CARD, self.pending)
+            self.pending = None
 
 
 def _write_card(
@@ -633,9 +630,9 @@ def _write_card(
 ) -> None:
     """backbone.safetensors and its backbone.json card in --out, with the feature chosen on training images."""
     out = Path(args.out)
-    export = exported_backbone(method)[1]
+    exported, export = exported_backbone(method)  # DINO ships its teacher, the others their backbone
     save_backbone(export, out / "backbone.safetensors")
-    head = _card_head(args, method, info)
+    head = _card_head(args, exported, export, info)
     card = {
         "format": "vitssl-backbone/1",
         "weights": "backbone.safetensors",
@@ -731,13 +728,13 @@ def _run_in_progress(folder: Path, tries: int = 3) -> tuple[vit.ViT, dict[str, A
                 ) from None
     missing = sorted(k for k in keys.values() if k not in weights)
     try:
-        if missing:
-            raise ValueError(f"the checkpoint lacks {len(missing)} of its keys, e.g. {missing[0]!r}")
         backbone = vit.ViT(**architecture)
+        if missing:
+            raise ValueError(f"it lacks {len(missing)} of its keys, e.g. {missing[0]!r}")
         backbone.load_state_dict(
             {k: weights[m].float() if weights[m].is_floating_point() else weights[m] for k, m in keys.items()}
         )
-    except (TypeError, ValueError, RuntimeError) as err:
+    except (TypeError, ValueError, RuntimeError) as err:  # a bad build, a missing key, a wrong shape
         first = " ".join(str(err).strip().splitlines()[:2])[:300]
         raise _CliError(
             f"--checkpoint {folder}: its checkpoint does not hold the backbone {RUN_CARD} describes: {first}", code=1

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from vitssl_core import vit_mini_28
-from vitssl_core.checkpoint import load_pretrained
+from vitssl_core.pretrained import load_pretrained
 from vitssl_core.data import NORMALIZE, load_fashion_mnist_tensors
 from vitssl_core.evaluate import finetune
 
@@ -40,7 +40,7 @@ def _backbone(card: str):
     if card == "random":
         torch.manual_seed(0)
         return vit_mini_28(), {k: list(v) for k, v in NORMALIZE["fashion_mnist"].items()}
-    backbone, meta = load_pretrained(str(ROOT / "checkpoints" / f"{card}.json"))
+    backbone, meta = load_pretrained(card)
     return backbone, meta["normalize"]
 
 

@@ -1,9 +1,10 @@
-"""Evaluate a trained backbone on all of Fashion-MNIST and ship it as checkpoints/NAME.{safetensors,json}.
+"""Evaluate a trained backbone on all of Fashion-MNIST and ship it in the package as
+vitssl_core/pretrained/NAME.{safetensors,json} (loaded by name: ``load_pretrained("NAME")``).
 
     python scripts/ship_checkpoint.py runs/results/simclr --name simclr   # a `vitssl pretrain` --out folder
     python scripts/ship_checkpoint.py --random --name random              # the untrained baseline (seed 0)
     python scripts/ship_checkpoint.py --pixels --name pixels              # raw pixels: a card, no weights
-    python scripts/ship_checkpoint.py --remeasure checkpoints/dino.json --name dino   # today's protocols
+    python scripts/ship_checkpoint.py --remeasure vitssl_core/pretrained/dino.json --name dino   # today's protocols
 
 The weights are stored in float16 and every metric is measured on the float16 weights read back,
 so the card describes exactly the file that ships. The protocols (all top-1 % on the 10 000 test
@@ -24,8 +25,8 @@ bits, ``vitssl_core.evaluate.correct_from_hex``), so two rows are compared with 
 (``mcnemar``) on the same 10 000 images. A card also records the recipe and command, seed, git
 revision, torch version, the wall time and hardware of every resumed training segment, and the
 evaluation's. tests/test_checkpoints.py re-measures every card's kNN in CI.
-For a trained MAE the decoder ships too, as mae_decoder.safetensors (MAE's key names).
-``--remeasure checkpoints/NAME.json`` measures a shipped card again under today's protocols.
+For a trained MAE the decoder ships too, as NAME_decoder.safetensors (MAE's key names), so two MAE
+cards never share a decoder file. ``--remeasure vitssl_core/pretrained/NAME.json`` measures a shipped card again under today's protocols.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from vitssl_core import vit_mini_28
 from vitssl_core.checkpoint import (
@@ -47,7 +48,6 @@ from vitssl_core.checkpoint import (
     latest_checkpoint,
     load_backbone,
     load_checkpoint,
-    load_pretrained,
     save_backbone,
 )
 from vitssl_core.data import NORMALIZE, load_fashion_mnist_tensors
@@ -63,6 +63,7 @@ from vitssl_core.evaluate import (
     pixel_features,
 )
 from vitssl_core.mae import DECODER_NAMES
+from vitssl_core.pretrained import PRETRAINED, load_pretrained, tensor_digest
 from vitssl_core.train import CHECKPOINT_DIR, hardware
 from vitssl_core.vit import ViT, architecture
 
@@ -173,14 +174,18 @@ def _finetune(backbone, x_train, y_train, x_test, y_test, normalize, epochs: int
     )["correct"]
 
 
-def _ship_decoder(run: Path, out: Path) -> dict | None:
-    """MAE's decoder from the run's last checkpoint as out/mae_decoder.safetensors (official MAE key names)."""
-    latest = latest_checkpoint(run / CHECKPOINT_DIR)
-    if latest is None:
-        return None
-    weights, _ = load_checkpoint(latest)
-    decoder = {k: v for k, v in weights.items() if k.split(".", 1)[0] in DECODER_NAMES}
-    path = out / "mae_decoder.safetensors"
+def _ship_decoder(run: Path, out: Path, name: str) -> dict | None:
+    """MAE's decoder from the run's last checkpoint (or the run's decoder.safetensors, which
+    scripts/pack_run.py writes in place of the checkpoints) as out/NAME_decoder.safetensors (MAE's key names)."""
+    if (run / "decoder.safetensors").is_file():
+        decoder = load_file(str(run / "decoder.safetensors"))
+    else:
+        latest = latest_checkpoint(run / CHECKPOINT_DIR)
+        if latest is None:
+            return None
+        weights, _ = load_checkpoint(latest)
+        decoder = {k: v for k, v in weights.items() if k.split(".", 1)[0] in DECODER_NAMES}
+    path = out / f"{name}_decoder.safetensors"
     save_file({k: v.to(torch.float16).contiguous() for k, v in decoder.items()}, str(path))
     return {
         "weights": path.name,
@@ -194,15 +199,18 @@ def main(argv: list[str] | None = None) -> int:
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("run", nargs="?", help="a `vitssl pretrain` --out folder (backbone.safetensors + backbone.json)")
     what.add_argument("--random", action="store_true", help="ship vit_mini_28 at its seed-0 initialisation")
+    parser.add_argument(
+        "--patch-size", type=int, default=7, choices=(4, 7), help="--random only: 7 (a 4x4 grid) or 4 (7x7)"
+    )
     what.add_argument("--pixels", action="store_true", help="write the raw-pixel baseline's card (no weights)")
     what.add_argument(
         "--remeasure",
         metavar="CARD",
-        help="measure a shipped checkpoints/NAME.json again under "
+        help="measure a shipped vitssl_core/pretrained/NAME.json again under "
         "today's protocols, keeping its weights and its training record",
     )
-    parser.add_argument("--name", required=True, help="NAME of checkpoints/NAME.safetensors and NAME.json")
-    parser.add_argument("--out", default=str(ROOT / "checkpoints"), help="default: checkpoints/")
+    parser.add_argument("--name", required=True, help="NAME of NAME.safetensors and NAME.json")
+    parser.add_argument("--out", default=str(PRETRAINED), help="default: vitssl_core/pretrained/")
     parser.add_argument(
         "--finetune-epochs",
         type=int,
@@ -218,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         "at most 1 fine-tuning epoch; needs --out (the card is not a result)",
     )
     args = parser.parse_args(argv)
-    if args.quick and Path(args.out).resolve() == (ROOT / "checkpoints").resolve():
-        parser.error("--quick writes a throwaway card: give --out DIR outside checkpoints/")
+    if args.quick and Path(args.out).resolve() == PRETRAINED:
+        parser.error("--quick writes a throwaway card: give --out DIR outside vitssl_core/pretrained/")
     if not args.name.isidentifier():
         parser.error(f"--name {args.name!r} must be a plain identifier such as simclr")
     torch.set_num_threads(args.threads)
@@ -267,10 +275,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.random:
         torch.manual_seed(0)
-        backbone = vit_mini_28()
+        backbone = vit_mini_28(patch_size=args.patch_size)
         normalize = {k: list(v) for k, v in NORMALIZE["fashion_mnist"].items()}
         run_card = {"method": "random", "model": "vit_mini_28", "steps": 0}
-        recipe, command, wall = None, "torch.manual_seed(0); vitssl_core.vit_mini_28()", 0.0
+        recipe, command, wall = (
+            None,
+            f"torch.manual_seed(0); vitssl_core.vit_mini_28(patch_size={args.patch_size})",
+            0.0,
+        )
     elif args.remeasure:
         old = json.loads(Path(args.remeasure).read_text())
         backbone, _ = load_pretrained(args.remeasure)  # float16 -> float32 -> float16 is lossless
@@ -335,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = {k: 100.0 * c.float().mean().item() for k, c in correct.items()}
     metrics.setdefault("finetune", None)
     if run_card["method"] == "mae" and args.run:
-        card["decoder"] = _ship_decoder(Path(args.run), out)
+        card["decoder"] = _ship_decoder(Path(args.run), out, args.name)
 
     card.update(
         {
@@ -357,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
             "eval_wall_seconds": round(time.perf_counter() - start, 1),
             "parameters": sum(p.numel() for p in backbone.parameters()),
             "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+            # what load_pretrained checks when it rebuilds the weights from the seed (the wheel leaves them out)
+            "tensor_sha256": tensor_digest(load_backbone(weights)),
         }
     )
     if args.remeasure and (superseded := _superseded(old, card)):

@@ -137,7 +137,7 @@ def test_a_corrupt_state_is_told_apart_from_one_that_would_run_code(tmp_path, da
 
 
 def test_corrupt_weights_and_cards_name_the_file(tmp_path):
-    from vitssl_core.checkpoint import load_pretrained
+    from vitssl_core.pretrained import load_pretrained
     from vitssl_core.vit import architecture
 
     step_dir = save_checkpoint(tmp_path / "ck", 1, tiny_state(), {"step": 1})
@@ -183,10 +183,15 @@ def test_the_logged_momentum_survives_a_checkpoint_and_old_checkpoints_still_loa
     resumed = build()
     resumed.load_state_dict(trained.state_dict())
     assert resumed.momentum == trained.momentum
-    before = {k: v for k, v in trained.state_dict().items() if k != "last_momentum"}  # a checkpoint from before
+    assert trained.state_dict()["momentum_log.bits"].dtype == torch.int64  # exact, and no float64 for MPS
+    before = {k: v for k, v in trained.state_dict().items() if k != "momentum_log.bits"}  # a checkpoint from before
     older = build()
     older.load_state_dict(before)  # strict: the missing buffer keeps its base value
     assert older.momentum == 0.9
+    float64_era = dict(before, last_momentum=torch.tensor(trained.momentum, dtype=torch.float64))
+    upgraded = build()
+    upgraded.load_state_dict(float64_era)  # strict: the older float64 buffer is converted, bit for bit
+    assert upgraded.momentum == trained.momentum
 
 
 # --------------------------------------------------------------------------- backbone export
@@ -359,7 +364,7 @@ def test_sigkill_then_resume_gives_bit_identical_weights(method, tmp_path, capsy
 
 
 def test_load_pretrained_reads_a_card_and_float16_weights(tmp_path):
-    from vitssl_core.checkpoint import load_pretrained
+    from vitssl_core.pretrained import load_pretrained
     from vitssl_core.vit import architecture
 
     backbone = ViT(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=2, num_heads=2).eval()
@@ -377,7 +382,7 @@ def test_load_pretrained_reads_a_card_and_float16_weights(tmp_path):
 
 
 def test_load_pretrained_explains_what_is_missing(tmp_path):
-    from vitssl_core.checkpoint import load_pretrained
+    from vitssl_core.pretrained import load_pretrained
 
     with pytest.raises(FileNotFoundError, match="no card missing.json"):
         load_pretrained(tmp_path / "missing.safetensors")
@@ -390,7 +395,7 @@ def test_load_pretrained_explains_what_is_missing(tmp_path):
 
 
 def test_load_pretrained_reads_the_card_vitssl_pretrain_writes(tmp_path):
-    from vitssl_core.checkpoint import load_pretrained
+    from vitssl_core.pretrained import load_pretrained
     from vitssl_core.vit import architecture
 
     backbone = ViT(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=1, num_heads=2).eval()

@@ -1,6 +1,6 @@
 """The shipped checkpoints: every card is complete, every file loads, every kNN number is re-measured.
 
-``checkpoints/NAME.json`` cards are written by ``scripts/ship_checkpoint.py``; the book's results
+``vitssl_core/pretrained/NAME.json`` cards are written by ``scripts/ship_checkpoint.py``; the book's results
 table is generated from them. Here each card's kNN accuracy is measured again on the full
 Fashion-MNIST test set (10 000 images, the 60 000 training images as neighbours) and must agree
 within 0.3 points, and the linear probe of the best card within 0.5, so no number in the table
@@ -28,9 +28,10 @@ from vitssl_core.evaluate import (
     pixel_features,
 )
 from vitssl_core.mae import DECODER_NAMES, MAE
+from vitssl_core.pretrained import PRETRAINED
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDER = ROOT / "checkpoints"
+FOLDER = PRETRAINED  # the cards shipped inside the package
 CARDS = sorted(FOLDER.glob("*.json"))
 WEIGHTED = [c for c in CARDS if json.loads(c.read_text()).get("weights")]
 METRICS = ("knn", "linear", "finetune", "label_1pct", "label_10pct")
@@ -43,10 +44,17 @@ def _card(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+# Recipes whose runs take several sessions of CPU time: each is carried between machines on branch
+# runs/NAME (scripts/carry_run.sh) until it finishes and ships. A name leaves this set when its card ships.
+IN_TRAINING = {"dino_p4"}
+
+
 def test_every_recipe_and_baseline_is_shipped():
     recipes = {p.stem for p in (ROOT / "configs" / "results").glob("*.yaml")}
     assert recipes, "configs/results/ holds no recipes"
-    assert {c.stem for c in CARDS} == recipes | {"random", "pixels"}
+    cards = {c.stem for c in CARDS}
+    assert IN_TRAINING <= recipes and not IN_TRAINING & cards, "a shipped recipe must leave IN_TRAINING"
+    assert cards == (recipes - IN_TRAINING) | {"random", "pixels"}
 
 
 def test_sizes_within_budget():
@@ -120,7 +128,7 @@ def test_weights_are_plain_timm_keys_in_half_precision(path):
 
 def test_mae_decoder_ships_with_official_key_names():
     cards = [_card(c) for c in CARDS if _card(c).get("decoder")]
-    assert cards, "no card ships a decoder: the MAE card must (checkpoints/mae_decoder.safetensors)"
+    assert cards, "no card ships a decoder: the MAE card must (mae_decoder.safetensors)"
     for card in cards:
         decoder = FOLDER / card["decoder"]["weights"]
         assert hashlib.sha256(decoder.read_bytes()).hexdigest() == card["decoder"]["sha256"]

@@ -14,7 +14,8 @@ import yaml
 from helpers import model_args
 from vitssl_core import ViT
 from vitssl_core import __main__ as cli
-from vitssl_core.checkpoint import load_backbone, load_checkpoint, load_pretrained, save_backbone
+from vitssl_core.checkpoint import latest_checkpoint, load_backbone, load_checkpoint, save_backbone
+from vitssl_core.pretrained import load_pretrained
 from vitssl_core.data import load_fashion_mnist_tensors
 from vitssl_core.evaluate import FEATURES, extract_features, knn_accuracy, run_protocol
 
@@ -144,7 +145,7 @@ BATTERY = [  # (argv; {tmp} is a folder of good and broken files, {repo} the rep
     (["evaluate", "--checkpoint", "{tmp}/bad_weights"], "backbone.safetensors is not a readable safetensors file"),
     (["evaluate", "--checkpoint", "{tmp}/bad_card"], "backbone.json is not valid JSON"),
     (["evaluate", "--checkpoint", "{tmp}/missing"], "expected backbone.safetensors and backbone.json"),
-    (["evaluate", "--checkpoint", "{repo}/checkpoints/pixels.json"], "describes a baseline without weights"),
+    (["evaluate", "--checkpoint", "{repo}/vitssl_core/pretrained/pixels.json"], "describes a baseline without weights"),
     (["evaluate", "--checkpoint", "{tmp}/good", "--protocol", "nope"], "invalid choice: 'nope'"),
     (["evaluate", "--checkpoint", "{tmp}/good", "--feature", "max"], "invalid choice: 'max'"),
     (["evaluate", "--checkpoint", "{tmp}/good", "--device", BAD_DEVICE], "CUDA" if BAD_DEVICE == "cuda" else "GPU(s)"),
@@ -504,6 +505,18 @@ def test_every_method_pretrains_from_the_cli(method, extra, tmp_path, capsys, mo
     assert "is still training" in capsys.readouterr().err
     assert seen[0].state_dict().keys() == shipped.keys()
     assert all(torch.equal(v, shipped[k]) for k, v in seen[0].state_dict().items())
+
+    # Nothing float64 is held by a training step (Apple's MPS has no float64): not the method's
+    # parameters and buffers, not the optimizer's moments.
+    weights, state = load_checkpoint(latest_checkpoint(out))
+    doubles = [k for k, v in weights.items() if v.dtype == torch.float64]
+    doubles += [
+        f"optimizer {i}.{k}"
+        for i, slot in state["optimizer"]["state"].items()
+        for k, v in slot.items()
+        if isinstance(v, torch.Tensor) and v.dtype == torch.float64
+    ]
+    assert not doubles, doubles
 
 
 def test_evaluate_without_a_backbone_says_what_is_missing(tmp_path, capsys):

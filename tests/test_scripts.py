@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from vitssl_core import load_pretrained
+from vitssl_core.pretrained import PRETRAINED
 from vitssl_core.checkpoint import latest_checkpoint, load_backbone, save_checkpoint
 from vitssl_core.evaluate import correct_from_hex
 
@@ -43,8 +44,8 @@ def test_benchmark_runs_quick(name, tmp_path, request):
     "what, method",
     [
         (["--random"], "random"),
-        (["--remeasure", str(REPO / "checkpoints" / "random.json")], "random"),  # a card without train_config
-        (["--remeasure", str(REPO / "checkpoints" / "mae.json")], "mae"),  # a card with a decoder
+        (["--remeasure", str(PRETRAINED / "random.json")], "random"),  # a card without train_config
+        (["--remeasure", str(PRETRAINED / "mae.json")], "mae"),  # a card with a decoder
     ],
 )
 def test_ship_checkpoint_quick_writes_a_loadable_card(what, method, tmp_path, needs_fashion_mnist):
@@ -117,8 +118,8 @@ def test_remeasure_keeps_the_numbers_whose_protocol_changed():
 def test_ship_checkpoint_quick_refuses_the_shipped_folder(capsys):
     module = _ship_module()
     with pytest.raises(SystemExit) as exit_info:
-        module.main(["--random", "--name", "x", "--quick"])  # --out defaults to checkpoints/
-    assert exit_info.value.code == 2 and "outside checkpoints/" in capsys.readouterr().err
+        module.main(["--random", "--name", "x", "--quick"])  # --out defaults to vitssl_core/pretrained/
+    assert exit_info.value.code == 2 and "outside vitssl_core/pretrained/" in capsys.readouterr().err
 
 
 def test_offline_site_quick_builds_a_page(tmp_path):

@@ -14,9 +14,10 @@ from matplotlib.figure import Figure
 from vitssl_core import ViT, attention_distance, load_pretrained
 from vitssl_core import visualize as vz
 from vitssl_core.mae import MAE
+from vitssl_core.pretrained import PRETRAINED
 
 REPO = Path(__file__).resolve().parents[1]
-CHECKPOINTS = REPO / "checkpoints"
+CHECKPOINTS = PRETRAINED  # the cards shipped inside the package
 
 
 def tiny_vit(**kw) -> ViT:
@@ -184,7 +185,7 @@ def test_mae_reconstruction_from_the_shipped_encoder_and_decoder(needs_fashion_m
 def test_load_mae_refuses_a_card_without_a_decoder():
     with pytest.raises(ValueError, match="not an MAE card"):
         vz.load_mae("dino")
-    with pytest.raises(FileNotFoundError, match="shipped"):
+    with pytest.raises(ValueError, match="not a shipped backbone; shipped: .*mae"):
         vz.load_mae("no_such_card")
 
 
@@ -242,7 +243,7 @@ def test_vitssl_show_draws_both_pictures(tmp_path, needs_fashion_mnist):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["attention", "--checkpoint", "nope"], "not a shipped card"),
+        (["attention", "--checkpoint", "nope"], "not a shipped backbone"),
         (["reconstruction", "--checkpoint", "dino"], "not an MAE card"),
         (["attention", "--checkpoint", "dino", "--image", "missing.png"], "no such file"),
         (["attention", "--checkpoint", "dino", "--image", "text.png"], "not a readable PNG/JPEG"),

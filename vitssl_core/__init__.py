@@ -9,6 +9,7 @@ The public API the book and users import, bottom-up (dependencies point down thi
 3. Methods: ``contrastive`` (SimCLR, MoCo v3), ``dino`` (DINO), ``mae`` (MAE),
    ``masked`` (SimMIM, BEiT), ``supervised`` (the labelled baseline).
 4. ``train`` and ``checkpoint``: one loop for every method, checkpoints that survive a crash;
+   ``pretrained``: the backbones shipped with the package, loaded by name;
    ``recipes``: each method's small-image defaults, shared by the CLI and Python users.
 5. ``evaluate`` and ``dense``: kNN, linear probe, fine-tuning, attention maps; detection and
    segmentation heads.
@@ -16,9 +17,10 @@ The public API the book and users import, bottom-up (dependencies point down thi
 """
 
 from . import data
+from ._version import __version__
 from .augment import MultiCrop, TwoViews, asymmetric_augment, dino_augment, local_crop_augment, simclr_augment
 from .batch_augment import BatchView, BatchViews, batch_asymmetric_views, batch_dino_views, batch_simclr_views
-from .checkpoint import load_backbone, load_checkpoint, load_pretrained, save_backbone
+from .checkpoint import load_backbone, load_checkpoint, save_backbone
 from .contrastive import MoCoV3, SimCLR
 from .dense import (
     DetectionHead,
@@ -51,6 +53,7 @@ from .losses import info_nce, info_nce_article, moco_infonce
 from .mae import MAE
 from .masked import BEiT, PatchTokenizer, SimMIM, masked_token_cross_entropy
 from .masking import block_masking, default_min_block, patchify, random_masking, unit_masking, unpatchify
+from .pretrained import list_pretrained, load_pretrained, resolve_checkpoint
 from .schedules import cosine_momentum, cosine_schedule
 from .supervised import Supervised
 from .train import TrainConfig, train
@@ -67,5 +70,3 @@ from .vit import (
     vit_tiny_28,
     vit_tiny_32,
 )
-
-__version__ = "0.1.0"

@@ -32,15 +32,16 @@ import yaml
 from torch.utils.data import Dataset, Subset
 
 from . import data, recipes, vit
+from ._version import __version__
 from .checkpoint import (
     UnsafeCheckpointError,
     atomic_write_json,
     latest_checkpoint,
     load_checkpoint,
-    load_pretrained,
     save_backbone,
 )
 from .evaluate import FEATURES, PROTOCOLS, choose_feature, run_protocol
+from .pretrained import load_pretrained, resolve_checkpoint
 from .recipes import METHODS, PRESETS, DataInfo, MethodEntry  # noqa: F401 (MethodEntry: tests add methods)
 from .runtime import cleanup_distributed, resolve_device, seed_everything, setup_distributed
 from .train import CHECKPOINT_DIR, TrainConfig, exported_backbone, steps_per_epoch, train
@@ -174,7 +175,7 @@ EVALUATE_EPILOG = """\
 examples:
   vitssl evaluate --checkpoint runs/sup --protocol knn
   vitssl evaluate --checkpoint runs/sup/backbone.safetensors --protocol linear --max-train 10000
-  vitssl evaluate --checkpoint checkpoints/simclr.safetensors --protocol knn   # a shipped backbone
+  vitssl evaluate --checkpoint simclr --protocol knn          # a shipped backbone, by name
   vitssl evaluate --checkpoint runs/dino --max-train 10000 --max-test 2000      # a run still training:
       # its newest checkpoint's exported backbone (DINO: the teacher), to watch a long run for collapse
 """
@@ -192,6 +193,7 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         description="Self-supervised Vision Transformers: pre-train and evaluate.",
         epilog="run 'vitssl pretrain --help' or 'vitssl evaluate --help' for examples.",
     )
+    parser.add_argument("--version", action="version", version=f"vitssl {__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{pretrain,evaluate,show}", parser_class=_Parser)
     d = PRETRAIN_DEFAULTS
     p = sub.add_parser(
@@ -323,9 +325,10 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     e.add_argument(
         "--checkpoint",
         required=True,
-        metavar="PATH",
-        help="a pretrain --out folder (one still training too: its newest checkpoint), or a "
-        "backbone.safetensors with its backbone.json beside it",
+        metavar="PATH|NAME",
+        help="a pretrain --out folder (one still training too: its newest checkpoint), a "
+        "backbone.safetensors with its backbone.json beside it, a card NAME.json, or the name of a "
+        "backbone shipped with the package (dino, mae, ...; an existing path wins over a name)",
     )
     e.add_argument(
         "--protocol", default="knn", choices=PROTOCOLS, help="knn, linear, finetune or label_efficiency (default: knn)"
@@ -682,9 +685,12 @@ def _segments(out: Path) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- evaluate
 def _find_backbone(path: str) -> tuple[vit.ViT, dict[str, Any]]:
-    """(backbone, its card) from a pretrain --out folder, its backbone.safetensors, or a shipped
-    checkpoints/NAME.safetensors (or NAME.json)."""
-    p = Path(path)
+    """(backbone, its card) from a pretrain --out folder, its backbone.safetensors, a card
+    NAME.json (or its NAME.safetensors), or a shipped name (``dino``): an existing path wins."""
+    try:
+        p = resolve_checkpoint(path)
+    except (OSError, ValueError) as err:  # no such path, or a name that is not shipped
+        raise _CliError(f"--checkpoint {path}: {err}") from None
     if p.is_dir() and not (p / "backbone.safetensors").is_file() and (p / RUN_CARD).is_file():
         return _run_in_progress(p)
     weights = p / "backbone.safetensors" if p.is_dir() else p

@@ -20,9 +20,8 @@ later removed.
 
 ``save_backbone`` exports only the ViT, with timm's plain keys (``blocks.0.attn.qkv.weight``,
 no ``backbone.`` prefix), so ``vitssl_core.ViT`` and timm's ``VisionTransformer`` built with the
-same sizes both read ``load_backbone(path)`` with ``strict=True``. ``load_pretrained`` reads a
-shipped backbone (``checkpoints/NAME.safetensors``) with the JSON card beside it that says how
-to rebuild it (``"model"``: the ViT keyword arguments) and how to feed it (``"normalize"``).
+same sizes both read ``load_backbone(path)`` with ``strict=True``. ``pretrained.load_pretrained`` reads
+a shipped backbone with the JSON card beside it that says how to rebuild it.
 """
 
 from __future__ import annotations
@@ -43,7 +42,8 @@ from safetensors.torch import load_file as _st_load_file
 from safetensors.torch import save as _st_save
 from torch import Tensor, nn
 
-from .vit import ViT
+from .runtime import mps_available
+
 
 __all__ = [
     "UnsafeCheckpointError",
@@ -56,7 +56,6 @@ __all__ = [
     "set_rng_state",
     "save_backbone",
     "load_backbone",
-    "load_pretrained",
 ]
 
 WEIGHTS_FILE = "model.safetensors"
@@ -143,6 +142,7 @@ def rng_state() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
+        "mps": [torch.mps.get_rng_state()] if mps_available() else [],
         "numpy": [
             torch.from_numpy(np_state[1].astype(np.int64)),
             int(np_state[2]),
@@ -158,6 +158,8 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    if state.get("mps") and mps_available():  # checkpoints written before MPS support have no "mps"
+        torch.mps.set_rng_state(state["mps"][0].cpu())
     keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     version, internal, gauss = state["python"]
@@ -365,51 +367,3 @@ def load_backbone(path: str | os.PathLike) -> dict[str, Tensor]:
     if "patch_embed.proj.weight" not in state and "backbone.patch_embed.proj.weight" in state:
         state = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
     return state
-
-
-def load_pretrained(path: str | os.PathLike) -> tuple[ViT, dict[str, Any]]:
-    """(backbone in eval mode, float32 on CPU; its card) from ``NAME.json`` or ``NAME.safetensors``.
-
-    The card is the JSON file beside the weights; its ``"model"`` holds the ``ViT`` keyword
-    arguments (``"architecture"`` in the ``backbone.json`` that ``vitssl pretrain`` writes, which
-    is read too), ``"feature"`` what probes read ("cls", "avg" or "cls+avg"), ``"normalize"`` the
-    mean and std applied to pixels in [0, 1], and ``"metrics"`` what the backbone scored.
-    """
-    path = Path(path)
-    card_path = path if path.suffix == ".json" else path.with_suffix(".json")
-    if not card_path.is_file():
-        raise FileNotFoundError(f"path={str(path)!r}: no card {card_path.name} (a NAME.json beside NAME.safetensors)")
-    try:
-        card = json.loads(card_path.read_text())
-    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
-        raise ValueError(f"{card_path} is not valid JSON ({err}); a card is a JSON object") from err
-    model = None
-    if isinstance(card, dict):  # a shipped card's "model", or the "architecture" of `vitssl pretrain`'s backbone.json
-        model = card.get("model") if isinstance(card.get("model"), dict) else card.get("architecture")
-    if not isinstance(model, dict):
-        baseline = isinstance(card, dict) and "weights" in card and card["weights"] is None
-        raise ValueError(
-            f'{card_path}: the card has no "model" mapping of ViT keyword arguments '
-            '(nor the "architecture" of a backbone.json from vitssl pretrain)'
-            + (
-                f"; it describes a baseline without weights (method {card.get('method')!r}), nothing to load"
-                if baseline
-                else ""
-            )
-        )
-    weights = card_path.with_name(card.get("weights") or card_path.with_suffix(".safetensors").name)
-    if not weights.is_file():
-        raise FileNotFoundError(
-            f"{card_path}: its weights {weights.name} are missing (the card describes a baseline without weights?)"
-        )
-    try:
-        backbone = ViT(**model)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{card_path}: its ViT keyword arguments {model} do not build a ViT ({err})") from err
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_backbone(weights).items()}
-    try:
-        backbone.load_state_dict(state)
-    except RuntimeError as err:  # torch lists every key; its first complaint says enough
-        first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
-        raise ValueError(f"{weights} does not fit the ViT its card {card_path.name} describes: {first[:300]}") from err
-    return backbone.eval(), card

@@ -38,6 +38,7 @@ __all__ = [
     "resolve_device",
     "resolve_precision",
     "autocast",
+    "mps_available",
     "to_device",
     "seed_everything",
     "sync_batchnorm",
@@ -102,8 +103,16 @@ def sync_batchnorm(module: nn.Module, device: str | torch.device) -> nn.Module:
 
 
 # --------------------------------------------------------------------------- devices and precision
+def mps_available() -> bool:
+    """Whether this torch build and machine offer Apple's GPU (Metal Performance Shaders)."""
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"``: the GPU ``LOCAL_RANK`` if CUDA is available, else the CPU; otherwise ``torch.device(device)``."""
+    """``"auto"``: the GPU ``LOCAL_RANK`` if CUDA is available, else Apple's GPU (MPS), else the CPU;
+    otherwise ``torch.device(device)``, checked to exist on this machine. Nothing has run on MPS yet
+    (no Mac in our CI): the package keeps float64 off the device and trains in fp32 there."""
     if isinstance(device, torch.device):
         return device
     if not isinstance(device, str):
@@ -111,11 +120,17 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if mps_available():
+            return torch.device("mps")
         return torch.device("cpu")
     try:
         found = torch.device(device)
     except RuntimeError as err:
-        raise ValueError(f"device={device!r} is not a torch device; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from err
+        raise ValueError(
+            f"device={device!r} is not a torch device; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
+        ) from err
+    if found.type == "mps" and not mps_available():
+        raise ValueError(f"device={device!r}: Apple's MPS is not available on this machine; use 'cpu' or 'auto'")
     if found.type == "cuda":  # fail here, not deep in the first .to(device)
         if not torch.cuda.is_available():
             raise ValueError(
@@ -135,9 +150,13 @@ def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str
     """``"bf16"`` or ``"fp32"``; ``"auto"`` picks bf16 where it is fast (CUDA with bf16, CPU with AVX-512)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is not one of {PRECISIONS}")
+    device = resolve_device(device)
+    if device.type == "mps" and precision == "bf16":
+        raise ValueError(
+            "precision='bf16' is not supported on MPS (nothing has been tested there); use 'fp32' or 'auto'"
+        )
     if precision != "auto":
         return precision
-    device = resolve_device(device)
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if device.type == "cpu":
@@ -149,7 +168,9 @@ def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str
 def autocast(device: str | torch.device, precision: str) -> ContextManager:
     """bf16 autocast on ``device`` when ``resolve_precision(precision, device)`` is "bf16", else nothing."""
     device = resolve_device(device)
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=resolve_precision(precision, device) == "bf16")
+    if resolve_precision(precision, device) != "bf16":
+        return contextlib.nullcontext()  # no autocast object at all: not every device type has one (MPS)
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def to_device(obj: Any, device: str | torch.device) -> Any:

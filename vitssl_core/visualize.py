@@ -19,7 +19,6 @@ objects (no pyplot state), so a notebook shows them and the CLI saves them.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +27,10 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from .checkpoint import load_backbone, load_pretrained
+from .checkpoint import load_backbone
 from .evaluate import attention_maps
 from .mae import DECODER_NAMES, MAE
+from .pretrained import load_pretrained, resolve_checkpoint
 from .vit import ViT
 
 __all__ = [
@@ -47,34 +47,11 @@ __all__ = [
     "mean_attention_distance",
     "patch_distances",
     "position_similarity",
-    "resolve_checkpoint",
     "uniform_attention_distance",
 ]
 
-SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints"  # the repository's shipped cards
 
-
-# --------------------------------------------------------------------------- checkpoints and images
-def resolve_checkpoint(name: str | os.PathLike) -> Path:
-    """A card path from a shipped name (``"dino"`` -> ``checkpoints/dino.json``) or a path to
-    ``NAME.json`` / ``NAME.safetensors``."""
-    if not isinstance(name, (str, os.PathLike)) or not str(name):
-        raise TypeError(f"checkpoint must be a non-empty name or path, got {name!r}")
-    p = Path(name)
-    if p.suffix in (".json", ".safetensors"):
-        card = p.with_suffix(".json")
-        if not card.is_file():
-            raise FileNotFoundError(f"checkpoint={str(name)!r}: no card {card} (a NAME.json beside NAME.safetensors)")
-        return card
-    if re.fullmatch(r"[A-Za-z0-9_\-]+", str(name)):
-        for folder in (Path.cwd() / "checkpoints", SHIPPED):
-            if (folder / f"{name}.json").is_file():
-                return folder / f"{name}.json"
-        shipped = sorted(c.stem for c in SHIPPED.glob("*.json")) if SHIPPED.is_dir() else []
-        raise FileNotFoundError(f"checkpoint={str(name)!r} is not a shipped card; shipped: {', '.join(shipped)}")
-    raise FileNotFoundError(f"checkpoint={str(name)!r}: give a shipped name or a path to NAME.json / NAME.safetensors")
-
-
+# --------------------------------------------------------------------------- images
 def load_image(path: str | os.PathLike, size: int | tuple[int, int] = 28, in_chans: int = 1) -> Tensor:
     """A PNG/JPEG file -> uint8 (1, C, H, W), resized to ``size`` (grey for C=1, RGB for C=3)."""
     from PIL import Image, UnidentifiedImageError

@@ -102,3 +102,67 @@ def test_layers_point_one_way(module, never):
     reach = _reach(_imports(), module)
     assert module not in reach, f"{module} imports itself through {reach}"
     assert not reach & never
+
+
+# --------------------------------------------------------------------------- Apple GPUs (MPS), by patching
+# No Mac runs our tests: these patch availability and check the rules, not Metal itself.
+def _machine(monkeypatch, cuda: bool, mps: bool) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+
+
+def test_auto_picks_cuda_then_mps_then_the_cpu(monkeypatch):
+    _machine(monkeypatch, cuda=False, mps=True)
+    assert runtime.resolve_device("auto") == torch.device("mps")
+    assert runtime.resolve_precision("auto", "mps") == "fp32"  # fp32 on MPS: bf16 autocast is untested there
+    _machine(monkeypatch, cuda=False, mps=False)
+    assert runtime.resolve_device("auto") == torch.device("cpu")
+    _machine(monkeypatch, cuda=True, mps=True)
+    assert runtime.resolve_device("auto").type == "cuda"
+
+
+def test_mps_is_refused_where_there_is_none_and_bf16_is_refused_on_it(monkeypatch):
+    _machine(monkeypatch, cuda=False, mps=False)
+    with pytest.raises(ValueError, match="MPS is not available on this machine"):
+        runtime.resolve_device("mps")
+    _machine(monkeypatch, cuda=False, mps=True)
+    with pytest.raises(ValueError, match="bf16.*not supported on MPS"):
+        runtime.resolve_precision("bf16", "mps")
+
+
+def test_no_autocast_object_is_built_for_fp32(monkeypatch):
+    built = []
+    real = torch.autocast
+    monkeypatch.setattr(torch, "autocast", lambda *a, **k: built.append(a) or real(*a, **k))
+    with runtime.autocast("cpu", "fp32"):
+        pass
+    assert built == []  # a device without autocast support (MPS in older torch) never sees one
+    with runtime.autocast("cpu", "bf16"):
+        pass
+    assert built == [("cpu",)]
+
+
+def test_the_cli_refuses_mps_where_there_is_none_in_one_line(monkeypatch, capsys):
+    from vitssl_core.__main__ import main
+
+    _machine(monkeypatch, cuda=False, mps=False)
+    code = main(["pretrain", "--method", "simclr", "--steps", "1", "--device", "mps", "--out", "unused"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "MPS is not available" in err[0], err
+
+
+def test_checkpoints_carry_the_mps_random_state(monkeypatch):
+    from vitssl_core import checkpoint
+
+    saved = torch.tensor([1, 2, 3], dtype=torch.uint8)
+    restored = []
+    monkeypatch.setattr(checkpoint, "mps_available", lambda: True)
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda: saved.clone())
+    monkeypatch.setattr(torch.mps, "set_rng_state", lambda s: restored.append(s))
+    state = checkpoint.rng_state()
+    assert torch.equal(state["mps"][0], saved)
+    checkpoint.set_rng_state(state)
+    assert torch.equal(restored[0], saved)
+    older = {k: v for k, v in state.items() if k != "mps"}  # a checkpoint written before MPS support
+    checkpoint.set_rng_state(older)
+    assert len(restored) == 1

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .losses import info_nce, moco_infonce
-from .schedules import cosine_momentum, ema_update_
+from .schedules import MomentumLog, cosine_momentum, ema_update_, upgrade_momentum_log
 from .vit import ViT
 
 __all__ = ["SimCLR", "MoCoV3", "mlp_head"]
@@ -238,13 +238,13 @@ class MoCoV3(nn.Module):
         self.base_momentum = float(momentum)
         # The momentum of the last EMA update, for the logs: a buffer, so a resumed run logs what
         # an uninterrupted one does. A checkpoint written before it existed loads with the base value.
-        self.register_buffer("last_momentum", torch.tensor(float(momentum), dtype=torch.float64))
-        self.register_load_state_dict_pre_hook(_default_last_momentum)
+        self.momentum_log = MomentumLog(momentum)
+        self.register_load_state_dict_pre_hook(upgrade_momentum_log)
 
     @property
     def momentum(self) -> float:
         """The momentum of the last ``on_step_end`` (``momentum`` before the first); survives a resume."""
-        return float(self.last_momentum)
+        return self.momentum_log.value
 
     def _online_params(self) -> list[nn.Parameter]:
         return list(self.backbone.parameters()) + list(self.projector.parameters())
@@ -275,12 +275,7 @@ class MoCoV3(nn.Module):
         """EMA of the online encoder into the momentum encoder with m = cosine_momentum(momentum, step, max_steps)."""
         m = cosine_momentum(self.base_momentum, step, max_steps)
         ema_update_(self._momentum_params(), self._online_params(), m)  # target = m target + (1 - m) online
-        self.last_momentum.fill_(m)
-
-
-def _default_last_momentum(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
-    """Load-state-dict pre-hook: a checkpoint without ``last_momentum`` keeps the module's current value."""
-    state_dict.setdefault(prefix + "last_momentum", module.last_momentum.detach().clone())
+        self.momentum_log.set(m)
 
 
 @torch.no_grad()

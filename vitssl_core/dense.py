@@ -301,7 +301,7 @@ def mean_iou(
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes={num_classes!r} must be a positive int")
-    cm = confusion_matrix(pred, target, num_classes, ignore_index).double()
+    cm = confusion_matrix(pred, target, num_classes, ignore_index).cpu().double()  # float64 on the CPU: MPS has none
     return _iou_from_confusion(cm, ignore_background)
 
 

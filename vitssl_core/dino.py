@@ -35,7 +35,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from .distributed import all_reduce_sum, get_world_size
 from .losses import dino_cross_entropy, sharpen
-from .schedules import cosine_momentum, ema_update_
+from .schedules import MomentumLog, cosine_momentum, ema_update_, upgrade_momentum_log
 from .vit import DropPath, ViT
 
 __all__ = ["DINOHead", "DINO"]
@@ -121,11 +121,6 @@ def _without_stochastic_layers(backbone: nn.Module) -> nn.Module:
         elif isinstance(m, nn.Dropout):
             m.p = 0.0
     return backbone
-
-
-def _default_last_momentum(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
-    """Load-state-dict pre-hook: a checkpoint without ``last_momentum`` keeps the module's current value."""
-    state_dict.setdefault(prefix + "last_momentum", module.last_momentum.detach().clone())
 
 
 # --------------------------------------------------------------------------- the method
@@ -250,8 +245,8 @@ class DINO(nn.Module):
         self.base_momentum = float(momentum)
         # The momentum of the last EMA update, for the logs: a buffer like steps_done, so a resumed
         # run logs what an uninterrupted one does (a checkpoint without it loads with the base value).
-        self.register_buffer("last_momentum", torch.tensor(float(momentum), dtype=torch.float64))
-        self.register_load_state_dict_pre_hook(_default_last_momentum)
+        self.momentum_log = MomentumLog(momentum)
+        self.register_load_state_dict_pre_hook(upgrade_momentum_log)
         self.freeze_last_layer_steps = freeze_last_layer_steps
 
     def train(self, mode: bool = True) -> "DINO":
@@ -270,7 +265,7 @@ class DINO(nn.Module):
     @property
     def momentum(self) -> float:
         """The teacher momentum of the last ``on_step_end`` (``momentum`` before the first); survives a resume."""
-        return float(self.last_momentum)
+        return self.momentum_log.value
 
     @property
     def last_layer_frozen(self) -> bool:
@@ -369,7 +364,7 @@ class DINO(nn.Module):
         """teacher <- m teacher + (1 - m) student, m = cosine_momentum(momentum, step, max_steps); advance the step."""
         m = cosine_momentum(self.base_momentum, step, max_steps)
         ema_update_(self._teacher_params(), self._student_params(), m)
-        self.last_momentum.fill_(m)
+        self.momentum_log.set(m)
         self.steps_done.fill_(step + 1)
 
     def export_backbone(self) -> tuple[str, ViT]:

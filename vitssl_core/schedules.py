@@ -17,9 +17,17 @@ import math
 from collections.abc import Iterable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["cosine_schedule", "cosine_momentum", "ema_update_", "decays", "NO_DECAY_NAMES"]
+__all__ = [
+    "cosine_schedule",
+    "cosine_momentum",
+    "ema_update_",
+    "decays",
+    "NO_DECAY_NAMES",
+    "MomentumLog",
+    "upgrade_momentum_log",
+]
 
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token")  # any parameter whose name contains one
 
@@ -57,6 +65,41 @@ def cosine_momentum(base: float, step: int, max_steps: int) -> float:
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= max_steps:
         raise ValueError(f"step={step!r} must be an int in [0, max_steps={max_steps}]")
     return 1.0 - (1.0 - base) * (math.cos(math.pi * step / max_steps) + 1.0) / 2.0
+
+
+class MomentumLog(nn.Module):
+    """The momentum of the last EMA update, kept exactly (a float64's bits in an int64 buffer).
+
+    A buffer, so a resumed run logs what an uninterrupted one does; int64, not float64, because
+    Apple's MPS has no float64 and the buffer travels with the model. The owning method registers
+    ``upgrade_momentum_log`` so that its older checkpoints load too.
+    """
+
+    def __init__(self, momentum: float):
+        super().__init__()
+        self.register_buffer("bits", self.encode(momentum))
+
+    @staticmethod
+    def encode(value: float) -> Tensor:
+        """A 0-dim int64 tensor holding the bits of ``value`` as a float64 (made on the CPU)."""
+        return torch.tensor(float(value), dtype=torch.float64).view(torch.int64)
+
+    @property
+    def value(self) -> float:
+        return float(self.bits.detach().cpu().view(torch.float64))
+
+    def set(self, value: float) -> None:
+        self.bits.copy_(self.encode(value))
+
+
+def upgrade_momentum_log(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook of a method with a ``momentum_log``: a checkpoint with the older float64
+    ``last_momentum`` buffer is converted; one from before either existed keeps the module's value."""
+    key = prefix + "momentum_log.bits"
+    old = state_dict.pop(prefix + "last_momentum", None)
+    if old is not None:
+        state_dict[key] = MomentumLog.encode(float(old))
+    state_dict.setdefault(key, module.momentum_log.bits.detach().clone())
 
 
 @torch.no_grad()

@@ -425,7 +425,7 @@ def _warn_config_changes(saved: dict[str, Any], config: TrainConfig) -> None:
 def _same_on_all_ranks(value: int, device: torch.device, what: str) -> None:
     if not is_distributed():
         return
-    t = torch.tensor([value, -value], dtype=torch.float64, device=device)
+    t = torch.tensor([value, -value], dtype=torch.int64, device=device)  # integers, exactly (and MPS has no float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     if t[0].item() != -t[1].item():
         raise RuntimeError(
@@ -830,7 +830,7 @@ def _forward_backward(setup: _Setup, state: _RunState) -> tuple[Tensor, dict[str
         last_micro = micro == config.accum_steps - 1
         # gradients are reduced across processes only with the last micro-batch
         with setup.ddp.no_sync() if setup.ddp is not None and not last_micro else contextlib.nullcontext():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=setup.bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16) if setup.bf16 else contextlib.nullcontext():
                 loss, logs = setup.model(batch)
             if not isinstance(loss, Tensor) or loss.ndim != 0:
                 raise TypeError(

@@ -237,3 +237,43 @@ def test_the_chinese_guide_maps_every_article_section_and_types_no_result():
     assert linked <= chapters
     assert chapters - linked <= {"intro", "zh_guide", "glossary", "bibliography"}
     assert not re.search(r"\d+(\.\d+)?\s*%", text), "numbers live in results, not in the guide"
+
+
+# --------------------------------------------------------------------------- the vitssl command on the pages
+def option_strings(parser) -> set[str]:
+    found = set()
+    for action in parser._actions:
+        found |= set(action.option_strings)
+        if isinstance(action.choices, dict):  # a subcommand's parser
+            for sub in action.choices.values():
+                found |= option_strings(sub)
+    return found
+
+
+def test_every_flag_the_gpu_page_names_exists_in_vitssl_or_torchrun():
+    from torch.distributed.run import get_args_parser
+
+    from vitssl_core.__main__ import build_parser
+
+    known = option_strings(build_parser()) | option_strings(get_args_parser())
+    assert {"--device", "--precision", "--batch-size", "--nnodes", "--node_rank"} <= known
+    text = (ROOT / "book" / "gpus.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", text))
+    assert len(named) > 15
+    assert named - known == set()
+
+
+def test_the_api_page_prints_the_help_of_every_vitssl_subcommand():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from cli_help import command_help
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    text = (ROOT / "book" / "api.md").read_text(encoding="utf-8")
+    shown = set(re.findall(r"```\{vitssl-help\} ?(\w*)\n```", text))
+    assert shown == {"", "pretrain", "evaluate", "show"}
+    assert "--batch-size" in command_help("pretrain") and "usage: vitssl evaluate" in command_help("evaluate")
+    with pytest.raises(ValueError, match="no subcommand 'train'"):
+        command_help("train")

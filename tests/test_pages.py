@@ -176,12 +176,20 @@ def chapter_imports() -> list[tuple[str, str, str]]:
                         found.append((rel(page), m.group(1) or "", name))
             for m in re.finditer(r"(?<![\w.])vitssl_core\.(\w+)(?:\.(\w+))?", text):
                 first, second = m.group(1), m.group(2)
-                is_module = isinstance(getattr(importlib.import_module("vitssl_core"), first, None), types.ModuleType)
+                is_module = isinstance(resolve("", first), types.ModuleType)
                 if is_module and second:
                     found.append((rel(page), first, second))
                 elif not is_module:
                     found.append((rel(page), "", first))
     return found
+
+
+def resolve(module_name: str, name: str):
+    """``from vitssl_core[.module_name] import name``: an attribute, or a submodule not imported yet."""
+    module = importlib.import_module(f"vitssl_core.{module_name}" if module_name else "vitssl_core")
+    if hasattr(module, name):
+        return getattr(module, name)
+    return importlib.import_module(f"{module.__name__}.{name}")
 
 
 def test_the_api_page_documents_every_export_and_every_name_the_chapters_import():
@@ -193,14 +201,10 @@ def test_the_api_page_documents_every_export_and_every_name_the_chapters_import(
     imports = chapter_imports()
     assert len(imports) > 100  # the parser above finds the chapters' imports at all
     for page, module_name, name in imports:
-        module = importlib.import_module(f"vitssl_core.{module_name}" if module_name else "vitssl_core")
-        obj = getattr(module, name)
-        if isinstance(obj, types.ModuleType):
-            ok = obj.__name__ in modules
-        else:
-            ok = id(obj) in objects
+        obj = resolve(module_name, name)
+        ok = obj.__name__ in modules if isinstance(obj, types.ModuleType) else id(obj) in objects
         if not ok:
-            missing.append(f"{page}: {module.__name__}.{name}")
+            missing.append(f"{page}: vitssl_core.{module_name + '.' if module_name else ''}{name}")
     assert missing == [], "not documented on book/api.md:\n" + "\n".join(sorted(set(missing)))
 
 
@@ -277,3 +281,14 @@ def test_the_api_page_prints_the_help_of_every_vitssl_subcommand():
     assert "--batch-size" in command_help("pretrain") and "usage: vitssl evaluate" in command_help("evaluate")
     with pytest.raises(ValueError, match="no subcommand 'train'"):
         command_help("train")
+
+
+def test_the_intro_names_exactly_the_modules_the_chapters_import():
+    text = (ROOT / "book" / "intro.md").read_text(encoding="utf-8")
+    sentence = text.split("The chapters import from `vitssl_core` itself and from", 1)[1].split("{doc}`api`", 1)[0]
+    named = set(re.findall(r"`(\w+)`", sentence))
+    imported = {module for _, module, _ in chapter_imports() if module}
+    for _, module, name in chapter_imports():  # `from vitssl_core import visualize` imports a module too
+        if not module and isinstance(resolve("", name), types.ModuleType):
+            imported.add(name)
+    assert named == imported

@@ -9,6 +9,7 @@ pre_logits=True)``: the class token (or the patch mean for ``global_pool="avg"``
 
 Defaults are the papers'; what small images (28x28 Fashion-MNIST, a 5M-parameter ViT, batch
 256 on a CPU) change is summed up here:
+
 - SimCLR: ``hidden_dim=2048``, ``proj_dim=128``, ``temperature=0.1`` (the paper's ImageNet
   values, tuned for batch 4096). For small images and batches a hidden width of 512 costs less,
   and tau = 0.2-0.5 suits batches of a few hundred (SimCLR's CIFAR-10 runs used tau = 0.5).
@@ -166,12 +167,14 @@ class MoCoV3(nn.Module):
 
     With ``init_backbone=True`` (the default, for pre-training from scratch) the backbone is set
     up as MoCo v3's ``VisionTransformerMoCo`` (``vits.py``) sets up its own:
+
     - ``pos_embed`` becomes a fixed 2-D sin-cos table (not trained);
     - every Linear is xavier-uniform with zero bias, the fused ``qkv`` with the bound of one
       (D, D) projection, sqrt(6 / 2D) (``ViT.init_xavier(split_qkv=True)``); LayerNorms are 1, 0;
     - ``cls_token`` is normal with std 1e-6;
     - the patch projection is uniform in +-sqrt(6 / (C P P + D)) with zero bias (xavier for the
       convolution as the linear map it is).
+
     ``freeze_patch_embed`` (by default equal to ``init_backbone``) then keeps that random patch
     projection fixed (``--stop-grad-conv1``, part of every MoCo v3 ViT recipe): MoCo v3 traced the
     loss spikes of ViT training to sudden changes of the patch projection's gradient. Pass
@@ -179,6 +182,7 @@ class MoCoV3(nn.Module):
     which parameters train), e.g. to continue pre-training.
 
     Deviations from facebookresearch/moco-v3 that we keep:
+
     - The sin-cos table is MAE's (``sincos_pos_embed_2d``): channels (sin col, cos col, sin row,
       cos row), where MoCo v3's are (sin row, cos row, sin col, cos col), same frequencies. The
       two tables differ by a fixed permutation of the D channels, and every initialisation here

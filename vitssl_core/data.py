@@ -29,12 +29,14 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: Per data set, the ``mean`` and ``std`` of its pixels scaled to [0, 1], one value per channel.
 NORMALIZE = {
     "fashion_mnist": {"mean": FASHION_MNIST_MEAN, "std": FASHION_MNIST_STD},
     "cifar10": {"mean": CIFAR10_MEAN, "std": CIFAR10_STD},
     "imagenet": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD},
 }
 
+#: The ten Fashion-MNIST class names, in label order.
 FASHION_MNIST_CLASSES = (
     "T-shirt/top",
     "Trouser",
@@ -47,7 +49,7 @@ FASHION_MNIST_CLASSES = (
     "Bag",
     "Ankle boot",
 )
-# (images, labels) file names per split, without the ".gz" suffix.
+#: (images, labels) file names per split (``True``: train), without the ".gz" suffix.
 FASHION_MNIST_FILES = {
     True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),

@@ -135,6 +135,7 @@ class DINO(nn.Module):
     counter ``steps_done``; ``export_backbone`` names the teacher as the backbone to ship.
 
     As in ``main_dino.py``:
+
     - The teacher is built without stochastic depth or dropout (every rate of the copy set to
       0; the student keeps the backbone's ``drop_path_rate``, DINO's default 0.1), and its
       backbone stays in eval mode whatever ``train()`` is asked (a copy with rate 0 is
@@ -149,6 +150,7 @@ class DINO(nn.Module):
       read ``checkpoint_key teacher``, and the teacher is the better network (paper, 5.2).
 
     Kept deviations, and why:
+
     - Schedules count optimizer steps, not epochs (one convention with the trainer, exact under
       any resume): the teacher temperature rises linearly per step (DINO: one value per epoch)
       and the freeze is ``freeze_last_layer_steps`` long (DINO: ``--freeze_last_layer`` epochs).

@@ -81,6 +81,7 @@ class MAE(nn.Module):
     The decoder is always initialised as in MAE: xavier linears, fixed sin-cos positions.
 
     Deviations from facebookresearch/mae that we keep:
+
     - ``cls_token`` and ``mask_token`` are not weight-decayed (MAE's ``add_weight_decay`` decays
       every tensor of more than one dimension); one no-decay rule serves every method here, and
       both tokens are a few hundred numbers.

@@ -4,6 +4,7 @@ A schedule is a float64 tensor with one value per optimisation step, so resuming
 reads ``schedule[k]`` and a plot of the schedule is a plot of the tensor.
 
 The two rules every optimisation loop of the package shares live here too:
+
 - ``decays(name, param)``: which parameters get weight decay (the trainer's ``param_groups``,
   fine-tuning's ``layer_decay_param_groups``);
 - ``ema_update_(targets, sources, m)``: an exponential moving average, targets <- m targets +

@@ -10,6 +10,7 @@ learning rate scaled linearly with the batch (Goyal et al., 2017):
 where ``batch_size`` is per process. The loop knows nothing of any method. It relies on the
 method protocol only: an ``nn.Module`` with a ``backbone`` attribute, a
 ``training_step(batch) -> (loss, logs)`` and optionally
+
 - ``on_before_optimizer_step(step, max_steps)``, called once the gradients of a step are
   complete and clipped, just before the optimizer uses them (DINO drops its frozen last
   layer's gradients there);
@@ -19,6 +20,7 @@ method protocol only: an ``nn.Module`` with a ``backbone`` attribute, a
   ``backbone`` (DINO: its EMA teacher); ``exported_backbone(method)`` reads it.
 
 What a user can count on:
+
 - Deterministic: fixed seeds, a sampler whose order depends only on (seed, epoch), a DataLoader
   with a seeded generator and ``drop_last=True``. With ``num_workers=0`` and fp32 on a CPU, a
   run stopped at any step (even by SIGKILL) and resumed with ``resume=True`` ends with the very

@@ -142,7 +142,7 @@ def mean_attention_distance(attn: Tensor, grid_size: int | tuple[int, int], patc
 
     With N = 1 + L the class token (row and column 0) is left out and each query's patch
     weights are renormalised; with N = L every token is a patch. The distance of a query is
-    sum_j a_ij * |c_i - c_j|; it is averaged over queries and images.
+    ``sum_j a_ij * |c_i - c_j|``; it is averaged over queries and images.
     """
     dist = patch_distances(grid_size, patch_size)  # (L, L)
     L = dist.shape[0]

@@ -144,7 +144,7 @@ BATTERY = [  # (argv; {tmp} is a folder of good and broken files, {repo} the rep
     ),
     (["evaluate", "--checkpoint", "{tmp}/bad_weights"], "backbone.safetensors is not a readable safetensors file"),
     (["evaluate", "--checkpoint", "{tmp}/bad_card"], "backbone.json is not valid JSON"),
-    (["evaluate", "--checkpoint", "{tmp}/missing"], "expected backbone.safetensors and backbone.json"),
+    (["evaluate", "--checkpoint", "{tmp}/missing"], "no such file or folder; give a 'vitssl pretrain' --out folder"),
     (["evaluate", "--checkpoint", "{repo}/vitssl_core/pretrained/pixels.json"], "describes a baseline without weights"),
     (["evaluate", "--checkpoint", "{tmp}/good", "--protocol", "nope"], "invalid choice: 'nope'"),
     (["evaluate", "--checkpoint", "{tmp}/good", "--feature", "max"], "invalid choice: 'max'"),

@@ -41,7 +41,7 @@ from .checkpoint import (
     save_backbone,
 )
 from .evaluate import FEATURES, PROTOCOLS, choose_feature, run_protocol
-from .pretrained import load_pretrained, resolve_checkpoint
+from .pretrained import list_pretrained, load_pretrained, resolve_checkpoint
 from .recipes import METHODS, PRESETS, DataInfo, MethodEntry  # noqa: F401 (MethodEntry: tests add methods)
 from .runtime import cleanup_distributed, resolve_device, seed_everything, setup_distributed
 from .train import CHECKPOINT_DIR, TrainConfig, exported_backbone, steps_per_epoch, train
@@ -689,7 +689,13 @@ def _find_backbone(path: str) -> tuple[vit.ViT, dict[str, Any]]:
     NAME.json (or its NAME.safetensors), or a shipped name (``dino``): an existing path wins."""
     try:
         p = resolve_checkpoint(path)
-    except (OSError, ValueError) as err:  # no such path, or a name that is not shipped
+    except FileNotFoundError:
+        names = ", ".join(row["name"] for row in list_pretrained() if row["weights"])
+        raise _CliError(
+            f"--checkpoint {path}: no such file or folder; give a 'vitssl pretrain' --out folder (finished: "
+            f"backbone.safetensors and backbone.json; or still training), a card NAME.json, or a shipped name ({names})"
+        ) from None
+    except ValueError as err:  # a name that is not shipped: the message lists the shipped ones
         raise _CliError(f"--checkpoint {path}: {err}") from None
     if p.is_dir() and not (p / "backbone.safetensors").is_file() and (p / RUN_CARD).is_file():
         return _run_in_progress(p)

@@ -64,6 +64,7 @@ from vitssl_core.evaluate import (
 )
 from vitssl_core.mae import DECODER_NAMES
 from vitssl_core.pretrained import PRETRAINED, load_pretrained, tensor_digest
+from vitssl_core.recipes import dino_local_size
 from vitssl_core.train import CHECKPOINT_DIR, hardware
 from vitssl_core.vit import ViT, architecture
 
@@ -172,6 +173,21 @@ def _finetune(backbone, x_train, y_train, x_test, y_test, normalize, epochs: int
         return_correct=True,
         **FINETUNE,
     )["correct"]
+
+
+def _deviations(run_card: dict) -> list[str]:
+    """What the run did differently from its reference that the card itself must say (not only the recipe)."""
+    notes = []
+    arch = run_card.get("architecture") or {}
+    if run_card.get("method") == "dino" and arch.get("dynamic_img_size"):
+        grid = arch["img_size"] // arch["patch_size"]
+        local = dino_local_size(arch["img_size"], arch["patch_size"]) // arch["patch_size"]
+        notes.append(
+            f"local crops see the {grid}x{grid} positional table resampled bicubically, with antialiasing, "
+            f"to {local}x{local} (vit.resample_pos_embed); DINO's interpolate_pos_encoding resamples "
+            "bicubically without antialiasing"
+        )
+    return notes
 
 
 def _ship_decoder(run: Path, out: Path, name: str) -> dict | None:
@@ -296,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "train_config": old.get("train_config"),
                 "method_args": old.get("method_args"),
+                "model_args": old.get("model_args"),
+                "deviations": old.get("deviations"),
                 "remeasured_from_revision": old.get("code_revision"),
             }
         )
@@ -314,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         wall = run_card.get("train_wall_seconds") or _wall_seconds(run)
         card["train_config"] = run_card.get("train_config")
         card["method_args"] = run_card.get("method_args")
+        card["model_args"] = run_card.get("model_args")  # patch_size, drop_path_rate: what the recipe guard checks
+        card["deviations"] = _deviations(run_card)
 
     # How the backbone was made, assembled before the evaluation (the long part) so that a card
     # lacking a field fails in seconds, not after an hour of fine-tuning.

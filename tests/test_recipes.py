@@ -82,3 +82,18 @@ def test_the_cli_builds_exactly_what_the_library_builds(needs_fashion_mnist):
     expected = from_library.state_dict()
     assert from_cli.state_dict().keys() == expected.keys()
     assert all(torch.equal(v, expected[k]) for k, v in from_cli.state_dict().items())
+
+
+def test_the_supervised_baseline_can_train_on_the_images_as_they_are():
+    # the baseline matched to the fine-tuning protocol sees no crops and no flips, only the normalisation
+    base = TensorDataset(torch.rand(4, 1, 28, 28), torch.arange(4))
+    plain = recipes.build_method("supervised", tiny(), INFO, augment="none")
+    dataset = recipes.training_data("supervised", base, INFO, plain)[0]
+    for i in range(4):
+        expected = (base[i][0] - INFO.mean[0]) / INFO.std[0]
+        torch.testing.assert_close(dataset[i][0], expected)
+    augmented = recipes.training_data("supervised", base, INFO, recipes.build_method("supervised", tiny(), INFO))[0]
+    torch.manual_seed(0)
+    assert any(not torch.allclose(augmented[i][0], (base[i][0] - INFO.mean[0]) / INFO.std[0]) for i in range(4))
+    with pytest.raises(ValueError, match="augment='mixup' is not one of"):
+        recipes.build_method("supervised", tiny(), INFO, augment="mixup")

@@ -178,3 +178,13 @@ def test_carry_run_saves_a_run_to_a_branch_and_restores_it_byte_for_byte(tmp_pat
     assert latest_checkpoint(run_dir).name == "step_00000006"
     carry("save", "missing", code=2)
     carry("restore", "missing", code=2)
+
+
+def test_a_dino_card_records_its_resampled_positions_as_a_deviation():
+    module = _ship_module()
+    arch = {"img_size": 28, "patch_size": 4, "dynamic_img_size": True}
+    (note,) = module._deviations({"method": "dino", "architecture": arch})
+    assert "7x7 positional table resampled" in note and "to 3x3" in note  # 12-px local crops on 4-px patches
+    (note,) = module._deviations({"method": "dino", "architecture": dict(arch, patch_size=7)})
+    assert "4x4" in note and "to 2x2" in note  # the 16-token card: 14-px local crops
+    assert module._deviations({"method": "mae", "architecture": arch}) == []

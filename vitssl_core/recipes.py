@@ -118,7 +118,10 @@ class Transformed(Dataset):
 
 # --------------------------------------------------------------------------- data recipes
 def supervised_data(dataset: Dataset, info: DataInfo, method: nn.Module | None = None) -> Dataset:
-    """DeiT-style light augmentation for small images: padded random crop, flip, normalise."""
+    """DeiT-style light augmentation for small images: padded random crop, flip, normalise; only the
+    normalisation if the method was built with ``augment="none"``."""
+    if getattr(method, "augment", "crop_flip") == "none":
+        return Transformed(dataset, v2.Normalize(mean=list(info.mean), std=list(info.std)))
     return Transformed(
         dataset,
         v2.Compose(

@@ -24,10 +24,14 @@ class Supervised(nn.Module):
     """A linear classifier on the backbone's pooled features, trained end to end with cross-entropy.
 
     ``Supervised(vit_tiny_28(), num_classes=10)`` maps (B, C, H, W) images to (B, num_classes)
-    logits; ``training_step((images, labels))`` returns the loss and ``{"acc": ...}``.
+    logits; ``training_step((images, labels))`` returns the loss and ``{"acc": ...}``. ``augment``
+    is read by the data recipe (``recipes.supervised_data``): "crop_flip" (DeiT-style, the
+    default) or "none" (the images as they are, as the fine-tuning protocol feeds them).
     """
 
-    def __init__(self, backbone: ViT, num_classes: int, label_smoothing: float = 0.0):
+    AUGMENTATIONS = ("crop_flip", "none")  # what recipes.supervised_data applies to the training images
+
+    def __init__(self, backbone: ViT, num_classes: int, label_smoothing: float = 0.0, augment: str = "crop_flip"):
         super().__init__()
         if not isinstance(backbone, ViT):
             raise TypeError(f"backbone must be a vitssl_core.ViT, got {type(backbone).__name__}")
@@ -40,7 +44,10 @@ class Supervised(nn.Module):
             raise ValueError(f"num_classes={num_classes!r} must be an int >= 2")
         if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing={label_smoothing!r} must be a float in [0, 1)")
+        if augment not in self.AUGMENTATIONS:
+            raise ValueError(f"augment={augment!r} is not one of {self.AUGMENTATIONS}")
         self.backbone = backbone
+        self.augment = augment  # "none": the fine-tuning protocol's images, for a baseline matched to it
         self.num_classes = num_classes
         self.label_smoothing = float(label_smoothing)
         self.head = nn.Linear(backbone.embed_dim, num_classes)

@@ -42,7 +42,7 @@ from .checkpoint import (
 )
 from .evaluate import FEATURES, PROTOCOLS, choose_feature, run_protocol
 from .recipes import METHODS, PRESETS, DataInfo, MethodEntry  # noqa: F401 (MethodEntry: tests add methods)
-from .runtime import cleanup_distributed, resolve_device, seed_everything, setup_distributed
+from .runtime import cleanup_distributed, resolve_device, resolve_precision, seed_everything, setup_distributed
 from .train import CHECKPOINT_DIR, TrainConfig, exported_backbone, steps_per_epoch, train
 
 # The methods' small-image recipes live in the library (recipes.py); these names stay here for older imports.
@@ -283,7 +283,8 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         run,
         "--precision",
         choices=("auto", "bf16", "fp32"),
-        help="bf16 autocast or fp32; auto: bf16 on GPUs with bf16 and AVX-512 CPUs (default: auto)",
+        help="bf16 autocast or fp32; auto: bf16 on a GPU with bf16, fp32 on CPUs, where bf16 slows "
+        "vit_mini_28 to 0.82x (benchmarks/precision_speed.py); bf16 forces it anywhere (default: auto)",
     )
     p.option(run, "--compile", action=argparse.BooleanOptionalAction, help="torch.compile the training step")
     p.option(run, "--seed", type=_non_negative_int, metavar="N", help="seed of every RNG (default: 0)")
@@ -578,6 +579,7 @@ def _card_head(args: argparse.Namespace, exported: str, export: vit.ViT, info: D
     """The part of the card known before training: the exported backbone's name and build, method, data."""
     return {
         "exported": exported,
+        "precision": resolve_precision(args.precision, args.device),  # the one used: "auto" resolved
         "model": args.model,
         "model_args": args.model_args,
         "architecture": vit.architecture(export),

@@ -119,8 +119,8 @@ class TrainConfig:
 
     ``batch_size`` is per process; the peak learning rate is
     ``blr * batch_size * accum_steps * world_size / 256`` (``peak_lr``). ``min_lr`` is absolute.
-    ``precision="auto"`` means bf16 autocast on a CUDA GPU that supports it and on a CPU with
-    AVX-512, fp32 elsewhere. ``out_dir=None`` writes nothing (no checkpoints, no history file).
+    ``precision="auto"`` means bf16 autocast on a CUDA GPU that supports it, fp32 elsewhere (on
+    CPUs too: ``runtime.resolve_precision``). ``out_dir=None`` writes nothing (no checkpoints, no history file).
     ``resume=True`` continues the newest checkpoint in ``out_dir`` (or starts fresh if there is
     none); without it an ``out_dir`` that already holds a checkpoint is refused.
     ``grad_clip`` with ``clip_mode="global"`` scales all gradients by one factor so that their

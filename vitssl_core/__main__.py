@@ -179,6 +179,13 @@ examples:
       # its newest checkpoint's exported backbone (DINO: the teacher), to watch a long run for collapse
 """
 
+EXPORT_EPILOG = """\
+examples:
+  vitssl export dino --format hf --out exports/dino-hf      # ViTModel.from_pretrained(DIR, add_pooling_layer=False)
+  vitssl export runs/simclr --format timm --out exports/simclr-timm   # timm.create_model("local-dir:DIR", pretrained=True)
+  vitssl export mae --format hf --out exports/mae-hf        # also DIR/mae for ViTMAEForPreTraining (with the decoder)
+"""
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``vitssl`` parser with its ``pretrain`` and ``evaluate`` subcommands."""
@@ -192,7 +199,9 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         description="Self-supervised Vision Transformers: pre-train and evaluate.",
         epilog="run 'vitssl pretrain --help' or 'vitssl evaluate --help' for examples.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{pretrain,evaluate,show}", parser_class=_Parser)
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{pretrain,evaluate,show,export}", parser_class=_Parser
+    )
     d = PRETRAIN_DEFAULTS
     p = sub.add_parser(
         "pretrain",
@@ -364,6 +373,23 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     s.add_argument("--out", required=True, metavar="FILE.png", help="where to save the figure")
     s.add_argument("--mask-ratio", type=float, default=0.75, help="reconstruction: share of patches hidden (0.75)")
     s.add_argument("--seed", type=_non_negative_int, default=0, help="reconstruction: which mask (default: 0)")
+
+    x = sub.add_parser(
+        "export",
+        help="export a backbone for Hugging Face transformers or timm",
+        epilog=EXPORT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Write a backbone as a folder that transformers' ViTModel (--format hf) or "
+        "timm.create_model('local-dir:DIR') (--format timm) loads, with a README on how.",
+    )
+    x.add_argument(
+        "checkpoint",
+        metavar="CHECKPOINT",
+        help="a shipped card name (dino, mae, ...), NAME.json / NAME.safetensors, a pretrain --out "
+        "folder (one still training too) or its backbone.safetensors",
+    )
+    x.add_argument("--format", required=True, choices=("hf", "timm"), help="hf (transformers) or timm")
+    x.add_argument("--out", required=True, metavar="DIR", help="a new or empty folder for the export")
     return parser, p
 
 
@@ -797,6 +823,35 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- export
+def _export(args: argparse.Namespace) -> int:
+    from .export import save_hf, save_timm
+    from .visualize import load_mae, resolve_checkpoint  # shipped names resolve in one place
+
+    path, out = args.checkpoint, Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise _CliError(f"--out {args.out} exists and is not an empty folder; choose a new one")
+    if not Path(path).exists():
+        try:
+            path = str(resolve_checkpoint(path))
+        except (FileNotFoundError, TypeError) as err:
+            raise _CliError(f"export: {err}") from None
+    backbone, card = _find_backbone(path)
+    mae = None
+    if args.format == "hf" and card.get("method") == "mae" and isinstance(card.get("decoder"), dict):
+        try:
+            mae = load_mae(path)[0]  # the decoder ships beside the encoder: ViTMAEForPreTraining gets both
+        except (OSError, ValueError) as err:
+            raise _CliError(f"export: {err}") from None
+        backbone = mae.backbone
+    try:
+        (save_hf(backbone, out, card, mae) if args.format == "hf" else save_timm(backbone, out, card))
+    except ValueError as err:
+        raise _CliError(f"export: {err}") from None
+    print(out)
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``vitssl``; returns the exit code (``--help`` exits through SystemExit(0))."""
@@ -804,6 +859,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parse_args(argv)
         if args.command == "show":
             return _show(args)
+        if args.command == "export":
+            return _export(args)
         return _pretrain(args) if args.command == "pretrain" else _evaluate(args)
     except _CliError as err:
         text = str(err)

@@ -200,7 +200,7 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         epilog="run 'vitssl pretrain --help' or 'vitssl evaluate --help' for examples.",
     )
     sub = parser.add_subparsers(
-        dest="command", required=True, metavar="{pretrain,evaluate,show,export}", parser_class=_Parser
+        dest="command", required=True, metavar="{pretrain,evaluate,show,export,plot}", parser_class=_Parser
     )
     d = PRETRAIN_DEFAULTS
     p = sub.add_parser(
@@ -390,6 +390,17 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     )
     x.add_argument("--format", required=True, choices=("hf", "timm"), help="hf (transformers) or timm")
     x.add_argument("--out", required=True, metavar="DIR", help="a new or empty folder for the export")
+
+    pl = sub.add_parser(
+        "plot",
+        help="draw training curves from history.jsonl",
+        description="Draw loss, learning rate, knn_top1, embedding_std (from --knn-every) and images/s "
+        "against the epoch from each run's history.jsonl, the runs overlaid with a legend; a run "
+        "still training is read as far as it has got.",
+    )
+    pl.add_argument("runs", nargs="+", metavar="RUN", help="pretrain --out folders or history.jsonl files")
+    pl.add_argument("--out", required=True, metavar="FILE.png", help="where to save the figure (.png, .pdf or .svg)")
+    pl.add_argument("--title", help="the figure's title (default: 'Training curves from history.jsonl')")
     return parser, p
 
 
@@ -852,6 +863,27 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- plot
+def _plot(args: argparse.Namespace) -> int:
+    from .curves import plot_history, read_history  # matplotlib only when a picture is asked for
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise _CliError(f"--out {args.out}: give a .png, .pdf or .svg file name")
+    names = [Path(r).name if Path(r).name != "history.jsonl" else Path(r).parent.name for r in args.runs]
+    labels = names if len(set(names)) == len(names) else list(args.runs)
+    if len(set(labels)) != len(labels):
+        raise _CliError(f"plot: a run is given twice: {' '.join(args.runs)}")
+    try:
+        runs = {label: read_history(run) for label, run in zip(labels, args.runs)}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        plot_history(runs, title=args.title).savefig(out, dpi=120)
+    except (OSError, ValueError) as err:
+        raise _CliError(f"plot: {err}") from None
+    print(out)
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``vitssl``; returns the exit code (``--help`` exits through SystemExit(0))."""
@@ -861,6 +893,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _show(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "plot":
+            return _plot(args)
         return _pretrain(args) if args.command == "pretrain" else _evaluate(args)
     except _CliError as err:
         text = str(err)

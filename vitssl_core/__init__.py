@@ -11,8 +11,8 @@ The public API the book and users import, bottom-up (dependencies point down thi
 4. ``train`` and ``checkpoint``: one loop for every method, checkpoints that survive a crash;
    ``recipes``: each method's small-image defaults, shared by the CLI and Python users.
 5. ``evaluate`` and ``dense``: kNN, linear probe, fine-tuning, attention maps; detection and
-   segmentation heads; ``export``: folders that transformers and timm load; ``curves``: training
-   curves from ``history.jsonl``.
+   segmentation heads; ``export``: folders that transformers and timm load; ``curves`` and
+   ``visualize`` (figures; imported on their own, so the package needs matplotlib only for them).
 6. ``python -m vitssl_core`` (the ``vitssl`` command) wires them together.
 """
 
@@ -48,7 +48,6 @@ from .evaluate import (
     pixel_features,
     run_protocol,
 )
-from .curves import plot_history, read_history
 from .export import save_hf, save_timm
 from .losses import info_nce, info_nce_article, moco_infonce
 from .mae import MAE

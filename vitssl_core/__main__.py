@@ -40,7 +40,7 @@ from .checkpoint import (
     load_pretrained,
     save_backbone,
 )
-from .evaluate import FEATURES, PROTOCOLS, choose_feature, run_protocol
+from .evaluate import FEATURES, PROTOCOLS, KNNMonitor, choose_feature, run_protocol
 from .recipes import METHODS, PRESETS, DataInfo, MethodEntry  # noqa: F401 (MethodEntry: tests add methods)
 from .runtime import cleanup_distributed, resolve_device, resolve_precision, seed_everything, setup_distributed
 from .train import CHECKPOINT_DIR, TrainConfig, exported_backbone, steps_per_epoch, train
@@ -148,6 +148,9 @@ PRETRAIN_DEFAULTS: dict[str, Any] = {
     "method_args": [],
     "clip_mode": "global",
     "feature_validation": 5000,
+    "knn_every": 0,
+    "knn_val": 2000,
+    "knn_train": 10000,
 }
 
 PRETRAIN_EPILOG = """\
@@ -321,6 +324,37 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     )
     p.option(
         run, "--print-config", action="store_true", default=None, help="print the resolved options as YAML and exit"
+    )
+    watch = p.add_argument_group(
+        "monitoring while training (labels serve only this monitor; the test split stays unseen)"
+    )
+    p.option(
+        watch,
+        "--knn-every",
+        type=_non_negative_int,
+        metavar="N",
+        help="every N epochs, log knn_top1 (weighted kNN, k=20, T=0.07, of --knn-val held-out training "
+        "images against --knn-train others) and embedding_std (std of the l2-normalised embeddings, "
+        "averaged over dimensions: it falls towards 0 at collapse; compare it with random weights) to "
+        "history.jsonl and the progress bar, for the backbone the method exports (DINO: the teacher). "
+        "It leaves the weights bit-identical. With the defaults it costs about 15 s on vit_mini_28 on one "
+        "loaded CPU core (12,000 forward passes): 6-13 %% of a one-thread epoch of supervised, SimCLR, MoCo "
+        "v3, DINO or MAE, about 20 %% of SimMIM's or BEiT's shorter epochs (use N=2 or --knn-train 5000 there); "
+        "0 turns it off (default: 0)",
+    )
+    p.option(
+        watch,
+        "--knn-val",
+        type=_positive_int,
+        metavar="N",
+        help="the last N training images are the queries (at most a fifth) (default: 2000)",
+    )
+    p.option(
+        watch,
+        "--knn-train",
+        type=_positive_int,
+        metavar="N",
+        help="up to N training images before them are the kNN's bank (default: 10000)",
     )
 
     e = sub.add_parser(
@@ -556,8 +590,9 @@ def _pretrain(args: argparse.Namespace) -> int:
         dataset, views = recipes.training_data(args.method, base, data_info, method)
 
         started = _RunCard(args, config, info.world_size, method, data_info) if info.rank == 0 else None
+        monitor = _knn_monitor(args, method, base, data_info) if args.knn_every else None
         try:
-            history = train(method, dataset, config, callback=started, batch_transform=views)
+            history = train(method, dataset, config, callback=started, batch_transform=views, epoch_end=monitor)
         except KeyboardInterrupt as err:
             raise _CliError(f"stopped ({err}); continue with the same command and --resume", code=130) from None
         except FloatingPointError as err:
@@ -607,6 +642,22 @@ def _build_method(
     except (TypeError, ValueError) as err:
         raise _CliError(f"--method {args.method} with --method-arg {args.method_args}: {err}") from None
     return method, base, info
+
+
+def _knn_monitor(args: argparse.Namespace, method: torch.nn.Module, base: Dataset, info: DataInfo) -> KNNMonitor:
+    """--knn-every: the epoch-end callback that the trainer runs on rank 0 (evaluate.KNNMonitor)."""
+    try:
+        return KNNMonitor(
+            exported_backbone(method)[1],  # DINO: the teacher, as the card will ship
+            base,  # the plain training images: no augmentation, no test split
+            every=args.knn_every,
+            val=args.knn_val,
+            bank=args.knn_train,
+            normalize={"mean": list(info.mean), "std": list(info.std)},
+            precision=args.precision,
+        )
+    except ValueError as err:
+        raise _CliError(f"--knn-every {args.knn_every}: {err}") from None
 
 
 RUN_CARD = "run.json"  # in --out while a run trains: what `vitssl evaluate` needs to read its checkpoints
@@ -678,14 +729,14 @@ def _write_card(
         **head,
         **_feature_choice(export, base, head["normalize"], args.feature_validation, args.precision),
         "steps": history[-1]["step"] if history else 0,
-        "final_loss": history[-1]["loss"] if history else None,
+        "final_loss": next((row["loss"] for row in reversed(history) if "loss" in row), None),  # not a knn row
         "train_config": dataclasses.asdict(config),
         "world_size": world_size,
         "torch_version": str(torch.__version__),
         **_segments(out),
     }
     atomic_write_json(out / "backbone.json", card)
-    loss = f", final loss {card['final_loss']:.4f}" if history else ""
+    loss = f", final loss {card['final_loss']:.4f}" if card["final_loss"] is not None else ""
     chose = f"; probes read {card['feature']!r}" if "feature" in card else ""
     print(f"vitssl: trained {card['steps']} steps{loss}; backbone in {out / 'backbone.safetensors'}{chose}")
 

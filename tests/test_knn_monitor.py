@@ -85,6 +85,14 @@ def test_cli_knn_every_on_too_few_images_is_one_line(tmp_path, capsys, needs_fas
     assert err.count("\n") == 1 and "--knn-every 1" in err and "at least 5" in err, err
 
 
+def test_the_monitor_reads_the_backbone_the_method_exports_dinos_teacher(needs_fashion_mnist):
+    argv = simclr("x", "--knn-every", "1", "--method-arg", "n_local_crops=2", "--method-arg", "out_dim=64")
+    args = cli.parse_args([a if a != "simclr" else "dino" for a in argv])
+    method, base, info = cli._build_method(args, cli._train_config(args), world_size=1)
+    monitor = cli._knn_monitor(args, method, base, info)
+    assert monitor.backbone is method.teacher_backbone and monitor.normalize["mean"] == list(info.mean)
+
+
 def test_knn_options_are_not_training_settings(capsys):
     args = cli.parse_args(simclr("x", "--knn-every", "3", "--knn-train", "500"))
     assert (args.knn_every, args.knn_val, args.knn_train) == (3, 2000, 500)

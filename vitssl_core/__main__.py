@@ -164,6 +164,8 @@ examples:
       --model-arg depth=2 --model-arg embed_dim=64 --model-arg num_heads=2 --out runs/smoke
   # continue after a crash, Ctrl-C or preemption (exactly, with --num-workers 0)
   vitssl pretrain --config configs/supervised_fashion_mnist.yaml --resume
+  # watch kNN accuracy and collapse every 5 epochs (history.jsonl), then draw the curves
+  vitssl pretrain --method dino --epochs 30 --knn-every 5 --out runs/dino && vitssl plot runs/dino --out dino.png
   # 2 processes on one machine (gloo on CPU, NCCL on GPU); --batch-size is per process
   torchrun --nproc_per_node=2 -m vitssl_core pretrain --method supervised --epochs 30 --out runs/ddp
 
@@ -199,8 +201,8 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """(the ``vitssl`` parser, its ``pretrain`` subparser)."""
     parser = _Parser(
         prog="vitssl",
-        description="Self-supervised Vision Transformers: pre-train and evaluate.",
-        epilog="run 'vitssl pretrain --help' or 'vitssl evaluate --help' for examples.",
+        description="Self-supervised Vision Transformers: pre-train, evaluate, plot and export.",
+        epilog="run 'vitssl pretrain --help', 'vitssl evaluate --help' or 'vitssl export --help' for examples.",
     )
     sub = parser.add_subparsers(
         dest="command", required=True, metavar="{pretrain,evaluate,show,export,plot}", parser_class=_Parser
@@ -337,9 +339,8 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "images against --knn-train others) and embedding_std (std of the l2-normalised embeddings, "
         "averaged over dimensions: it falls towards 0 at collapse; compare it with random weights) to "
         "history.jsonl and the progress bar, for the backbone the method exports (DINO: the teacher). "
-        "It leaves the weights bit-identical. With the defaults it costs about 15 s on vit_mini_28 on one "
-        "loaded CPU core (12,000 forward passes): 6-13 %% of a one-thread epoch of supervised, SimCLR, MoCo "
-        "v3, DINO or MAE, about 20 %% of SimMIM's or BEiT's shorter epochs (use N=2 or --knn-train 5000 there); "
+        "It leaves the weights bit-identical. With the defaults it costs 8-12 s on vit_mini_28 on one "
+        "CPU core (12,000 forward passes), 1-7 %% of an epoch of any method (benchmarks/knn_monitor_cost.py); "
         "0 turns it off (default: 0)",
     )
     p.option(

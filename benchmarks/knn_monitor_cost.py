@@ -49,13 +49,17 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(recipes.METHODS), help="default: all")
     parser.add_argument("--steps", type=int, default=2, help="training steps per method; the last is timed")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--quick", action="store_true", help="supervised, a 1-block ViT, 64 images: a smoke test")
     args = parser.parse_args()
+    if args.quick:
+        args.methods, args.batch_size = ["supervised"], 16
     torch.set_num_threads(1)
     monitor_s = None
     print(f"{'method':>10} {'img/s':>7} {'epoch s':>8} {'monitor s':>9} {'share':>6}")
     for name in args.methods:
         argv = ["pretrain", "--method", name, "--model", "vit_mini_28", "--steps", str(args.steps)]
         argv += ["--batch-size", str(args.batch_size), "--precision", "fp32", "--out", "unused", "--no-progress"]
+        argv += ["--subset", "64", "--model-arg", "depth=1"] if args.quick else []
         options = cli.parse_args(argv)
         config = cli._train_config(options)
         config.out_dir, config.log_every = None, 1

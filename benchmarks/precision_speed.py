@@ -109,7 +109,10 @@ def main() -> None:
     parser.add_argument("--head-dims", default="32,64", help="comma-separated head widths D/h (default: 32,64)")
     parser.add_argument("--iters", type=int, default=6, help="timed pairs per row (default: 8)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    parser.add_argument("--quick", action="store_true", help="one tiny row and a tiny last row: a smoke test")
     args = parser.parse_args()
+    if args.quick:
+        args.widths, args.patches, args.head_dims, args.iters = "32", "7", "16", 1
     torch.set_num_threads(args.threads)
     print(
         f"CPU capability {torch.backends.cpu.get_cpu_capability()}; native bf16: {native_bf16()}; "
@@ -129,7 +132,8 @@ def main() -> None:
             print(f"{width:>7} {tokens:>4} {batch:>5} " + " ".join(f"{v:>11.2f}" for v in speeds), flush=True)
     # The case: the whole vit_mini_28 (6 blocks, D=128, N=17), batch 256, with the AdamW step.
     torch.manual_seed(0)
-    speed = measure(vit_mini_28(num_classes=10), 256, max(2, args.iters // 2), full=True)
+    whole = vit_mini_28(num_classes=10, **({"depth": 1, "embed_dim": 32, "num_heads": 2} if args.quick else {}))
+    speed = measure(whole, 8 if args.quick else 256, max(2, args.iters // 2), full=True)
     print(f"vit_mini_28, batch 256, forward + backward + AdamW: speed {speed:.2f}")
 
 

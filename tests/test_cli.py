@@ -284,6 +284,16 @@ def test_pretrain_writes_checkpoint_history_and_backbone_card(trained, capsys):
     assert card["final_loss"] == rows[-1]["loss"]
 
 
+@pytest.mark.parametrize("asked, used", [("auto", "fp32"), ("bf16", "bf16")])
+def test_run_and_backbone_cards_record_the_precision_used(asked, used, tmp_path, capsys, needs_fashion_mnist):
+    """--precision auto is fp32 on a CPU (bf16 is slower there at these widths); bf16 stays a choice."""
+    out = tmp_path / "run"
+    assert cli.main(smoke(out, "--device", "cpu", "--precision", asked, "--feature-validation", "0")) == 0
+    run_card, card = (json.loads((out / name).read_text()) for name in ("run.json", "backbone.json"))
+    assert run_card["precision"] == card["precision"] == used and card["train_config"]["precision"] == asked
+    assert [s["precision"] for s in card["train_segments"]] == [used]
+
+
 def test_rerun_needs_resume_and_resume_of_a_finished_run_is_a_no_op(trained, capsys):
     assert cli.main(smoke(trained)) == 2
     err = capsys.readouterr().err

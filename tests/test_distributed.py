@@ -344,3 +344,18 @@ def test_two_gloo_processes_match_one_process_with_the_combined_batch(tmp_path, 
     assert json.loads((tmp_path / "two" / "backbone.json").read_text())["world_size"] == 2
     exported = load_file(tmp_path / "two" / "backbone.safetensors")
     assert torch.equal(exported["blocks.0.attn.qkv.weight"], two_w["backbone.blocks.0.attn.qkv.weight"])
+
+
+def test_knn_monitor_runs_on_rank_0_while_the_other_rank_waits(tmp_path, needs_fashion_mnist):
+    # 32 images, 8 per process and step, 2 processes: an epoch is 2 steps, and epoch_end meets a barrier
+    out = tmp_path / "watched"
+    args = ["pretrain", "--method", "simclr", "--subset", "32", "--epochs", "2", "--batch-size", "8"]
+    args += ["--precision", "fp32", "--device", "cpu", "--log-every", "1", "--no-progress", "--knn-every", "1"]
+    args += ["--method-arg", "hidden_dim=16", "--method-arg", "proj_dim=8", "--out", str(out), *TINY_ARGS]
+    run = subprocess.run(
+        torchrun() + ["-m", "vitssl_core", *args], env=torchrun_env(), capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["epoch"]) for r in rows if "knn_top1" in r] == [(2, 1.0), (4, 2.0)]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]

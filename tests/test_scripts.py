@@ -20,7 +20,7 @@ from vitssl_core.checkpoint import latest_checkpoint, load_backbone, save_checkp
 from vitssl_core.evaluate import correct_from_hex
 
 REPO = Path(__file__).resolve().parents[1]
-NEEDS_DATA = {"method_speed.py", "train_speed.py", "finetune_crop.py"}
+NEEDS_DATA = {"method_speed.py", "train_speed.py", "finetune_crop.py", "knn_monitor_cost.py"}
 
 
 def run(path: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:

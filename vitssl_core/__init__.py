@@ -12,7 +12,8 @@ The public API the book and users import, bottom-up (dependencies point down thi
    ``pretrained``: the backbones shipped with the package, loaded by name;
    ``recipes``: each method's small-image defaults, shared by the CLI and Python users.
 5. ``evaluate`` and ``dense``: kNN, linear probe, fine-tuning, attention maps; detection and
-   segmentation heads.
+   segmentation heads; ``export``: folders that transformers and timm load; ``curves`` and
+   ``visualize`` (figures; imported on their own, so the package needs matplotlib only for them).
 6. ``python -m vitssl_core`` (the ``vitssl`` command) wires them together.
 """
 
@@ -49,6 +50,7 @@ from .evaluate import (
     pixel_features,
     run_protocol,
 )
+from .export import save_hf, save_timm
 from .losses import info_nce, info_nce_article, moco_infonce
 from .mae import MAE
 from .masked import BEiT, PatchTokenizer, SimMIM, masked_token_cross_entropy

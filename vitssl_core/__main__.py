@@ -40,10 +40,10 @@ from .checkpoint import (
     load_checkpoint,
     save_backbone,
 )
-from .evaluate import FEATURES, PROTOCOLS, choose_feature, run_protocol
+from .evaluate import FEATURES, PROTOCOLS, KNNMonitor, choose_feature, run_protocol
 from .pretrained import list_pretrained, load_pretrained, resolve_checkpoint
 from .recipes import METHODS, PRESETS, DataInfo, MethodEntry  # noqa: F401 (MethodEntry: tests add methods)
-from .runtime import cleanup_distributed, resolve_device, seed_everything, setup_distributed
+from .runtime import cleanup_distributed, resolve_device, resolve_precision, seed_everything, setup_distributed
 from .train import CHECKPOINT_DIR, TrainConfig, exported_backbone, steps_per_epoch, train
 
 # The methods' small-image recipes live in the library (recipes.py); these names stay here for older imports.
@@ -149,6 +149,9 @@ PRETRAIN_DEFAULTS: dict[str, Any] = {
     "method_args": [],
     "clip_mode": "global",
     "feature_validation": 5000,
+    "knn_every": 0,
+    "knn_val": 2000,
+    "knn_train": 10000,
 }
 
 PRETRAIN_EPILOG = """\
@@ -162,6 +165,8 @@ examples:
       --model-arg depth=2 --model-arg embed_dim=64 --model-arg num_heads=2 --out runs/smoke
   # continue after a crash, Ctrl-C or preemption (exactly, with --num-workers 0)
   vitssl pretrain --config configs/supervised_fashion_mnist.yaml --resume
+  # watch kNN accuracy and collapse every 5 epochs (history.jsonl), then draw the curves
+  vitssl pretrain --method dino --epochs 30 --knn-every 5 --out runs/dino && vitssl plot runs/dino --out dino.png
   # 2 processes on one machine (gloo on CPU, NCCL on GPU); --batch-size is per process
   torchrun --nproc_per_node=2 -m vitssl_core pretrain --method supervised --epochs 30 --out runs/ddp
 
@@ -180,6 +185,13 @@ examples:
       # its newest checkpoint's exported backbone (DINO: the teacher), to watch a long run for collapse
 """
 
+EXPORT_EPILOG = """\
+examples:
+  vitssl export dino --format hf --out exports/dino-hf      # ViTModel.from_pretrained(DIR, add_pooling_layer=False)
+  vitssl export runs/simclr --format timm --out exports/simclr-timm   # timm.create_model("local-dir:DIR", pretrained=True)
+  vitssl export mae --format hf --out exports/mae-hf        # also DIR/mae for ViTMAEForPreTraining (with the decoder)
+"""
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``vitssl`` parser with its ``pretrain`` and ``evaluate`` subcommands."""
@@ -190,11 +202,13 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """(the ``vitssl`` parser, its ``pretrain`` subparser)."""
     parser = _Parser(
         prog="vitssl",
-        description="Self-supervised Vision Transformers: pre-train and evaluate.",
-        epilog="run 'vitssl pretrain --help' or 'vitssl evaluate --help' for examples.",
+        description="Self-supervised Vision Transformers: pre-train, evaluate, plot and export.",
+        epilog="run 'vitssl pretrain --help', 'vitssl evaluate --help' or 'vitssl export --help' for examples.",
     )
     parser.add_argument("--version", action="version", version=f"vitssl {__version__} (torch {torch.__version__})")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{pretrain,evaluate,show}", parser_class=_Parser)
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{pretrain,evaluate,show,export,plot}", parser_class=_Parser
+    )
     d = PRETRAIN_DEFAULTS
     p = sub.add_parser(
         "pretrain",
@@ -285,7 +299,8 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         run,
         "--precision",
         choices=("auto", "bf16", "fp32"),
-        help="bf16 autocast or fp32; auto: bf16 on GPUs with bf16 and AVX-512 CPUs (default: auto)",
+        help="bf16 autocast or fp32; auto: bf16 on a GPU with bf16, fp32 on CPUs, where bf16 slows "
+        "vit_mini_28 to 0.82x (benchmarks/precision_speed.py); bf16 forces it anywhere (default: auto)",
     )
     p.option(run, "--compile", action=argparse.BooleanOptionalAction, help="torch.compile the training step")
     p.option(run, "--seed", type=_non_negative_int, metavar="N", help="seed of every RNG (default: 0)")
@@ -313,6 +328,36 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     )
     p.option(
         run, "--print-config", action="store_true", default=None, help="print the resolved options as YAML and exit"
+    )
+    watch = p.add_argument_group(
+        "monitoring while training (labels serve only this monitor; the test split stays unseen)"
+    )
+    p.option(
+        watch,
+        "--knn-every",
+        type=_non_negative_int,
+        metavar="N",
+        help="every N epochs, log knn_top1 (weighted kNN, k=20, T=0.07, of --knn-val held-out training "
+        "images against --knn-train others) and embedding_std (std of the l2-normalised embeddings, "
+        "averaged over dimensions: it falls towards 0 at collapse; compare it with random weights) to "
+        "history.jsonl and the progress bar, for the backbone the method exports (DINO: the teacher). "
+        "It leaves the weights bit-identical. With the defaults it costs 8-12 s on vit_mini_28 on one "
+        "CPU core (12,000 forward passes), 1-7 %% of an epoch of any method (benchmarks/knn_monitor_cost.py); "
+        "0 turns it off (default: 0)",
+    )
+    p.option(
+        watch,
+        "--knn-val",
+        type=_positive_int,
+        metavar="N",
+        help="the last N training images are the queries (at most a fifth) (default: 2000)",
+    )
+    p.option(
+        watch,
+        "--knn-train",
+        type=_positive_int,
+        metavar="N",
+        help="up to N training images before them are the kNN's bank (default: 10000)",
     )
 
     e = sub.add_parser(
@@ -366,6 +411,34 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     s.add_argument("--out", required=True, metavar="FILE.png", help="where to save the figure")
     s.add_argument("--mask-ratio", type=float, default=0.75, help="reconstruction: share of patches hidden (0.75)")
     s.add_argument("--seed", type=_non_negative_int, default=0, help="reconstruction: which mask (default: 0)")
+
+    x = sub.add_parser(
+        "export",
+        help="export a backbone for Hugging Face transformers or timm",
+        epilog=EXPORT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Write a backbone as a folder that transformers' ViTModel (--format hf) or "
+        "timm.create_model('local-dir:DIR') (--format timm) loads, with a README on how.",
+    )
+    x.add_argument(
+        "checkpoint",
+        metavar="CHECKPOINT",
+        help="a shipped card name (dino, mae, ...), NAME.json / NAME.safetensors, a pretrain --out "
+        "folder (one still training too) or its backbone.safetensors",
+    )
+    x.add_argument("--format", required=True, choices=("hf", "timm"), help="hf (transformers) or timm")
+    x.add_argument("--out", required=True, metavar="DIR", help="a new or empty folder for the export")
+
+    pl = sub.add_parser(
+        "plot",
+        help="draw training curves from history.jsonl",
+        description="Draw loss, learning rate, knn_top1, embedding_std (from --knn-every) and images/s "
+        "against the epoch from each run's history.jsonl, the runs overlaid with a legend; a run "
+        "still training is read as far as it has got.",
+    )
+    pl.add_argument("runs", nargs="+", metavar="RUN", help="pretrain --out folders or history.jsonl files")
+    pl.add_argument("--out", required=True, metavar="FILE.png", help="where to save the figure (.png, .pdf or .svg)")
+    pl.add_argument("--title", help="the figure's title (default: 'Training curves from history.jsonl')")
     return parser, p
 
 
@@ -521,8 +594,9 @@ def _pretrain(args: argparse.Namespace) -> int:
         dataset, views = recipes.training_data(args.method, base, data_info, method)
 
         started = _RunCard(args, config, info.world_size, method, data_info) if info.rank == 0 else None
+        monitor = _knn_monitor(args, method, base, data_info) if args.knn_every else None
         try:
-            history = train(method, dataset, config, callback=started, batch_transform=views)
+            history = train(method, dataset, config, callback=started, batch_transform=views, epoch_end=monitor)
         except KeyboardInterrupt as err:
             raise _CliError(f"stopped ({err}); continue with the same command and --resume", code=130) from None
         except FloatingPointError as err:
@@ -574,6 +648,22 @@ def _build_method(
     return method, base, info
 
 
+def _knn_monitor(args: argparse.Namespace, method: torch.nn.Module, base: Dataset, info: DataInfo) -> KNNMonitor:
+    """--knn-every: the epoch-end callback that the trainer runs on rank 0 (evaluate.KNNMonitor)."""
+    try:
+        return KNNMonitor(
+            exported_backbone(method)[1],  # DINO: the teacher, as the card will ship
+            base,  # the plain training images: no augmentation, no test split
+            every=args.knn_every,
+            val=args.knn_val,
+            bank=args.knn_train,
+            normalize={"mean": list(info.mean), "std": list(info.std)},
+            precision=args.precision,
+        )
+    except ValueError as err:
+        raise _CliError(f"--knn-every {args.knn_every}: {err}") from None
+
+
 RUN_CARD = "run.json"  # in --out while a run trains: what `vitssl evaluate` needs to read its checkpoints
 
 
@@ -581,6 +671,7 @@ def _card_head(args: argparse.Namespace, exported: str, export: vit.ViT, info: D
     """The part of the card known before training: the exported backbone's name and build, method, data."""
     return {
         "exported": exported,
+        "precision": resolve_precision(args.precision, args.device),  # the one used: "auto" resolved
         "model": args.model,
         "model_args": args.model_args,
         "architecture": vit.architecture(export),
@@ -642,14 +733,14 @@ def _write_card(
         **head,
         **_feature_choice(export, base, head["normalize"], args.feature_validation, args.precision),
         "steps": history[-1]["step"] if history else 0,
-        "final_loss": history[-1]["loss"] if history else None,
+        "final_loss": next((row["loss"] for row in reversed(history) if "loss" in row), None),  # not a knn row
         "train_config": dataclasses.asdict(config),
         "world_size": world_size,
         "torch_version": str(torch.__version__),
         **_segments(out),
     }
     atomic_write_json(out / "backbone.json", card)
-    loss = f", final loss {card['final_loss']:.4f}" if history else ""
+    loss = f", final loss {card['final_loss']:.4f}" if card["final_loss"] is not None else ""
     chose = f"; probes read {card['feature']!r}" if "feature" in card else ""
     print(f"vitssl: trained {card['steps']} steps{loss}; backbone in {out / 'backbone.safetensors'}{chose}")
 
@@ -807,6 +898,51 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- export
+def _export(args: argparse.Namespace) -> int:
+    from .export import save_hf, save_timm
+    from .visualize import load_mae
+
+    path, out = args.checkpoint, Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise _CliError(f"--out {args.out} exists and is not an empty folder; choose a new one")
+    backbone, card = _find_backbone(path)  # shipped names resolve there, through pretrained.resolve_checkpoint
+    mae = None
+    if args.format == "hf" and card.get("method") == "mae" and isinstance(card.get("decoder"), dict):
+        try:
+            mae = load_mae(path)[0]  # the decoder ships beside the encoder: ViTMAEForPreTraining gets both
+        except (OSError, ValueError) as err:
+            raise _CliError(f"export: {err}") from None
+        backbone = mae.backbone
+    try:
+        (save_hf(backbone, out, card, mae) if args.format == "hf" else save_timm(backbone, out, card))
+    except ValueError as err:
+        raise _CliError(f"export: {err}") from None
+    print(out)
+    return 0
+
+
+# --------------------------------------------------------------------------- plot
+def _plot(args: argparse.Namespace) -> int:
+    from .curves import plot_history, read_history  # matplotlib only when a picture is asked for
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise _CliError(f"--out {args.out}: give a .png, .pdf or .svg file name")
+    names = [Path(r).name if Path(r).name != "history.jsonl" else Path(r).parent.name for r in args.runs]
+    labels = names if len(set(names)) == len(names) else list(args.runs)
+    if len(set(labels)) != len(labels):
+        raise _CliError(f"plot: a run is given twice: {' '.join(args.runs)}")
+    try:
+        runs = {label: read_history(run) for label, run in zip(labels, args.runs)}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        plot_history(runs, title=args.title).savefig(out, dpi=120)
+    except (OSError, ValueError) as err:
+        raise _CliError(f"plot: {err}") from None
+    print(out)
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``vitssl``; returns the exit code (``--help`` exits through SystemExit(0))."""
@@ -814,6 +950,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parse_args(argv)
         if args.command == "show":
             return _show(args)
+        if args.command == "export":
+            return _export(args)
+        if args.command == "plot":
+            return _plot(args)
         return _pretrain(args) if args.command == "pretrain" else _evaluate(args)
     except _CliError as err:
         text = str(err)

@@ -51,6 +51,7 @@ __all__ = [
     "knn_classify",
     "knn_accuracy",
     "choose_feature",
+    "KNNMonitor",
     "linear_probe",
     "layer_decay_param_groups",
     "finetune",
@@ -368,6 +369,80 @@ def choose_feature(
         backbone, images, "cls+avg", batch_size=batch_size, normalize=normalize, precision=precision
     )  # (N, 2D): the class token, then the patch mean
     return choose_feature_from(both, labels, validation, k=k, temperature=temperature)
+
+
+class KNNMonitor:
+    """An epoch-end monitor for ``train(..., epoch_end=monitor)``: kNN accuracy and collapse signal while training.
+
+    Every ``every``-th epoch it reads the class token of ``backbone`` (the one the method exports;
+    DINO's teacher) for training images only, in eval mode under ``no_grad`` (its mode restored
+    after), and returns
+
+    - ``knn_top1``: weighted kNN top-1 in % (k = 20, T = 0.07, ``knn_accuracy``) of the last
+      ``val`` images of ``dataset`` (at most a fifth of it) against up to ``bank`` images before them;
+    - ``embedding_std``: the standard deviation over those ``val`` images of the l2-normalised
+      embeddings (N, D), averaged over the D dimensions (lightly's collapse signal). It falls
+      towards 0 at collapse; features are anisotropic, so compare it with random weights, not 1/sqrt(D).
+
+    Other epochs return None. The images are read from ``dataset`` (of (image, label), no
+    augmentation) at the first call, not before, so building a monitor draws nothing from any RNG.
+    Raises ValueError when ``dataset`` has fewer than 5 images.
+    """
+
+    def __init__(
+        self,
+        backbone: ViT,
+        dataset: Dataset,
+        every: int = 1,
+        val: int = 2000,
+        bank: int = 10000,
+        normalize: dict | None = None,
+        precision: str = "auto",
+        k: int = 20,
+        temperature: float = 0.07,
+        batch_size: int = 256,
+    ):
+        for name, value in (("every", every), ("val", val), ("bank", bank), ("k", k), ("batch_size", batch_size)):
+            _check_positive_int(name, value)
+        _check_normalize(normalize)
+        n = len(dataset)
+        self.val = min(val, n // 5)
+        if self.val == 0:
+            raise ValueError(f"dataset has {n} images; the kNN monitor holds out a fifth and needs at least 5")
+        self.bank = min(bank, n - self.val)
+        self.backbone, self.dataset, self.every = backbone, dataset, every
+        self.normalize, self.precision, self.k, self.temperature = normalize, precision, k, temperature
+        self.batch_size = batch_size
+        self._data: tuple[Tensor, Tensor] | None = None  # (images, labels): the bank, then the queries
+
+    def _images(self) -> tuple[Tensor, Tensor]:
+        if self._data is None:
+            n = len(self.dataset)
+            idx = [*range(self.bank), *range(n - self.val, n)]
+            items = [self.dataset[i] for i in idx]
+            self._data = torch.stack([torch.as_tensor(x) for x, _ in items]), torch.tensor([int(y) for _, y in items])
+        return self._data
+
+    def __call__(self, epoch: int) -> dict[str, float] | None:
+        """{"knn_top1", "embedding_std"} after epoch ``epoch`` (epochs done) when ``every`` divides it, else None."""
+        if epoch % self.every:
+            return None
+        images, labels = self._images()
+        f = extract_features(
+            self.backbone, images, "cls", batch_size=self.batch_size, normalize=self.normalize, precision=self.precision
+        )  # (bank + val, D), eval mode and no_grad inside
+        bank, queries = f[: self.bank], f[self.bank :]
+        top1 = knn_accuracy(
+            bank,
+            labels[: self.bank],
+            queries,
+            labels[self.bank :],
+            k=min(self.k, self.bank),
+            temperature=self.temperature,
+            num_classes=int(labels.max()) + 1,
+        )
+        spread = F.normalize(queries.float(), dim=1).std(dim=0).mean().item()  # mean over D of the std over images
+        return {"knn_top1": round(top1, 2), "embedding_std": round(spread, 5)}
 
 
 def feature_view(both: Tensor, feature: str) -> Tensor:

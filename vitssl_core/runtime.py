@@ -6,8 +6,9 @@ The trainer (``train``), the probes and fine-tuning (``evaluate``) and the CLI r
 - ``setup_distributed`` / ``cleanup_distributed``: join and leave the process group that
   ``torchrun`` describes (a no-op in one process);
 - ``resolve_device``: "auto" is the GPU ``LOCAL_RANK`` if CUDA is available, else the CPU;
-- ``resolve_precision`` and ``autocast``: bf16 autocast where bf16 is fast (a CUDA GPU that
-  supports it, a CPU with AVX-512), fp32 elsewhere;
+- ``resolve_precision`` and ``autocast``: "auto" is bf16 autocast on a CUDA GPU that supports
+  it and fp32 everywhere else, CPUs included (``benchmarks/precision_speed.py``: on a CPU bf16
+  pays only for some shapes, even with native bf16); "bf16" is always honoured;
 - ``to_device``: tensors inside any nesting of lists, tuples and dicts moved to a device;
 - ``seed_everything``: Python's, NumPy's and torch's generators seeded at once;
 - ``sync_batchnorm``: BatchNorm over the global batch under DDP on GPUs;
@@ -147,7 +148,13 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str:
-    """``"bf16"`` or ``"fp32"``; ``"auto"`` picks bf16 where it is fast (CUDA with bf16, CPU with AVX-512)."""
+    """``"bf16"`` or ``"fp32"``; ``"auto"`` is bf16 on a CUDA GPU that supports it, fp32 elsewhere (CPUs too).
+
+    On a CPU bf16 is an explicit choice, so that "auto" never slows a run: even with native bf16
+    (AVX512-BF16 or AMX) a ``vit_mini_28`` training step runs at 0.82-0.84x the speed of fp32, and
+    without it bf16 is emulated and several times slower; it pays only for wide layers, many
+    tokens or 64-wide heads (``benchmarks/precision_speed.py`` measures where).
+    """
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is not one of {PRECISIONS}")
     device = resolve_device(device)
@@ -159,9 +166,6 @@ def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu":
-        # AVX-512 (and AMX) CPUs run oneDNN's bf16 kernels natively; on AVX2 bf16 is emulated and slower.
-        return "bf16" if "AVX512" in torch.backends.cpu.get_cpu_capability() else "fp32"
     return "fp32"
 
 

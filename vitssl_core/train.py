@@ -121,8 +121,8 @@ class TrainConfig:
 
     ``batch_size`` is per process; the peak learning rate is
     ``blr * batch_size * accum_steps * world_size / 256`` (``peak_lr``). ``min_lr`` is absolute.
-    ``precision="auto"`` means bf16 autocast on a CUDA GPU that supports it and on a CPU with
-    AVX-512, fp32 elsewhere. ``out_dir=None`` writes nothing (no checkpoints, no history file).
+    ``precision="auto"`` means bf16 autocast on a CUDA GPU that supports it, fp32 elsewhere (on
+    CPUs too: ``runtime.resolve_precision``). ``out_dir=None`` writes nothing (no checkpoints, no history file).
     ``resume=True`` continues the newest checkpoint in ``out_dir`` (or starts fresh if there is
     none); without it an ``out_dir`` that already holds a checkpoint is refused.
     ``grad_clip`` with ``clip_mode="global"`` scales all gradients by one factor so that their
@@ -492,6 +492,7 @@ class _Setup:
     ckpt_root: Path | None
     callback: Callable[[dict[str, Any]], None] | None = None
     batch_transform: Callable[[Any], Any] | None = None
+    epoch_end: Callable[[int], dict[str, float] | None] | None = None
     # set by _wrap_model and _make_loader
     model: nn.Module | None = None
     ddp: DistributedDataParallel | None = None
@@ -530,6 +531,7 @@ class _RunState:
     t_last: float = 0.0
     bar: Any = None
     history_file: Any = None
+    monitor: dict[str, float] = field(default_factory=dict)  # epoch_end's latest metrics, for the bar
     stop: _StopSignals = field(default_factory=_StopSignals)
 
 
@@ -540,6 +542,7 @@ def train(
     config: TrainConfig,
     callback: Callable[[dict[str, Any]], None] | None = None,
     batch_transform: Callable[[Any], Any] | None = None,
+    epoch_end: Callable[[int], dict[str, float] | None] | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``method`` on ``dataset``; return the history (one dict per logged step).
 
@@ -554,10 +557,17 @@ def train(
     augmentation (``vitssl_core.batch_augment.BatchViews``) that draws from torch's RNG, so
     resuming stays exact. Rank 0 returns the whole history
     (also the rows from before a resume); other processes return the rows of this call.
+    ``epoch_end(epoch) -> {name: number} or None`` is called on rank 0 after each full epoch
+    (``epoch`` = epochs done), before that step's checkpoint, while the other ranks wait; what it
+    returns becomes a row ``{"step", "epoch", **metrics}`` of the history and the progress bar (a
+    monitor such as ``evaluate.KNNMonitor``). The trainer restores every RNG after it and keeps its
+    time out of ``img_per_s``, so a run's weights do not depend on it.
     """
     _check_train_args(method, dataset, config, callback, batch_transform)
+    if epoch_end is not None and not callable(epoch_end):
+        raise TypeError(f"epoch_end={epoch_end!r} must be callable or None")
     setup = _set_up(method, dataset, config)
-    setup.callback, setup.batch_transform = callback, batch_transform
+    setup.callback, setup.batch_transform, setup.epoch_end = callback, batch_transform, epoch_end
     state = _start_or_resume(setup)
     _wrap_model(setup)
     _make_loader(setup, dataset)
@@ -791,6 +801,8 @@ def _train_step(setup: _Setup, state: _RunState) -> None:
     _accumulate(state, loss_value, grad_norm, logs)
     if state.step % setup.config.log_every == 0 or state.step == setup.total:
         _log_row(setup, state)
+    if setup.epoch_end is not None and state.step % setup.epoch_steps == 0:
+        _epoch_end(setup, state)
     every = setup.config.checkpoint_every
     if setup.ckpt_root is not None and (
         state.step == setup.total or stop_now or (every is not None and state.step % every == 0)
@@ -919,7 +931,11 @@ def _log_row(setup: _Setup, state: _RunState) -> None:
     state.interval = _empty_interval()
     state.t_last = now
     state.bar.set_postfix(
-        loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['img_per_s']:.0f}", refresh=False
+        loss=f"{row['loss']:.4f}",
+        lr=f"{row['lr']:.2e}",
+        img_s=f"{row['img_per_s']:.0f}",
+        **{k: f"{v:.4g}" for k, v in state.monitor.items()},
+        refresh=False,
     )
     if state.history_file is not None:
         state.history_file.write(json.dumps(row) + "\n")
@@ -927,6 +943,29 @@ def _log_row(setup: _Setup, state: _RunState) -> None:
     if setup.callback is not None and setup.main:
         setup.callback(row)
     state.rng_snapshot = rng_state()  # a callback may draw random numbers: resume after it
+
+
+def _epoch_end(setup: _Setup, state: _RunState) -> None:
+    """Rank 0 runs ``epoch_end`` with every RNG saved and restored; its metrics become a history row."""
+    metrics = None
+    if setup.main:
+        started, rngs = time.perf_counter(), rng_state()
+        try:
+            metrics = setup.epoch_end(state.step // setup.epoch_steps)
+        finally:
+            set_rng_state(rngs)  # the training streams go on as if nothing had run
+            state.t_last += time.perf_counter() - started  # not counted against the training's img/s
+    if is_distributed():
+        dist.barrier()  # the other ranks wait for rank 0's monitor
+    if not metrics:
+        return
+    row = {"step": state.step, "epoch": round(state.step / setup.epoch_steps, 4), **metrics}
+    state.history.append(row)
+    state.monitor = dict(metrics)
+    state.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
+    if state.history_file is not None:
+        state.history_file.write(json.dumps(row) + "\n")
+        state.history_file.flush()
 
 
 def _gather_rng(setup: _Setup, state: _RunState) -> list[dict[str, Any]]:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -382,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     metrics.setdefault("finetune", None)
     if run_card["method"] == "mae" and args.run:
         card["decoder"] = _ship_decoder(Path(args.run), out, args.name)
+    if args.run and (Path(args.run) / "history.jsonl").is_file():  # the training curves: `vitssl plot` draws them
+        shutil.copyfile(Path(args.run) / "history.jsonl", out / f"{args.name}_history.jsonl")
+        card["history"] = f"{args.name}_history.jsonl"
 
     card.update(
         {

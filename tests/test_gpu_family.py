@@ -73,6 +73,7 @@ def test_a_pack_ships_as_a_card(family, tmp_path):
     assert result.returncode == 0, result.stderr
     card = json.loads((card_dir / "mae_gpu.json").read_text())
     assert card["model"]["patch_size"] == 4 and card["steps"] == 4 and card["model_args"]["patch_size"] == 4
+    assert card["history"] == "mae_gpu_history.jsonl" and (card_dir / card["history"]).read_text().count("\n") >= 4
     check = card["knn_check"]  # a 49-token card stores the subset that CI re-measures (--quick: 1000 / 200)
     assert (check["n_train"], check["n_test"]) == (1000, 200) and 0 <= check["top1"] <= 100
     assert (

@@ -13,11 +13,12 @@ import torch
 
 from vitssl_core import ViT, vit_mini_28
 from vitssl_core import __main__ as cli
-from vitssl_core.checkpoint import load_pretrained, save_backbone
+from vitssl_core.checkpoint import save_backbone
+from vitssl_core.pretrained import load_pretrained, resolve_checkpoint
 from vitssl_core.export import hf_config, hf_state_dict, save_hf, save_timm
 from vitssl_core.mae import MAE
 from vitssl_core.vit import architecture
-from vitssl_core.visualize import load_mae, resolve_checkpoint
+from vitssl_core.visualize import load_mae
 
 transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
@@ -132,11 +133,11 @@ def test_cli_exports_a_pretrain_out_folder(tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["export", "nope", "--format", "hf", "--out", "{tmp}/a"], "not a shipped card"),
+        (["export", "nope", "--format", "hf", "--out", "{tmp}/a"], "not a shipped backbone"),
         (["export", "dino", "--format", "onnx", "--out", "{tmp}/a"], "invalid choice"),
         (["export", "dino", "--format", "hf"], "--out"),
         (["export", "dino", "--format", "hf", "--out", "{tmp}/full"], "not an empty folder"),
-        (["export", "{tmp}/nothing.json", "--format", "hf", "--out", "{tmp}/a"], "no card"),
+        (["export", "{tmp}/nothing.json", "--format", "hf", "--out", "{tmp}/a"], "no such file or folder"),
     ],
 )
 def test_bad_export_arguments_exit_2_with_one_line(argv, message, tmp_path, capsys):

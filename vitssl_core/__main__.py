@@ -780,6 +780,8 @@ def _find_backbone(path: str) -> tuple[vit.ViT, dict[str, Any]]:
     NAME.json (or its NAME.safetensors), or a shipped name (``dino``): an existing path wins."""
     try:
         p = resolve_checkpoint(path)
+        if not p.exists():  # a NAME.json / NAME.safetensors path that is not there
+            raise FileNotFoundError(path)
     except FileNotFoundError:
         names = ", ".join(row["name"] for row in list_pretrained() if row["weights"])
         raise _CliError(

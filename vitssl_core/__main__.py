@@ -642,7 +642,10 @@ def _build_method(
     base, norm_key, num_classes = _load_dataset(args.dataset, args.data_root, backbone.img_size[0])
     if args.subset is not None:
         base = Subset(base, range(min(args.subset, len(base))))
-    shape = tuple(base[0][0].shape)
+    try:
+        shape = tuple(base[0][0].shape)
+    except (ValueError, OSError) as err:  # the first image cannot be read
+        raise _CliError(f"--dataset {args.dataset}: {err}") from None
     want = (backbone.in_chans, *backbone.img_size)
     if shape[0] != want[0] or (shape[1:] != want[1:] and not backbone.dynamic_img_size):
         raise _CliError(

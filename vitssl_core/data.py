@@ -295,8 +295,9 @@ def image_folder(
 
     With ``img_size`` the shorter side is resized to it and the centre square cropped. Images are
     read by ``read_image`` (16-bit ones scaled by their type's range); every file is checked once
-    here, so a truncated or fake image is refused, by name, before any training (``ValueError``),
-    as are a root without class folders and class folders without images.
+    here (16-bit and float ones decoded), so a truncated or fake image or one with non-finite
+    pixels is refused, by name, before any training (``ValueError``), as are a root without class
+    folders and class folders without images.
     """
     if not isinstance(root, (str, os.PathLike)):
         raise TypeError(f"root={root!r} must be a path (str or os.PathLike)")
@@ -322,14 +323,17 @@ def image_folder(
             f"{root}: {str(err).split('. Supported')[0]}; an image folder holds <class>/<image> "
             f"(e.g. {Path(root) / 'cat' / '0001.png'})"
         ) from None
-    for path, _ in folder.samples:  # the header and chunks of every file, without decoding the pixels
+    for path, _ in folder.samples:  # the header and chunks of every file, without decoding 8-bit pixels
         try:
             with Image.open(path) as img:
+                wide = img.mode in _WIDE_MODES
                 img.verify()
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             raise ValueError(
                 f"{path} is not a readable image ({type(err).__name__}: {err}); remove or replace the file"
             ) from None
+        if wide:  # NaN or out-of-range values show only in the decoded pixels
+            read_image(path)
     return folder
 
 

@@ -498,6 +498,7 @@ def test_every_method_pretrains_from_the_cli(method, extra, tmp_path, capsys, mo
     assert run_card["architecture"] == card["architecture"] and run_card["method"] == method
     # ...so `vitssl evaluate` reads a run that has not finished: here the same weights, from step 3's checkpoint.
     (out / "backbone.safetensors").unlink()
+    (out / "backbone.json").unlink()  # a run in progress has neither
     seen = []
     monkeypatch.setattr(cli, "run_protocol", lambda protocol, b, **kw: seen.append(b) or {"top1": 1.0})
     assert cli.main(["evaluate", "--checkpoint", str(out), "--device", "cpu"]) == 0

@@ -548,10 +548,10 @@ def _pretrain(args: argparse.Namespace) -> int:
     info = setup_distributed()
     held = contextlib.ExitStack()
     try:
-        held.enter_context(_out_lock(args.out, info.rank, info.world_size))  # for the run's lifetime
         seed_everything(args.seed)  # the same initial weights in every process and every rerun
         method, base, data_info = _build_method(args, config, info.world_size)
         dataset, views = recipes.training_data(args.method, base, data_info, method)
+        held.enter_context(_out_lock(args.out, info.rank, info.world_size))  # from the first write to the last
 
         started = _RunCard(args, config, info.world_size, method, data_info) if info.rank == 0 else None
         try:

@@ -344,3 +344,22 @@ def test_two_gloo_processes_match_one_process_with_the_combined_batch(tmp_path, 
     assert json.loads((tmp_path / "two" / "backbone.json").read_text())["world_size"] == 2
     exported = load_file(tmp_path / "two" / "backbone.safetensors")
     assert torch.equal(exported["blocks.0.attn.qkv.weight"], two_w["backbone.blocks.0.attn.qkv.weight"])
+
+
+def test_under_torchrun_a_busy_out_stops_every_rank(tmp_path, needs_fashion_mnist):
+    """Only rank 0 asks for the --out lock; its refusal must reach rank 1 too, or rank 1 waits forever."""
+    from vitssl_core.checkpoint import lock_folder
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    args = ["pretrain", "--method", "supervised", "--subset", "32", "--steps", "2", "--batch-size", "8"]
+    args += ["--precision", "fp32", "--device", "cpu", "--no-progress", "--out", str(out), *TINY_ARGS]
+    with lock_folder(out):  # this process holds the folder, as a first run would
+        run = subprocess.run(
+            torchrun() + ["-m", "vitssl_core", *args], env=torchrun_env(), capture_output=True, text=True, timeout=300
+        )
+    assert run.returncode != 0
+    said = [line for line in run.stderr.splitlines() if line.startswith("vitssl: error: ")]
+    assert len(said) == 2, run.stderr[-4000:]  # one line from each rank
+    assert all(f"--out {out} is in use by process {os.getpid()} on " in line for line in said)
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # neither rank wrote anything

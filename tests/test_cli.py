@@ -760,6 +760,15 @@ def test_evaluate_prints_the_metrics_before_writing_them(trained, tmp_path, monk
     assert "cannot write the metrics (No space left on device); they are printed above" in captured.err
 
 
+def test_evaluate_maps_an_unreadable_data_file_to_one_line(trained, monkeypatch, capsys):
+    def unreadable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "/data/t10k-images-idx3-ubyte")
+
+    monkeypatch.setattr(cli, "run_protocol", unreadable)
+    err = one_line_2(["evaluate", "--checkpoint", trained], capsys)
+    assert "--dataset fashion_mnist: [Errno 13] Permission denied: '/data/t10k-images-idx3-ubyte'" in err
+
+
 def test_evaluate_checks_out_before_spending_the_protocols_time(trained, tmp_path, monkeypatch, capsys):
     ran = []
     monkeypatch.setattr(cli, "run_protocol", lambda *a, **kw: ran.append(1) or {"top1": 1.0})

@@ -919,6 +919,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise _CliError(str(err)) from None
     except data.DatasetNotFoundError as err:  # not there and no download: the machine's, not the arguments'
         raise _CliError(str(err), code=1) from None
+    except OSError as err:  # a data file that cannot be read
+        raise _CliError(f"--dataset {dataset}: {err}") from None
     text = json.dumps(metrics, indent=2, default=float)
     print(text, flush=True)  # first: a failed write must not lose what the protocol measured
     if args.out is not None:

@@ -8,6 +8,11 @@ and in a user cache, and only then downloaded with torchvision.
 One convention for every dataset here: a sample is ``(image, label)`` where the image is a
 float32 tensor (C, H, W) with values in [0, 1]; a ``transform`` receives that tensor, so
 ``torchvision.transforms.v2`` transforms work unchanged.
+
+Image folders come in two layouts (``folder_split``): ``root/train/<class>/<image>`` with
+``root/test``, or ``root/<class>/<image>``, of which every fifth image is a test image. Files are
+read by ``read_image``: 16-bit images are scaled by their type's range, and a file that cannot be
+decoded or holds non-finite pixels is refused by name.
 """
 
 from __future__ import annotations

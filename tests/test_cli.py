@@ -509,6 +509,7 @@ def test_every_method_pretrains_from_the_cli(method, extra, tmp_path, capsys, mo
     assert run_card["architecture"] == card["architecture"] and run_card["method"] == method
     # ...so `vitssl evaluate` reads a run that has not finished: here the same weights, from step 3's checkpoint.
     (out / "backbone.safetensors").unlink()
+    (out / "backbone.json").unlink()  # a run in progress has neither
     seen = []
     monkeypatch.setattr(cli, "run_protocol", lambda protocol, b, **kw: seen.append(b) or {"top1": 1.0})
     assert cli.main(["evaluate", "--checkpoint", str(out), "--device", "cpu"]) == 0
@@ -559,3 +560,456 @@ def test_evaluate_a_run_in_progress_says_what_is_wrong(trained, tmp_path, monkey
     monkeypatch.setattr(cli, "run_protocol", lambda protocol, b, **kw: {"top1": 1.0})
     assert cli.main(["evaluate", "--checkpoint", str(run)]) == 0 and len(calls) == 2
     assert "at step 4 of 4" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- issue 23: the contract, everywhere
+PY_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+RGB_TINY = ["--model", "vit_tiny_32", *model_args(patch_size=8)]  # 3x32x32 images
+
+
+def one_line_2(argv, capsys):
+    """``vitssl argv`` exits 2 with one line and no traceback; returns that line."""
+    assert cli.main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("vitssl: error: ") and "Traceback" not in err, err
+    return err
+
+
+def png_folder(root, per_class=10, size=32, classes="ab"):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = torch.randint(0, 256, (size, size, 3), dtype=torch.uint8, generator=g).numpy()
+            Image.fromarray(pixels).save(root / c / f"{i:02d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory, trained, needs_fashion_mnist):
+    """Every kind of broken input of review quality2 §3.2, one folder each."""
+    import gzip
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    tmp = tmp_path_factory.mktemp("bad")
+    (tmp / "afile").write_text("a file, not a folder")
+    (tmp / "adir").mkdir()
+    raw = (png_folder(tmp / "trunc") / "a" / "00.png").read_bytes()
+    (tmp / "trunc" / "a" / "00.png").write_bytes(raw[: len(raw) // 2])
+    (png_folder(tmp / "fakepng") / "b" / "03.png").write_text("not an image")
+    (tmp / "emptycls" / "a").mkdir(parents=True)
+    (tmp / "emptycls" / "b").mkdir()
+    (tmp / "flat").mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp / "flat" / "0.png")
+    for c in "ab":
+        (tmp / "nan" / c).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(np.full((32, 32), np.nan if i == 3 else 0.5, np.float32)).save(
+                tmp / "nan" / c / f"{i}.tiff"
+            )
+    idx = tmp / "idx"  # a truncated training-image file, the labels intact
+    idx.mkdir()
+    images = needs_fashion_mnist / "train-images-idx3-ubyte.gz"
+    plain = gzip.decompress(images.read_bytes()) if images.is_file() else (images.with_suffix("")).read_bytes()
+    (idx / "train-images-idx3-ubyte").write_bytes(plain[:100_000])
+    labels = needs_fashion_mnist / "train-labels-idx1-ubyte.gz"
+    shutil.copy(labels if labels.is_file() else labels.with_suffix(""), idx)
+    for name, change in (
+        ("zerostd", {"normalize": {"mean": [0.286], "std": [0]}}),
+        ("nanstd", {"normalize": {"mean": [0.286], "std": [float("nan")]}}),
+        ("bogus", {"feature": "bogus"}),
+    ):
+        shutil.copytree(trained, tmp / name)
+        card = json.loads((tmp / name / "backbone.json").read_text())
+        (tmp / name / "backbone.json").write_text(json.dumps({**card, **change}))
+    for name in ("moved", "norng"):  # resumable runs whose checkpoint was damaged
+        shutil.copytree(trained, tmp / name)
+    (tmp / "moved" / "checkpoints" / "last.json").write_text(json.dumps({"step": 99, "dir": "step_00000099"}))
+    state_pt = next((tmp / "norng" / "checkpoints").glob("step_*/state.pt"))
+    state = torch.load(state_pt, weights_only=True)
+    del state["rng"]
+    torch.save(state, state_pt)
+    for name in ("evil", "shapes"):  # runs in progress: run.json and checkpoints, no backbone yet
+        shutil.copytree(trained, tmp / name)
+        (tmp / name / "backbone.safetensors").unlink()
+        (tmp / name / "backbone.json").unlink()
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp / 'PWNED'}",))
+
+    torch.save({"x": Evil()}, next((tmp / "evil" / "checkpoints").glob("step_*/state.pt")))
+    card = json.loads((tmp / "shapes" / "run.json").read_text())
+    keys = card["state_keys"]
+    keys["blocks.0.attn.qkv.weight"] = keys["blocks.0.attn.proj.weight"]  # a tensor of another shape
+    (tmp / "shapes" / "run.json").write_text(json.dumps(card))
+    return tmp
+
+
+def ev(*extra):
+    return ["evaluate", "--device", "cpu", "--max-train", "100", "--max-test", "20", *extra]
+
+
+CONTRACT = [  # (review probe, argv with {bad}, what the one line says)
+    ("O21b", pre("--method", "supervised", "--out", ""), "--out is empty"),
+    ("P04f", pre("--method", "supervised", "--lr", "inf"), "blr=inf must be a finite number > 0"),
+    ("P04f'", pre("--method", "supervised", "--weight-decay", "inf"), "weight_decay=inf must be a finite number"),
+    ("P05", pre("--method", "supervised", "--out", "{bad}/afile"), "--out {bad}/afile is a file, not a folder"),
+    ("O21a", pre("--method", "supervised", "--out", "{bad}/afile/sub"), "a part of the path is a file"),
+    (
+        "D08b",
+        pre("--method", "supervised", "--dataset", "folder:{bad}/trunc", *RGB_TINY),
+        "trunc/a/00.png is not a readable image",
+    ),
+    (
+        "D08c",
+        pre("--method", "supervised", "--dataset", "folder:{bad}/nan", *RGB_TINY),
+        "nan/a/3.tiff holds non-finite pixels",
+    ),
+    (
+        "D08e",
+        pre("--method", "supervised", "--dataset", "folder:{bad}/emptycls", *RGB_TINY),
+        "Found no valid file for the classes a, b",
+    ),
+    (
+        "D08f",
+        pre("--method", "supervised", "--dataset", "folder:{bad}/flat", *RGB_TINY),
+        "Couldn't find any class folder",
+    ),
+    (
+        "D08g",
+        pre("--method", "supervised", "--dataset", "folder:{bad}/fakepng", *RGB_TINY),
+        "fakepng/b/03.png is not a readable image",
+    ),
+    (
+        "I09a",
+        pre("--method", "supervised", "--data-root", "{bad}/idx"),
+        "train-images-idx3-ubyte is truncated: 100000 bytes",
+    ),
+    (
+        "Z19a",
+        smoke("{bad}/moved", "--resume"),
+        "step_00000099, which lacks model.safetensors or state.pt: that checkpoint was moved",
+    ),
+    ("Z19g", smoke("{bad}/norng", "--resume", "--steps", "6"), "state.pt lacks 'rng'"),
+    ("Q18l", ev("--checkpoint", "{bad}/zerostd", "--out", "{bad}/adir"), "--out '{bad}/adir' is a folder"),
+    (
+        "Q18l'",
+        ev("--checkpoint", "{bad}/zerostd", "--out", "{bad}/nowhere/m.json"),
+        "the folder {bad}/nowhere does not exist",
+    ),
+    (
+        "K17i",
+        ev("--checkpoint", "{bad}/zerostd"),
+        "zerostd/backbone.json: its \"normalize\" is unusable: normalize['std']=[0]",
+    ),
+    ("K17n", ev("--checkpoint", "{bad}/nanstd"), "normalize['std']=[nan] must be one or more finite numbers > 0"),
+    ("K17j", ev("--checkpoint", "{bad}/bogus"), "its \"feature\" 'bogus' is not one of cls, avg, cls+avg"),
+    ("X24b", ev("--checkpoint", "{bad}/evil"), "refusing to load"),
+    ("R10d", ev("--checkpoint", "{bad}/shapes"), "does not hold the backbone run.json describes: "),
+]
+
+
+@pytest.mark.parametrize("argv, message", [c[1:] for c in CONTRACT], ids=[c[0] for c in CONTRACT])
+def test_every_input_of_the_review_exits_2_with_one_line(argv, message, bad, capsys, monkeypatch):
+    monkeypatch.chdir(bad)
+    fill = lambda text: text.format(bad=bad)  # noqa: E731
+    before = set(bad.rglob("*"))
+    assert fill(message) in one_line_2([fill(a) for a in argv], capsys)
+    assert not (bad / "PWNED").exists()  # the pickle's code never ran
+    assert [p for p in set(bad.rglob("*")) - before if p.name != ".lock"] == []  # a refused run writes nothing
+
+
+def test_a_mismatch_exits_2_through_a_card_and_through_run_json_alike(bad, capsys):
+    """One kind of problem, one exit code (review: 2 through backbone.json, 1 through run.json)."""
+    card = json.loads((bad / "zerostd" / "backbone.json").read_text())
+    size = bad / "size"
+    size.mkdir()
+    (size / "backbone.safetensors").write_bytes((bad / "zerostd" / "backbone.safetensors").read_bytes())
+    card["architecture"]["embed_dim"] = 64
+    card["normalize"] = {"mean": [0.5], "std": [0.5]}
+    (size / "backbone.json").write_text(json.dumps(card))
+    assert "does not fit the ViT its card" in one_line_2(ev("--checkpoint", size), capsys)
+    assert "does not hold the backbone" in one_line_2(ev("--checkpoint", bad / "shapes"), capsys)
+
+
+def test_running_out_of_memory_names_a_batch_size_to_try(tmp_path, monkeypatch, capsys, needs_fashion_mnist):
+    def oom(message, kind=RuntimeError):
+        def train(*args, **kwargs):
+            raise kind(message)
+
+        return train
+
+    for kind, message in (
+        (RuntimeError, "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried"),
+        (torch.OutOfMemoryError, "CUDA out of memory. Tried to allocate 2.00 GiB"),
+    ):
+        monkeypatch.setattr(cli, "train", oom(message, kind))
+        err = one_line_2(smoke(tmp_path / kind.__name__, "--accum-steps", "2"), capsys)
+        assert "out of memory with --batch-size 16" in err and "try --batch-size 8 (with --accum-steps 4" in err
+    # Our own bugs are not dressed up as bad input: their traceback stays.
+    monkeypatch.setattr(cli, "train", oom("index 3 is out of bounds", RuntimeError))
+    with pytest.raises(RuntimeError, match="out of bounds"):
+        cli.main(smoke(tmp_path / "bug"))
+    monkeypatch.setattr(cli, "train", oom("division by zero", ZeroDivisionError))
+    with pytest.raises(ZeroDivisionError):
+        cli.main(smoke(tmp_path / "bug2"))
+
+
+def test_help_lists_one_exit_code_per_kind_of_problem(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    codes = re.findall(r"^  (\d+) ", out[out.index("exit status:") :], flags=re.M)
+    assert codes == ["0", "1", "2", "130"]
+    assert "busy (another run holds its lock)" in out and "a batch too big for memory" in out
+
+
+def test_evaluate_prints_the_metrics_before_writing_them(trained, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "run_protocol", lambda protocol, backbone, **kw: {"protocol": protocol, "top1": 42.5})
+
+    def disk_full(path, obj):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli, "atomic_write_json", disk_full)
+    assert cli.main(["evaluate", "--checkpoint", str(trained), "--out", str(tmp_path / "m.json")]) == 2
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["top1"] == 42.5  # not lost
+    assert "cannot write the metrics (No space left on device); they are printed above" in captured.err
+
+
+def test_evaluate_maps_an_unreadable_data_file_to_one_line(trained, monkeypatch, capsys):
+    def unreadable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "/data/t10k-images-idx3-ubyte")
+
+    monkeypatch.setattr(cli, "run_protocol", unreadable)
+    err = one_line_2(["evaluate", "--checkpoint", trained], capsys)
+    assert "--dataset fashion_mnist: [Errno 13] Permission denied: '/data/t10k-images-idx3-ubyte'" in err
+
+
+def test_evaluate_checks_out_before_spending_the_protocols_time(trained, tmp_path, monkeypatch, capsys):
+    ran = []
+    monkeypatch.setattr(cli, "run_protocol", lambda *a, **kw: ran.append(1) or {"top1": 1.0})
+    one_line_2(["evaluate", "--checkpoint", trained, "--out", tmp_path], capsys)
+    one_line_2(["evaluate", "--checkpoint", trained, "--out", tmp_path / "no" / "m.json"], capsys)
+    assert ran == []
+
+
+def test_a_finished_run_without_its_backbone_says_so_and_reads_the_cards_feature(
+    trained, tmp_path, monkeypatch, capsys
+):
+    import shutil
+
+    run = tmp_path / "nobb"
+    shutil.copytree(trained, run)
+    (run / "backbone.safetensors").unlink()
+    card = json.loads((run / "backbone.json").read_text())
+    card["feature"] = "cls+avg" if card.get("feature") != "cls+avg" else "avg"  # not the default
+    (run / "backbone.json").write_text(json.dumps(card))
+    seen = []
+    monkeypatch.setattr(cli, "run_protocol", lambda p, b, **kw: seen.append(kw) or {"top1": 1.0})
+    assert cli.main(["evaluate", "--checkpoint", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert "finished training, but its backbone.safetensors is missing" in err and "still training" not in err
+    assert seen[0]["feature"] == card["feature"]
+
+
+# ---- one run per folder
+PAUSED_RUN = """
+import pathlib, sys, time
+from vitssl_core import __main__ as cli
+
+ready, go, at = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), int(sys.argv[3])
+real = cli.train
+
+def train(method, dataset, config, callback=None, **kwargs):
+    def pause(row):  # the CLI's own callback first (run.json), then wait for the test's word
+        if callback is not None:
+            callback(row)
+        if row["step"] == at:
+            ready.write_text("paused")
+            while not go.exists():
+                time.sleep(0.01)
+    return real(method, dataset, config, callback=pause, **kwargs)
+
+cli.train = train
+sys.exit(cli.main(sys.argv[4:]))
+"""
+
+
+def wait_for(condition, proc, what, timeout=120.0):
+    """Poll ``condition`` until it holds; fail early if ``proc`` ends first."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"the first run ended (exit {proc.returncode}) before {what}: {proc.stderr.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"timed out waiting until {what}")
+        time.sleep(0.02)
+
+
+def start_paused(tmp_path, out, *extra, at=2):
+    """`vitssl pretrain` in a process of its own that pauses after logging step ``at`` until told to go on."""
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PAUSED_RUN, str(ready), str(go), str(at), *smoke(out, "--seed", "1", *extra)],
+        env=PY_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(ready.exists, proc, f"it paused at step {at}")
+    return proc, go
+
+
+def test_a_second_run_on_a_busy_out_is_refused_and_the_first_finishes_intact(tmp_path, capsys, needs_fashion_mnist):
+    out = tmp_path / "run"
+    first, go = start_paused(tmp_path, out)
+    try:
+        for extra in ((), ("--resume",)):
+            err = one_line_2(smoke(out, "--seed", "2", *extra), capsys)
+            assert f"--out {out} is in use by process {first.pid} on " in err and "choose another --out" in err
+    finally:
+        go.write_text("go")
+        stdout, stderr = first.communicate(timeout=120)
+    assert first.returncode == 0, stderr
+    assert "trained 4 steps" in stdout
+    assert json.loads((out / "config.json").read_text())["seed"] == 1  # the first run's config, not the second's
+    assert [json.loads(r)["step"] for r in (out / "history.jsonl").read_text().splitlines()] == [2, 4]
+    assert json.loads((out / "backbone.json").read_text())["train_config"]["seed"] == 1
+
+
+def test_a_killed_run_never_blocks_resume(tmp_path, capsys, needs_fashion_mnist):
+    import signal
+
+    out = tmp_path / "run"
+    first, _ = start_paused(tmp_path, out, "--steps", "6", "--checkpoint-every", "2", at=4)
+    first.send_signal(signal.SIGKILL)
+    first.communicate(timeout=60)
+    assert load_checkpoint(out)[1]["step"] == 2  # what --resume continues
+    (out / "checkpoints" / ".last.json.tmp-99999").write_text('{"step": ')  # litter of a killed pointer write
+    assert f"process {first.pid}" in (out / ".lock").read_text()  # the dead holder's name stays in the file
+    assert cli.main(smoke(out, "--resume", "--steps", "6", "--checkpoint-every", "2", "--seed", "1")) == 0
+    assert "trained 6 steps" in capsys.readouterr().out
+    assert not list((out / "checkpoints").glob(".last.json.tmp-*"))  # removed on the next start
+
+
+def test_a_file_system_without_locks_warns_once_and_goes_on(tmp_path, monkeypatch, capsys, needs_fashion_mnist):
+    import errno
+    import warnings
+
+    from vitssl_core import checkpoint
+
+    def no_locks(fd, how):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(checkpoint.fcntl, "lockf", no_locks)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli.main(smoke(tmp_path / "run")) == 0
+    said = [w for w in caught if "cannot lock" in str(w.message)]
+    assert len(said) == 1 and "No locks available" in str(said[0].message)
+
+
+# ---- both commands read folder:PATH alike, in both layouts
+def test_folder_datasets_in_both_layouts_for_pretrain_and_evaluate(tmp_path, capsys):
+    flat = png_folder(tmp_path / "flat", per_class=15)  # every fifth image a test image: 24 train, 6 test
+    split = tmp_path / "split"
+    png_folder(split / "train", per_class=12)
+    png_folder(split / "test", per_class=3)
+    for root in (flat, split):
+        out = tmp_path / f"run_{root.name}"
+        argv = smoke(out, "--dataset", f"folder:{root}", "--batch-size", "8", *RGB_TINY)
+        assert cli.main(argv) == 0, capsys.readouterr().err
+        capsys.readouterr()
+        assert cli.main(["evaluate", "--checkpoint", str(out), "--device", "cpu"]) == 0
+        metrics = json.loads(capsys.readouterr().out)
+        assert (metrics["n_train"], metrics["n_test"]) == (24, 6)
+        assert json.loads((out / "backbone.json").read_text())["feature_choice"]["held_out"].endswith(
+            "of the 24 training images"
+        )
+
+
+# ---- signals and read-only folders, in real processes
+def test_ctrl_c_exits_130_with_one_line_and_a_checkpoint(tmp_path, needs_fashion_mnist):
+    import signal
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vitssl_core", *smoke(out, "--steps", "100000", "--log-every", "1")],
+        env=PY_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for((out / "run.json").exists, proc, "it logged its first step")  # written at the first logged row
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert stderr.count("\n") == 1 and "stopped (training stopped by SIGINT" in stderr and "--resume" in stderr
+    assert load_checkpoint(out)[1]["step"] >= 1
+
+
+def unprivileged(tmp_path):
+    """A command prefix under which file modes apply, or a skip saying why there is none.
+
+    As root, setpriv drops every capability (CAP_DAC_OVERRIDE first): the process stays uid 0, so
+    it still reads the interpreter and the test's folders, but it can no longer write where the
+    modes forbid it. A non-root user needs nothing.
+    """
+    import shutil
+
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv (util-linux): root ignores file modes, so nothing would be tested")
+    prefix = ["setpriv", "--bounding-set=-all", "--inh-caps=-all"]
+    probe = tmp_path / "probe"
+    probe.mkdir(mode=0o555)
+    done = subprocess.run([*prefix, sys.executable, "-c", f"open({str(probe / 'x')!r}, 'w')"], capture_output=True)
+    if done.returncode == 0:
+        pytest.skip("setpriv could not drop root's capabilities here (a container without CAP_SETPCAP?)")
+    return prefix
+
+
+def test_read_only_folders_are_one_line_errors(trained, tmp_path, needs_fashion_mnist):
+    import shutil
+
+    prefix = unprivileged(tmp_path)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    held = tmp_path / "held"  # a run that can only be read
+    shutil.copytree(trained, held)
+    for folder in (ro, held):
+        folder.chmod(0o555)
+    cases = [
+        ("P07a", smoke(ro), f"--out {ro} is not writable"),
+        ("P07b", smoke(held, "--resume", "--steps", "6"), f"--out {held} is not writable"),
+        ("P07c", smoke(ro / "sub"), f"--out {ro / 'sub'} cannot be created (Permission denied)"),
+        ("E07d", ["evaluate", "--checkpoint", str(trained), "--out", str(ro / "m.json")], f"the folder {ro} is not"),
+    ]
+    try:
+        for probe, argv, message in cases:
+            done = subprocess.run(
+                [*prefix, sys.executable, "-m", "vitssl_core", *argv],
+                env=PY_ENV,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert done.returncode == 2, (probe, done.stderr)
+            assert done.stderr.count("\n") == 1 and message in done.stderr, (probe, done.stderr)
+        assert list(ro.iterdir()) == [] and sorted(p.name for p in held.iterdir()) == sorted(
+            p.name for p in trained.iterdir()
+        )
+    finally:
+        for folder in (ro, held):
+            folder.chmod(0o755)

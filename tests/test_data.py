@@ -270,3 +270,76 @@ def test_real_mean_std_match_constants(train_set):
     assert abs(pixels.mean().item() - data.FASHION_MNIST_MEAN[0]) < 1e-3
     assert abs(pixels.std().item() - data.FASHION_MNIST_STD[0]) < 1e-3
     assert data.NORMALIZE["fashion_mnist"] == {"mean": data.FASHION_MNIST_MEAN, "std": data.FASHION_MNIST_STD}
+
+
+# --- images read right or refused (issue 23) ---------------------------------------------
+def test_16_bit_images_are_scaled_by_their_types_range_not_saturated(tmp_path):
+    from PIL import Image
+
+    values = np.array([[0, 130 * 257], [65535, 1000]], dtype=np.uint16)  # 130 * 257 is 8-bit 130
+    Image.fromarray(values).save(tmp_path / "u16.png")
+    assert Image.open(tmp_path / "u16.png").mode == "I;16"
+    image = data.read_image(tmp_path / "u16.png")
+    assert image.shape == (3, 2, 2) and image.dtype == torch.float32
+    expected = torch.from_numpy(values.astype(np.float32) / 65535)
+    assert all(torch.equal(image[c], expected) for c in range(3))
+    assert image[0, 0, 1] * 255 == pytest.approx(130)  # PIL's convert("RGB") gives 255 here
+
+
+def test_non_finite_out_of_range_and_corrupt_images_are_refused_by_name(tmp_path):
+    from PIL import Image
+
+    for name, values in (("nan", [[0.5, np.nan]]), ("inf", [[np.inf, 0.0]]), ("big", [[0.5, 3.0]])):
+        Image.fromarray(np.array(values, dtype=np.float32)).save(tmp_path / f"{name}.tiff")
+    Image.fromarray(np.array([[0.25, 1.0]], dtype=np.float32)).save(tmp_path / "ok.tiff")
+    assert torch.equal(data.read_image(tmp_path / "ok.tiff")[0], torch.tensor([[0.25, 1.0]]))
+    with pytest.raises(ValueError, match=r"nan\.tiff holds non-finite pixels"):
+        data.read_image(tmp_path / "nan.tiff")
+    with pytest.raises(ValueError, match=r"inf\.tiff holds non-finite pixels"):
+        data.read_image(tmp_path / "inf.tiff")
+    with pytest.raises(ValueError, match=r"big\.tiff holds float pixels outside \[0, 1\]"):
+        data.read_image(tmp_path / "big.tiff")
+    (tmp_path / "fake.png").write_text("not an image")
+    with pytest.raises(ValueError, match=r"fake\.png is not a readable image \(UnidentifiedImageError"):
+        data.read_image(tmp_path / "fake.png")
+
+
+def write_pngs(root, per_class, classes=("cat", "dog")):
+    from PIL import Image
+
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(np.full((8, 8, 3), 10 * i + c, np.uint8)).save(root / name / f"{i:02d}.png")
+
+
+def test_image_folder_checks_every_file_before_training(tmp_path):
+    write_pngs(tmp_path / "ok", 3)
+    raw = (tmp_path / "ok" / "dog" / "02.png").read_bytes()
+    (tmp_path / "ok" / "dog" / "02.png").write_bytes(raw[: len(raw) // 2])  # never read until the last item
+    with pytest.raises(ValueError, match=r"dog/02\.png is not a readable image"):
+        data.image_folder(tmp_path / "ok")
+    (tmp_path / "empty" / "cat").mkdir(parents=True)
+    with pytest.raises(ValueError, match="Found no valid file for the classes cat; an image folder holds"):
+        data.image_folder(tmp_path / "empty")
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "a.png").write_bytes((tmp_path / "ok" / "cat" / "00.png").read_bytes())
+    with pytest.raises(ValueError, match="Couldn't find any class folder"):
+        data.image_folder(tmp_path / "flat")
+
+
+def test_folder_split_reads_both_layouts_alike(tmp_path):
+    write_pngs(tmp_path / "flat", 10)
+    train, test = data.folder_split(tmp_path / "flat", True), data.folder_split(tmp_path / "flat", False)
+    assert (len(train), len(test)) == (16, 4) and train.classes == test.classes == ["cat", "dog"]
+    assert train.targets == [0] * 8 + [1] * 8 and test.targets == [0, 0, 1, 1]
+    pixel = lambda ds, i: int(round(ds[i][0][0, 0, 0].item() * 255))  # noqa: E731  (10 * index + class)
+    assert [pixel(test, i) for i in range(4)] == [40, 90, 41, 91]  # every fifth image: 04, 09 of each class
+    assert 40 not in [pixel(train, i) for i in range(16)]  # no test image trains
+    write_pngs(tmp_path / "split" / "train", 4)
+    write_pngs(tmp_path / "split" / "val", 2)
+    train, test = data.folder_split(tmp_path / "split", True), data.folder_split(tmp_path / "split", False)
+    assert (len(train), len(test)) == (8, 4) and train.classes == ["cat", "dog"]
+    (tmp_path / "split" / "val").rename(tmp_path / "split" / "elsewhere")
+    with pytest.raises(ValueError, match="holds train/ but neither test/ nor val/"):
+        data.folder_split(tmp_path / "split", False)

@@ -423,3 +423,21 @@ def test_train_dense_checks_task_and_resolution_before_training(scenes):
 
 def test_module_lists_its_public_api():
     assert all(hasattr(dense, name) for name in dense.__all__)
+
+
+@pytest.mark.parametrize("head_cls", [SegmentationHead, DetectionHead])
+def test_evaluation_restores_the_heads_mode_when_a_batch_fails(head_cls, scenes):
+    class FailsAtItem1(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            if i == 1:
+                raise OSError("the disk went away")
+            return scenes[0]
+
+    head = head_cls(tiny_vit(), num_classes=11).train()
+    evaluate = evaluate_segmentation if head_cls is SegmentationHead else evaluate_detection
+    with pytest.raises(OSError, match="disk went away"):
+        evaluate(head, FailsAtItem1(), batch_size=1)
+    assert head.training

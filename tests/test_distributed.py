@@ -359,3 +359,22 @@ def test_knn_monitor_runs_on_rank_0_while_the_other_rank_waits(tmp_path, needs_f
     rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert [(r["step"], r["epoch"]) for r in rows if "knn_top1" in r] == [(2, 1.0), (4, 2.0)]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_under_torchrun_a_busy_out_stops_every_rank(tmp_path, needs_fashion_mnist):
+    """Only rank 0 asks for the --out lock; its refusal must reach rank 1 too, or rank 1 waits forever."""
+    from vitssl_core.checkpoint import lock_folder
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    args = ["pretrain", "--method", "supervised", "--subset", "32", "--steps", "2", "--batch-size", "8"]
+    args += ["--precision", "fp32", "--device", "cpu", "--no-progress", "--out", str(out), *TINY_ARGS]
+    with lock_folder(out):  # this process holds the folder, as a first run would
+        run = subprocess.run(
+            torchrun() + ["-m", "vitssl_core", *args], env=torchrun_env(), capture_output=True, text=True, timeout=300
+        )
+    assert run.returncode != 0
+    said = [line for line in run.stderr.splitlines() if line.startswith("vitssl: error: ")]
+    assert len(said) == 2, run.stderr[-4000:]  # one line from each rank
+    assert all(f"--out {out} is in use by process {os.getpid()} on " in line for line in said)
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # neither rank wrote anything

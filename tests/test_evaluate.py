@@ -4,6 +4,7 @@ attention maps, attention distance against a brute-force loop, PCA colours."""
 
 import itertools
 import math
+import re
 import warnings
 
 import numpy as np
@@ -82,6 +83,13 @@ def test_extract_features_errors():
         E.extract_features(model, imgs.long())  # integers other than uint8 would pass for [0, 1] floats
     with pytest.raises(ValueError, match=r"normalize has 3 mean and 3 std value\(s\) but the images have 1 channel"):
         E.extract_features(model, imgs, normalize={"mean": [0.5] * 3, "std": [0.2] * 3})  # RGB stats, grey images
+    for std in ([0.0], [-0.3], [math.nan], [math.inf]):  # each would turn every score into chance, silently
+        with pytest.raises(
+            ValueError, match=re.escape(f"normalize['std']={std!r} must be one or more finite numbers > 0")
+        ):
+            E.extract_features(model, imgs, normalize={"mean": [0.5], "std": std})
+    with pytest.raises(ValueError, match=re.escape("normalize['mean']=[nan] must be one or more finite numbers")):
+        E.extract_features(model, imgs, normalize={"mean": [math.nan], "std": [0.3]})
     pixels = torch.randint(0, 256, (2, 28, 28), dtype=torch.uint8)  # uint8 and float64 pixels mean the same
     torch.testing.assert_close(
         E.extract_features(model, pixels, precision="fp32"),
@@ -551,8 +559,11 @@ def test_run_protocol_on_an_image_folder(tmp_path):
     model = tiny(img_size=32, patch_size=8, in_chans=3)
     out = E.run_protocol("knn", model, dataset=f"folder:{tmp_path}", k=3)
     assert out["n_train"] == 12 and out["n_test"] == 4
-    with pytest.raises(ValueError, match="PATH/train"):
-        E.run_protocol("knn", model, dataset=f"folder:{tmp_path / 'train'}", k=3)
+    flat = E.run_protocol("knn", model, dataset=f"folder:{tmp_path / 'train'}", k=3)  # <class>/<image>: a fifth tests
+    assert flat["n_train"] == 10 and flat["n_test"] == 2
+    (tmp_path / "val").rename(tmp_path / "other")
+    with pytest.raises(ValueError, match="holds train/ but neither test/ nor val/"):
+        E.run_protocol("knn", model, dataset=f"folder:{tmp_path}", k=3)
 
 
 def test_run_protocol_fashion_mnist_by_name(fmnist):

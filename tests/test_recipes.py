@@ -38,6 +38,13 @@ def test_dino_converts_epochs_to_steps_and_needs_them():
     dino = recipes.build_method("dino", tiny(), INFO, epoch_steps=10, total_steps=100)
     assert isinstance(dino, DINO) and dino.freeze_last_layer_steps == 10 and dino.warmup_teacher_temp_steps == 50
     assert dino.backbone.dynamic_img_size  # its local crops are smaller than the image
+    mine = tiny()
+    assert not mine.dynamic_img_size
+    dino = recipes.build_method("dino", mine, INFO, epoch_steps=10, total_steps=100)
+    assert not mine.dynamic_img_size and dino.backbone is not mine  # the caller's backbone is left alone
+    assert all(torch.equal(a, b) for a, b in zip(mine.state_dict().values(), dino.backbone.state_dict().values()))
+    dynamic = tiny(dynamic_img_size=True)
+    assert recipes.build_method("dino", dynamic, INFO, epoch_steps=10, total_steps=100).backbone is dynamic
     with pytest.raises(ValueError, match="epoch_steps"):
         recipes.build_method("dino", tiny(), INFO)
     with pytest.raises(ValueError, match="dataset="):

@@ -172,6 +172,10 @@ def test_config_rejects_bad_values():
         TrainConfig(epochs=1, resume=True)
     with pytest.raises(ValueError, match="grad_clip=-1"):
         TrainConfig(epochs=1, grad_clip=-1)
+    for name in ("blr", "min_lr", "weight_decay", "weight_decay_end", "warmup_epochs", "grad_clip"):
+        for bad in (math.inf, math.nan):  # inf passes "> 0": one step at lr=inf would run before the NaN check
+            with pytest.raises(ValueError, match=f"{name}={bad} must be a finite number"):
+                TrainConfig(epochs=1, **{name: bad})
     assert TrainConfig(epochs=1, betas=[0.9, 0.95]).betas == (0.9, 0.95)  # a YAML list is fine
 
 
@@ -199,11 +203,18 @@ def test_grad_accumulation_equals_the_bigger_batch(fmnist):
 
 
 def test_bf16_autocast_trains(fmnist):
-    method = tiny_method()
-    before = {k: v.clone() for k, v in method.state_dict().items()}
-    history = train(method, fmnist, config(precision="bf16", max_steps=3))
-    assert all(math.isfinite(row["loss"]) for row in history)
-    assert not torch.equal(before["backbone.blocks.0.attn.qkv.weight"], method.backbone.blocks[0].attn.qkv.weight)
+    """precision="bf16" runs the forward pass in bf16 (and fp32 does not), keeping fp32 weights that learn."""
+    dtypes = {}
+    for precision in ("bf16", "fp32"):
+        method = tiny_method()
+        seen = dtypes[precision] = []
+        method.backbone.blocks[0].attn.qkv.register_forward_hook(lambda m, args, out, seen=seen: seen.append(out.dtype))
+        before = {k: v.clone() for k, v in method.state_dict().items()}
+        history = train(method, fmnist, config(precision=precision, max_steps=3))
+        assert all(math.isfinite(row["loss"]) for row in history)
+        qkv = method.backbone.blocks[0].attn.qkv.weight
+        assert qkv.dtype == torch.float32 and not torch.equal(before["backbone.blocks.0.attn.qkv.weight"], qkv)
+    assert set(dtypes["bf16"]) == {torch.bfloat16} and set(dtypes["fp32"]) == {torch.float32}
 
 
 # --------------------------------------------------------------------------- files, hooks, failures
@@ -337,6 +348,27 @@ def test_existing_checkpoint_is_not_overwritten_without_resume(tmp_path, fmnist)
     train(tiny_method(), fmnist, config(max_steps=2, out_dir=str(tmp_path)))
     with pytest.raises(FileExistsError, match="resume=True"):
         train(tiny_method(), fmnist, config(max_steps=2, out_dir=str(tmp_path)))
+
+
+@pytest.mark.parametrize("key", ["rng", "optimizer", "history_len"])
+def test_a_state_pt_lacking_a_key_is_named_not_a_key_error(tmp_path, fmnist, key):
+    train(tiny_method(), fmnist, config(max_steps=2, out_dir=str(tmp_path)))
+    state_pt = next((tmp_path / "checkpoints").glob("step_*/state.pt"))
+    state = torch.load(state_pt, weights_only=True)
+    del state[key]  # hand-edited
+    torch.save(state, state_pt)
+    with pytest.raises(ValueError, match=re.escape(str(state_pt)) + f" lacks '{key}': it was not written"):
+        train(tiny_method(), fmnist, config(max_steps=4, out_dir=str(tmp_path), resume=True))
+
+
+def test_an_optimizer_state_that_does_not_fit_names_the_file(tmp_path, fmnist):
+    train(tiny_method(), fmnist, config(max_steps=2, out_dir=str(tmp_path)))
+    state_pt = next((tmp_path / "checkpoints").glob("step_*/state.pt"))
+    state = torch.load(state_pt, weights_only=True)
+    state["optimizer"]["param_groups"] = state["optimizer"]["param_groups"][:1]
+    torch.save(state, state_pt)
+    with pytest.raises(ValueError, match="the optimizer state in .*state.pt does not fit this run"):
+        train(tiny_method(), fmnist, config(max_steps=4, out_dir=str(tmp_path), resume=True))
 
 
 @pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])

@@ -13,19 +13,24 @@ exported backbone's tensors sit in the training checkpoints, so ``vitssl evaluat
 newest checkpoint. The same command runs under ``torchrun``.
 
 This module is the only place that parses arguments; the library takes keyword arguments.
-Exit codes: 0 done, 1 failed while running, 2 bad arguments (one line on stderr), 130 stopped
-by Ctrl-C or SIGTERM (a checkpoint was saved; ``--resume`` continues).
+Exit codes (``EXIT_CODES``, shown by ``vitssl --help``): 0 done; 1 the run failed although its
+inputs were good (training diverged, the data set is not on this machine, a run has no checkpoint
+yet); 2 bad input, with one line on stderr that names the flag or file and says what to do;
+130 stopped by Ctrl-C or SIGTERM (a checkpoint was saved; ``--resume`` continues). A
+``pretrain`` holds a lock on its ``--out`` for its lifetime (``checkpoint.lock_folder``), so a
+second run on the same folder is refused at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, Iterator, NoReturn, Sequence
 
 import torch
 import yaml
@@ -34,13 +39,17 @@ from torch.utils.data import Dataset, Subset
 from . import data, recipes, vit
 from ._version import __version__
 from .checkpoint import (
+    FolderBusyError,
     UnsafeCheckpointError,
     atomic_write_json,
     latest_checkpoint,
     load_checkpoint,
+    lock_folder,
+    remove_leftovers,
     save_backbone,
 )
 from .evaluate import FEATURES, PROTOCOLS, KNNMonitor, choose_feature, run_protocol
+from .evaluate import _check_normalize  # the library's own rule for a card's "normalize"
 from .pretrained import list_pretrained, load_pretrained, resolve_checkpoint
 from .recipes import METHODS, PRESETS, DataInfo, MethodEntry  # noqa: F401 (MethodEntry: tests add methods)
 from .runtime import cleanup_distributed, resolve_device, resolve_precision, seed_everything, setup_distributed
@@ -193,6 +202,18 @@ examples:
 """
 
 
+EXIT_CODES = """\
+exit status:
+  0    done
+  1    the run failed although its inputs were good: training diverged (a non-finite loss), the
+       data set is not on this machine and could not be downloaded, or a run has no checkpoint yet
+  2    bad input, with one line on stderr that names the flag or file and says what to do: an
+       argument or config file; a data set file or image; a card or checkpoint; an --out that is
+       busy (another run holds its lock), not writable or not a folder; a batch too big for memory
+  130  stopped by Ctrl-C or SIGTERM (pretrain saved a checkpoint: --resume continues)
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``vitssl`` parser with its ``pretrain`` and ``evaluate`` subcommands."""
     return _build_parsers()[0]
@@ -203,7 +224,9 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     parser = _Parser(
         prog="vitssl",
         description="Self-supervised Vision Transformers: pre-train, evaluate, plot and export.",
-        epilog="run 'vitssl pretrain --help', 'vitssl evaluate --help' or 'vitssl export --help' for examples.",
+        epilog="run 'vitssl pretrain --help', 'vitssl evaluate --help' or 'vitssl export --help' for examples.\n\n"
+        + EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"vitssl {__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(
@@ -231,7 +254,9 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         what,
         "--dataset",
         type=_dataset_spec,
-        help=f"fashion_mnist, cifar10 or folder:PATH (PATH/<class>/<image>) (default: {d['dataset']})",
+        help="fashion_mnist, cifar10 or folder:PATH: PATH/<class>/<image> (four-fifths train, every fifth "
+        "image test) or PATH/train/<class>/<image> with PATH/test (or val); pretrain reads the train "
+        f"images (default: {d['dataset']})",
     )
     p.option(
         what,
@@ -312,7 +337,13 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         help="DataLoader worker processes; 0 makes a resumed run bit-identical (default: 0)",
     )
     p.option(run, "--device", help="auto, cpu, cuda or cuda:N (default: auto = the GPU if there is one)")
-    p.option(run, "--out", metavar="DIR", help="folder for checkpoints, history.jsonl and the backbone (required)")
+    p.option(
+        run,
+        "--out",
+        metavar="DIR",
+        help="folder for checkpoints, history.jsonl and the backbone (required); one run at a time: "
+        "a second run on a folder in use is refused",
+    )
     p.option(run, "--resume", action=argparse.BooleanOptionalAction, help="continue the checkpoint in --out")
     p.option(run, "--checkpoint-every", type=_positive_int, metavar="STEPS", help="default: 1000 (and at the end)")
     p.option(run, "--log-every", type=_positive_int, metavar="STEPS", help="history row every STEPS (default: 10)")
@@ -511,6 +542,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise _CliError("give --epochs N or --steps N")
     if args.out is None and not args.print_config:
         raise _CliError("--out DIR is required: the folder for checkpoints, history.jsonl and the backbone")
+    if args.out == "":  # Path("") is the current folder: the run would land wherever vitssl was started
+        raise _CliError("--out is empty; give the folder for checkpoints, history.jsonl and the backbone")
     return args
 
 
@@ -575,10 +608,12 @@ def _load_dataset(spec: str, data_root: str | None, img_size: int) -> tuple[Data
         if spec == "cifar10":
             root = data_root or os.environ.get(data.ENV_VAR) or str(Path.home() / ".cache" / "vitssl" / "cifar10")
             return data.cifar10(root, train=True), "cifar10", 10
-        folder = data.image_folder(spec[len("folder:") :], img_size=img_size)
+        folder = data.folder_split(spec[len("folder:") :], train=True, img_size=img_size)
         return folder, "imagenet", len(folder.classes)
     except data.DatasetNotFoundError as err:
         raise _CliError(str(err), code=1) from None
+    except (ValueError, OSError) as err:  # a corrupt IDX file, an unreadable image, a folder without classes
+        raise _CliError(f"--dataset {spec}: {err}") from None
 
 
 def _pretrain(args: argparse.Namespace) -> int:
@@ -588,10 +623,12 @@ def _pretrain(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(shown, sort_keys=False), end="")
         return 0
     info = setup_distributed()
+    held = contextlib.ExitStack()
     try:
         seed_everything(args.seed)  # the same initial weights in every process and every rerun
         method, base, data_info = _build_method(args, config, info.world_size)
         dataset, views = recipes.training_data(args.method, base, data_info, method)
+        held.enter_context(_out_lock(args.out, info.rank, info.world_size))  # from the first write to the last
 
         started = _RunCard(args, config, info.world_size, method, data_info) if info.rank == 0 else None
         monitor = _knn_monitor(args, method, base, data_info) if args.knn_every else None
@@ -603,12 +640,73 @@ def _pretrain(args: argparse.Namespace) -> int:
             raise _CliError(str(err), code=1) from None
         except (ValueError, FileExistsError, UnsafeCheckpointError) as err:  # this run's settings, data or --out
             raise _CliError("; ".join([str(err), *getattr(err, "__notes__", [])])) from None
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
+            if not _out_of_memory(err):
+                raise
+            raise _CliError(_memory_advice(args, err)) from None
+        except OSError as err:  # a checkpoint moved away, --out unwritable mid-run, a full disk
+            raise _CliError(f"--out {args.out}: {err}") from None
 
         if info.rank == 0:
             _write_card(args, config, info.world_size, method, history, base, data_info)
         return 0
     finally:
+        held.close()
         cleanup_distributed()
+
+
+@contextlib.contextmanager
+def _out_lock(out: str, rank: int, world_size: int) -> Iterator[None]:
+    """Rank 0 creates --out, holds its lock and removes leftover temporary files; a refusal reaches every rank."""
+    with contextlib.ExitStack() as held:
+        refusal = None
+        if rank == 0:
+            try:
+                refusal = _unusable_folder(out)
+                if refusal is None:
+                    held.enter_context(lock_folder(out))
+                    remove_leftovers(out)
+            except FolderBusyError as err:
+                refusal = f"--out {err}; wait until that run ends, or choose another --out"
+            except OSError as err:
+                refusal = f"--out {out}: cannot write in it ({err.strerror or err}); choose a folder you can write to"
+        if world_size > 1:  # every rank must stop, or the others wait forever in the first collective
+            said = [refusal]
+            torch.distributed.broadcast_object_list(said, src=0)
+            refusal = said[0]
+        if refusal is not None:
+            raise _CliError(refusal)
+        yield
+
+
+def _unusable_folder(out: str) -> str | None:
+    """Why --out cannot be this run's folder (after creating it), or None."""
+    folder = Path(out)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        return f"--out {out} is a file, not a folder; choose a folder"
+    except NotADirectoryError:
+        return f"--out {out}: a part of the path is a file, not a folder; choose another --out"
+    except OSError as err:
+        return f"--out {out} cannot be created ({err.strerror or err}); choose a folder you can write to"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"--out {out} is not writable; choose a folder you can write to"
+    return None
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation failure (CUDA's, or the CPU allocator under a memory limit)."""
+    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(err)
+
+
+def _memory_advice(args: argparse.Namespace, err: BaseException) -> str:
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    smaller = max(1, args.batch_size // 2)
+    return (
+        f"out of memory with --batch-size {args.batch_size} ({first}); try --batch-size {smaller} "
+        f"(with --accum-steps {2 * args.accum_steps} for the same batch per optimizer step)"
+    )
 
 
 def _build_method(
@@ -622,7 +720,10 @@ def _build_method(
     base, norm_key, num_classes = _load_dataset(args.dataset, args.data_root, backbone.img_size[0])
     if args.subset is not None:
         base = Subset(base, range(min(args.subset, len(base))))
-    shape = tuple(base[0][0].shape)
+    try:
+        shape = tuple(base[0][0].shape)
+    except (ValueError, OSError) as err:  # the first image cannot be read
+        raise _CliError(f"--dataset {args.dataset}: {err}") from None
     want = (backbone.in_chans, *backbone.img_size)
     if shape[0] != want[0] or (shape[1:] != want[1:] and not backbone.dynamic_img_size):
         raise _CliError(
@@ -756,7 +857,12 @@ def _feature_choice(
     held_out = min(validation, len(base) // 5)
     if held_out == 0:
         return {}
-    feature, scores = choose_feature(backbone, base, validation=held_out, normalize=normalize, precision=precision)
+    try:
+        feature, scores = choose_feature(backbone, base, validation=held_out, normalize=normalize, precision=precision)
+    except (ValueError, OSError) as err:  # an image that training never drew; the weights are saved already
+        raise _CliError(
+            f"choosing the feature on held-out training images: {err}; --feature-validation 0 skips it"
+        ) from None
     return {
         "feature": feature,
         "feature_choice": {
@@ -804,9 +910,25 @@ def _find_backbone(path: str) -> tuple[vit.ViT, dict[str, Any]]:
             "or a shipped NAME.safetensors with NAME.json"
         )
     try:
-        return load_pretrained(card_path)  # the card's "architecture" (or "model") and its weights
+        backbone, card = load_pretrained(card_path)  # the card's "architecture" (or "model") and its weights
     except (OSError, ValueError, TypeError) as err:  # missing weights, a corrupt file, a card without a model
         raise _CliError(f"--checkpoint {path}: {err}") from None
+    _check_card(card, card_path)
+    return backbone, card
+
+
+def _check_card(card: dict[str, Any], where: Path) -> None:
+    """A card's "feature" and "normalize", refused with the card named: either would silently spoil every score."""
+    feature = card.get("feature")
+    if feature is not None and feature not in FEATURES:
+        raise _CliError(
+            f'{where}: its "feature" {feature!r} is not one of {", ".join(FEATURES)}; correct the card, '
+            "or choose with --feature"
+        )
+    try:
+        _check_normalize(card.get("normalize"))
+    except ValueError as err:
+        raise _CliError(f'{where}: its "normalize" is unusable: {err}; correct the card') from None
 
 
 def _run_in_progress(folder: Path, tries: int = 3) -> tuple[vit.ViT, dict[str, Any]]:
@@ -822,10 +944,13 @@ def _run_in_progress(folder: Path, tries: int = 3) -> tuple[vit.ViT, dict[str, A
         raise _CliError(
             f"--checkpoint {folder}: {RUN_CARD} is not a run card from 'vitssl pretrain' ({err!r})"
         ) from None
+    _check_card(card, folder / RUN_CARD)
     for attempt in range(tries):
         try:
             weights, state = load_checkpoint(folder / CHECKPOINT_DIR)
             break
+        except UnsafeCheckpointError as err:
+            raise _CliError(f"--checkpoint {folder}: {err}") from None
         except (FileNotFoundError, ValueError) as err:
             if attempt == tries - 1 or not (folder / CHECKPOINT_DIR).is_dir():
                 raise _CliError(
@@ -842,18 +967,35 @@ def _run_in_progress(folder: Path, tries: int = 3) -> tuple[vit.ViT, dict[str, A
     except (TypeError, ValueError, RuntimeError) as err:  # a bad build, a missing key, a wrong shape
         first = " ".join(str(err).strip().splitlines()[:2])[:300]
         raise _CliError(
-            f"--checkpoint {folder}: its checkpoint does not hold the backbone {RUN_CARD} describes: {first}", code=1
+            f"--checkpoint {folder}: its checkpoint does not hold the backbone {RUN_CARD} describes: {first}"
         ) from None
     try:  # the trainer's resolved config.json knows the run's length
         of = f" of {int(json.loads((folder / 'config.json').read_text())['total_steps'])}"
     except (OSError, ValueError, KeyError, TypeError):
         of = ""
-    print(
-        f"vitssl: {folder} is still training; evaluating its {card.get('exported', 'backbone')} at step "
-        f"{state['step']}{of}",
-        file=sys.stderr,
-    )
+    exported = card.get("exported", "backbone")
+    finished = _finished_card(folder)
+    if finished is not None:  # backbone.json is there, its weights are not: say so, and read as the card says
+        print(
+            f"vitssl: {folder} finished training, but its backbone.safetensors is missing; evaluating the "
+            f"{exported} of its last checkpoint (step {state['step']}) instead",
+            file=sys.stderr,
+        )
+        return backbone.eval(), {**card, **finished, "steps": state["step"]}
+    print(f"vitssl: {folder} is still training; evaluating its {exported} at step {state['step']}{of}", file=sys.stderr)
     return backbone.eval(), {**card, "steps": state["step"]}
+
+
+def _finished_card(folder: Path) -> dict[str, Any] | None:
+    """The "feature" (and "normalize") of a finished run's backbone.json, checked; None if there is no such card."""
+    try:
+        card = json.loads((folder / "backbone.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(card, dict):
+        return None
+    _check_card(card, folder / "backbone.json")
+    return {k: card[k] for k in ("feature", "normalize") if k in card}
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -861,13 +1003,15 @@ def _evaluate(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
     except ValueError as err:
         raise _CliError(str(err)) from None
+    if args.out is not None:  # before the protocol's minutes, not after
+        _check_metrics_file(args.out)
     backbone, card = _find_backbone(args.checkpoint)
     seed_everything(args.seed)
     backbone.to(device).eval()
     dataset = args.dataset or card.get("dataset", "fashion_mnist")
     _check_data_root(dataset, args.data_root, (True, False))
     # The feature the card was measured with, so the CLI and the shipped cards measure the same thing.
-    feature = args.feature or (card["feature"] if card.get("feature") in FEATURES else "cls")
+    feature = args.feature or card.get("feature") or "cls"  # (_check_card refused any other)
     kwargs = {
         k: v
         for k, v in (("data_root", args.data_root), ("max_train", args.max_train), ("max_test", args.max_test))
@@ -881,11 +1025,30 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise _CliError(str(err)) from None
     except data.DatasetNotFoundError as err:  # not there and no download: the machine's, not the arguments'
         raise _CliError(str(err), code=1) from None
+    except OSError as err:  # a data file that cannot be read
+        raise _CliError(f"--dataset {dataset}: {err}") from None
     text = json.dumps(metrics, indent=2, default=float)
-    if args.out:
-        atomic_write_json(args.out, json.loads(text))
-    print(text)
+    print(text, flush=True)  # first: a failed write must not lose what the protocol measured
+    if args.out is not None:
+        try:
+            atomic_write_json(args.out, json.loads(text))
+        except OSError as err:
+            raise _CliError(
+                f"--out {args.out}: cannot write the metrics ({err.strerror or err}); they are printed above"
+            ) from None
     return 0
+
+
+def _check_metrics_file(out: str) -> None:
+    """Refuse an evaluate --out that could not be written: empty, a folder, in a missing or read-only folder."""
+    path = Path(out)
+    if out == "" or path.is_dir():
+        raise _CliError(f"--out {out!r} is {'empty' if out == '' else 'a folder'}; give a file such as metrics.json")
+    folder = path.parent
+    if not folder.is_dir():
+        raise _CliError(f"--out {out}: the folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise _CliError(f"--out {out}: the folder {folder} is not writable; choose a folder you can write to")
 
 
 # --------------------------------------------------------------------------- show

@@ -22,18 +22,33 @@ later removed.
 no ``backbone.`` prefix), so ``vitssl_core.ViT`` and timm's ``VisionTransformer`` built with the
 same sizes both read ``load_backbone(path)`` with ``strict=True``. ``pretrained.load_pretrained`` reads
 a shipped backbone with the JSON card beside it that says how to rebuild it.
+
+``lock_folder`` holds an exclusive lock on a run folder (its ``.lock`` file) for a run's
+lifetime, so two runs never write into one folder; ``remove_leftovers`` then deletes the
+temporary files (``.last.json.tmp-<pid>``) that a killed process left behind.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import json
 import os
 import pickle
 import random
 import shutil
+import socket
+import time
+import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
+
+try:  # POSIX record locks: released when the process dies, not inherited by forked workers
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+    import msvcrt
 
 import numpy as np
 import torch
@@ -47,6 +62,9 @@ from .runtime import mps_available
 
 __all__ = [
     "UnsafeCheckpointError",
+    "FolderBusyError",
+    "lock_folder",
+    "remove_leftovers",
     "atomic_write_bytes",
     "atomic_write_json",
     "save_checkpoint",
@@ -61,6 +79,7 @@ __all__ = [
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 POINTER_FILE = "last.json"
+LOCK_FILE = ".lock"
 _STEP_PREFIX = "step_"
 _BACKBONE_DTYPES = (None, torch.float32, torch.float16, torch.bfloat16)
 
@@ -111,6 +130,74 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """``atomic_write_bytes`` of ``obj`` as indented JSON (plus a final newline)."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+# --------------------------------------------------------------------------- one run per folder
+class FolderBusyError(RuntimeError):
+    """Another process holds the lock on a run folder (``lock_folder``)."""
+
+
+def _try_lock(fd: int) -> None:
+    """Take an exclusive, non-blocking lock on the open file ``fd``; OSError if it cannot."""
+    if fcntl is not None:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    else:
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+
+
+@contextlib.contextmanager
+def lock_folder(folder: str | os.PathLike) -> Iterator[bool]:
+    """Hold an exclusive lock on ``folder/.lock`` while the ``with`` block runs; yields whether it is locked.
+
+    ``fcntl.lockf`` (``msvcrt.locking`` on Windows): the kernel releases the lock when the process
+    ends, even by SIGKILL, so a killed run never blocks the next one. The file names its holder
+    (process id, host, start time). Raises ``FolderBusyError`` naming the holder if another process
+    holds the lock, ``OSError`` if the file cannot be created. Where the file system cannot lock
+    (some network file systems) it warns once and yields False. A process must not lock the same
+    folder twice: closing either lock releases both.
+    """
+    path = Path(folder) / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            _try_lock(fd)
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EAGAIN, errno.EDEADLK):  # ENOLCK, EOPNOTSUPP: no locks here
+                warnings.warn(
+                    f"cannot lock {path} ({err.strerror or err}); nothing stops a second run from writing "
+                    "into this folder at the same time",
+                    stacklevel=3,
+                )
+                yield False
+                return
+            try:
+                os.lseek(fd, 0, os.SEEK_SET)  # (os.pread does not exist on Windows)
+                holder = os.read(fd, 400).decode(errors="replace").strip() or "another process"
+            except OSError:
+                holder = "another process"
+            raise FolderBusyError(f"{folder} is in use by {holder}") from None
+        os.ftruncate(fd, 0)
+        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, f"process {os.getpid()} on {socket.gethostname()} (since {started})\n".encode())
+        yield True
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def remove_leftovers(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of atomic writes (``.NAME.tmp-<pid>``) in ``folder`` and its ``checkpoints/``.
+
+    Only call it while holding ``lock_folder(folder)``: then no other process is writing them.
+    Returns the files removed.
+    """
+    removed = []
+    for sub in (Path(folder), Path(folder) / "checkpoints"):
+        for tmp in sub.glob(".*.tmp-*") if sub.is_dir() else ():
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    return removed
 
 
 # --------------------------------------------------------------------------- tensors for safetensors
@@ -245,7 +332,10 @@ def latest_checkpoint(path: str | os.PathLike) -> Path | None:
                 ) from err
             step_dir = folder / name
             if not ((step_dir / WEIGHTS_FILE).is_file() and (step_dir / STATE_FILE).is_file()):
-                raise FileNotFoundError(f"{pointer} names {step_dir}, which lacks {WEIGHTS_FILE} or {STATE_FILE}")
+                raise FileNotFoundError(
+                    f"{pointer} names {step_dir}, which lacks {WEIGHTS_FILE} or {STATE_FILE}: that checkpoint "
+                    "was moved or deleted; restore it, or start again in another folder"
+                )
             return step_dir
     return None
 

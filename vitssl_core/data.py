@@ -8,6 +8,11 @@ and in a user cache, and only then downloaded with torchvision.
 One convention for every dataset here: a sample is ``(image, label)`` where the image is a
 float32 tensor (C, H, W) with values in [0, 1]; a ``transform`` receives that tensor, so
 ``torchvision.transforms.v2`` transforms work unchanged.
+
+Image folders come in two layouts (``folder_split``): ``root/train/<class>/<image>`` with
+``root/test``, or ``root/<class>/<image>``, of which every fifth image is a test image. Files are
+read by ``read_image``: 16-bit images are scaled by their type's range, and a file that cannot be
+decoded or holds non-finite pixels is refused by name.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from PIL import Image
+from torch.utils.data import Dataset, Subset
 from torchvision.transforms import v2
 
 # Measured on the 60000 Fashion-MNIST training images (all pixels, scaled to [0, 1]).
@@ -253,6 +259,40 @@ def cifar10(
         raise DatasetNotFoundError(f"{advice} ({type(err).__name__}: {err})") from err
 
 
+# PIL modes read as numbers rather than 8-bit colours: 16-bit integers, 32-bit integers, 32-bit floats.
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def read_image(path: str | os.PathLike) -> Image.Image | torch.Tensor:
+    """One image file, as ``ImageFolder``'s loader: an RGB PIL image, or a (3, H, W) float tensor in [0, 1].
+
+    8-bit images (any PIL mode) become RGB as torchvision does. 16-bit and 32-bit integer images
+    are scaled by the 16-bit range (divided by 65535, whatever the image's own values), float
+    images are taken as they are; both become a float tensor, grey repeated over 3 channels.
+    Raises ``ValueError`` naming the file if it cannot be decoded (truncated, not an image) or
+    holds non-finite pixels or pixels outside the type's range.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode not in _WIDE_MODES:
+                return img.convert("RGB")
+            pixels = np.asarray(img, dtype=np.float64)  # (H, W)
+            mode = img.mode
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(
+            f"{path} is not a readable image ({type(err).__name__}: {err}); remove or replace the file"
+        ) from None
+    if not np.isfinite(pixels).all():
+        raise ValueError(f"{path} holds non-finite pixels (NaN or inf); remove or repair the file")
+    if mode != "F":
+        pixels = pixels / 65535.0
+    if pixels.min() < 0 or pixels.max() > 1:
+        what = "float pixels outside [0, 1]" if mode == "F" else f"{mode} pixels outside [0, 65535]"
+        raise ValueError(f"{path} holds {what}; save it as an 8-bit or 16-bit image")
+    return torch.from_numpy(pixels.astype(np.float32)).unsqueeze(0).repeat(3, 1, 1)  # (3, H, W)
+
+
 def image_folder(
     root: str | os.PathLike,
     transform: Transform | None = None,
@@ -260,7 +300,11 @@ def image_folder(
 ) -> Dataset:
     """``root/<class>/<image>`` via torchvision's ImageFolder; items are ((3, H, W) float, label).
 
-    With ``img_size`` the shorter side is resized to it and the centre square cropped.
+    With ``img_size`` the shorter side is resized to it and the centre square cropped. Images are
+    read by ``read_image`` (16-bit ones scaled by their type's range); every file is checked once
+    here (16-bit and float ones decoded), so a truncated or fake image or one with non-finite
+    pixels is refused, by name, before any training (``ValueError``), as are a root without class
+    folders and class folders without images.
     """
     if not isinstance(root, (str, os.PathLike)):
         raise TypeError(f"root={root!r} must be a path (str or os.PathLike)")
@@ -279,7 +323,60 @@ def image_folder(
         steps += [v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size)]
     steps.append(v2.ToDtype(torch.float32, scale=True))
     steps += [transform] if transform is not None else []
-    return ImageFolder(str(root), transform=v2.Compose(steps))
+    try:
+        folder = ImageFolder(str(root), transform=v2.Compose(steps), loader=read_image)
+    except FileNotFoundError as err:  # "Couldn't find any class folder", "Found no valid file for the classes"
+        raise ValueError(
+            f"{root}: {str(err).split('. Supported')[0]}; an image folder holds <class>/<image> "
+            f"(e.g. {Path(root) / 'cat' / '0001.png'})"
+        ) from None
+    for path, _ in folder.samples:  # the header and chunks of every file, without decoding 8-bit pixels
+        try:
+            with Image.open(path) as img:
+                wide = img.mode in _WIDE_MODES
+                img.verify()
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            raise ValueError(
+                f"{path} is not a readable image ({type(err).__name__}: {err}); remove or replace the file"
+            ) from None
+        if wide:  # NaN or out-of-range values show only in the decoded pixels
+            read_image(path)
+    return folder
+
+
+# The two layouts of folder:PATH. Split: PATH/train/<class>/<image> and PATH/test (or PATH/val).
+# Flat: PATH/<class>/<image>, from which every TEST_EVERY-th image (in sorted order) is the test split.
+FOLDER_SPLITS = ("train", ("test", "val"))
+TEST_EVERY = 5
+
+
+def folder_split(root: str | os.PathLike, train: bool, img_size: int | None = None) -> Dataset:
+    """The training or test split of an image folder in either layout; items are ((3, H, W) float, label).
+
+    ``root/train/<class>/<image>`` with ``root/test/`` or ``root/val/``: that split's folder.
+    ``root/<class>/<image>`` (no ``train`` sub-folder): every fifth image, in sorted order, is a
+    test image and the other four-fifths train, so ``vitssl pretrain`` and ``vitssl evaluate``
+    read the same training images in both layouts. The result has ``classes`` and ``targets``.
+    """
+    if not isinstance(train, bool):
+        raise TypeError(f"train={train!r} must be a bool")
+    root = Path(root)
+    if (root / "train").is_dir():
+        names = ("train",) if train else FOLDER_SPLITS[1]
+        split = next((root / n for n in names if (root / n).is_dir()), None)
+        if split is None:
+            raise ValueError(
+                f"{root} holds train/ but neither test/ nor val/; give PATH/train and PATH/test "
+                "(each <class>/<image>), or put the classes directly in PATH"
+            )
+        return image_folder(split, img_size=img_size)
+    full = image_folder(root, img_size=img_size)
+    keep = [i for i in range(len(full)) if (i % TEST_EVERY == TEST_EVERY - 1) != train]
+    if not keep:
+        raise ValueError(f"{root} holds {len(full)} image(s): too few for a test split of every {TEST_EVERY}th")
+    part = Subset(full, keep)
+    part.classes, part.targets = full.classes, [full.targets[i] for i in keep]
+    return part
 
 
 def normalize(dataset_name: str) -> v2.Normalize:

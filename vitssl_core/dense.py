@@ -695,10 +695,12 @@ def evaluate_segmentation(head: SegmentationHead, dataset: Dataset, batch_size: 
     head.eval()
     K = head.num_classes
     cm = torch.zeros(K, K, dtype=torch.int64)
-    for images, targets in _eval_loader(dataset, batch_size):
-        pred = head.predict(images.to(device))  # (B, H, W)
-        cm += confusion_matrix(pred, semantic_targets(targets, pred.shape[-2:]).to(device), K)
-    head.train(was_training)
+    try:
+        for images, targets in _eval_loader(dataset, batch_size):
+            pred = head.predict(images.to(device))  # (B, H, W)
+            cm += confusion_matrix(pred, semantic_targets(targets, pred.shape[-2:]).to(device), K)
+    finally:  # the caller's mode, also when a batch fails
+        head.train(was_training)
     cm = cm.double()
     miou, per_class = _iou_from_confusion(cm, ignore_background=False)
     miou_fg, _ = _iou_from_confusion(cm, ignore_background=True)
@@ -722,8 +724,10 @@ def evaluate_detection(
     was_training = head.training
     head.eval()
     predictions, truths = [], []
-    for images, targets in _eval_loader(dataset, batch_size):
-        predictions += head.predict(images.to(device), score_thresh, nms_iou, max_det)
-        truths += [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
-    head.train(was_training)
+    try:
+        for images, targets in _eval_loader(dataset, batch_size):
+            predictions += head.predict(images.to(device), score_thresh, nms_iou, max_det)
+            truths += [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
+    finally:  # the caller's mode, also when a batch fails
+        head.train(was_training)
     return detection_map(predictions, truths)

@@ -29,7 +29,6 @@ import copy
 import math
 import re
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -131,6 +130,14 @@ def _check_normalize(normalize) -> None:
         return
     if not isinstance(normalize, dict) or set(normalize) != {"mean", "std"}:
         raise ValueError(f"normalize={normalize!r} must be None or a dict with keys 'mean' and 'std'")
+    for key in ("mean", "std"):  # a std of 0 or NaN turns every image into inf or NaN: chance-level scores
+        try:
+            values = torch.as_tensor(normalize[key], dtype=torch.float64).reshape(-1)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"normalize[{key!r}]={normalize[key]!r} must be a number or a list of numbers") from None
+        if values.numel() == 0 or not torch.isfinite(values).all() or (key == "std" and (values <= 0).any()):
+            allowed = "finite numbers > 0" if key == "std" else "finite numbers"
+            raise ValueError(f"normalize[{key!r}]={normalize[key]!r} must be one or more {allowed}")
 
 
 def _prepare(x: Tensor, device: torch.device, normalize: dict | None) -> Tensor:
@@ -1018,15 +1025,7 @@ def _load_split(dataset: str, train: bool, data_root, img_size: int) -> tuple[Im
             raise ValueError("dataset='cifar10' needs data_root=<folder holding cifar-10-batches-py>")
         ds = data.cifar10(data_root, train=train)
     elif dataset.startswith("folder:") and len(dataset) > len("folder:"):
-        root = Path(dataset[len("folder:") :])
-        names = ("train",) if train else ("val", "test")
-        split = next((root / n for n in names if (root / n).is_dir()), None)
-        if split is None:
-            raise ValueError(
-                f"dataset={dataset!r}: expected the sub-folder {' or '.join(names)} in {root} "
-                "(folder:PATH evaluates on PATH/train and PATH/val or PATH/test, each <class>/<image>)"
-            )
-        ds = data.image_folder(split, img_size=img_size)
+        ds = data.folder_split(dataset[len("folder:") :], train=train, img_size=img_size)
     else:
         raise ValueError(
             f"dataset={dataset!r} is not 'fashion_mnist', 'cifar10', 'folder:PATH' "
@@ -1070,8 +1069,8 @@ def run_protocol(
     """Evaluate ``backbone`` with one protocol; returns a dict of metrics (top-1 in percent).
 
     ``protocol``: "knn", "linear", "finetune" or "label_efficiency". ``dataset``: a name
-    ("fashion_mnist", "cifar10" with ``data_root=``, "folder:PATH" with PATH/train and PATH/val
-    or PATH/test, resized to the backbone's img_size) or a pair (train, test), each a Dataset of
+    ("fashion_mnist", "cifar10" with ``data_root=``, "folder:PATH" in either layout of
+    ``data.folder_split``, resized to the backbone's img_size) or a pair (train, test), each a Dataset of
     (image, label) or (images, labels) tensors. ``normalize`` is applied to [0, 1] pixels (None:
     none; pass ``data.NORMALIZE[name]`` if pre-training normalised). Keyword arguments:
     ``data_root``, ``max_train`` / ``max_test`` (first n images), ``n_last`` / ``precision`` /

@@ -17,6 +17,7 @@ Every default can be overridden by a keyword (``--method-arg KEY=VALUE`` on the 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, Callable
 
@@ -207,6 +208,11 @@ def dino(backbone: vit.ViT, epoch_steps: int, total_steps: int, **kw: Any) -> DI
     0.07 comes with a 30-epoch warm-up from 0.04 (DINO's README; it warns that a hot teacher
     early is unstable): here max(1, min(30 epochs, half the run)) steps, so a short run spends
     its second half at the final temperature. Keywords override any of these.
+
+    Local crops are smaller than the image, so they need ``dynamic_img_size``. The caller's
+    backbone is never changed: one built without it is copied, and DINO trains the copy (read
+    the trained weights from ``method.backbone``, or build the backbone with
+    ``dynamic_img_size=True`` to train it in place).
     """
     kw = {
         "out_dim": 4096,
@@ -219,8 +225,9 @@ def dino(backbone: vit.ViT, epoch_steps: int, total_steps: int, **kw: Any) -> DI
         "freeze_last_layer_steps": min(epoch_steps, total_steps // 2),
         **kw,
     }
-    if kw["n_local_crops"] > 0:
-        backbone.dynamic_img_size = True  # local crops are smaller than the global ones
+    if kw["n_local_crops"] > 0 and not backbone.dynamic_img_size:
+        backbone = copy.deepcopy(backbone)  # a factory must not flip a flag on the caller's model
+        backbone.dynamic_img_size = True
     return DINO(backbone, **kw)
 
 

@@ -184,9 +184,10 @@ class TrainConfig:
             if value is None and optional:
                 continue
             kinds = int if integer else (int, float)
-            if isinstance(value, bool) or not isinstance(value, kinds) or not (value >= 0 if zero else value > 0):
+            bad = isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value)
+            if bad or not (value >= 0 if zero else value > 0):  # inf passes "> 0": one step at lr=inf
                 raise ValueError(
-                    f"{name}={value!r} must be {'an int' if integer else 'a number'} "
+                    f"{name}={value!r} must be {'an int' if integer else 'a finite number'} "
                     f"{'>=' if zero else '>'} 0{' or None' if optional else ''}"
                 )
         betas = tuple(self.betas) if isinstance(self.betas, (list, tuple)) else None
@@ -659,10 +660,20 @@ def _start_or_resume(setup: _Setup) -> _RunState:
     return state
 
 
+# What _resume reads from state.pt (written by _save).
+_STATE_KEYS = ("optimizer", "step", "epoch", "pos", "interval", "rng", "history_len", "config", "world_size")
+
+
 def _resume(setup: _Setup, found: Path) -> _RunState:
     """Weights, optimizer, position, RNGs and history from the checkpoint ``found``."""
     method, world, rank = setup.method, setup.world, setup.rank
     weights, saved = load_checkpoint(found)
+    lacking = [k for k in _STATE_KEYS if k not in saved]
+    if lacking:  # an edited or foreign state.pt: say so, not KeyError
+        raise ValueError(
+            f"{found / 'state.pt'} lacks {', '.join(map(repr, lacking))}: it was not written by "
+            "vitssl's trainer, or was edited; resume from another checkpoint or start again in another out_dir"
+        )
     try:
         method.load_state_dict(weights)
     except RuntimeError as err:  # torch lists every key; say in one line what does not fit
@@ -671,7 +682,13 @@ def _resume(setup: _Setup, found: Path) -> _RunState:
             f"{_state_mismatch(method.state_dict(), weights)}; resume with the method, model and "
             "method arguments that wrote it, or choose another out_dir"
         ) from err
-    setup.optimizer.load_state_dict(saved["optimizer"])
+    try:
+        setup.optimizer.load_state_dict(saved["optimizer"])
+    except (ValueError, KeyError, TypeError) as err:  # torch: "a different number of parameter groups", ...
+        raise ValueError(
+            f"the optimizer state in {found / 'state.pt'} does not fit this run ({err}); resume with the "
+            "method and settings that wrote it, or start again in another out_dir"
+        ) from None
     state = _RunState(
         step=saved["step"],
         epoch=saved["epoch"],

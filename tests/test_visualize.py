@@ -262,3 +262,41 @@ def test_vitssl_show_bad_input_exits_2_with_one_line(argv, message, tmp_path, ne
     done = _show(*argv, cwd=tmp_path)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
     assert message in done.stderr, done.stderr
+
+
+# --------------------------------------------------------------------------- item share, at pixel level
+def test_item_share_is_one_for_uniform_attention_and_the_inverse_lit_fraction_at_most():
+    images = torch.zeros(2, 28, 28, dtype=torch.uint8)
+    images[0, :14] = 200  # the top half is lit: fraction 1/2
+    images[1, :7, :7] = 255  # one corner patch: fraction 1/16
+    uniform = torch.full((2, 3, 4, 4), 1 / 16)
+    torch.testing.assert_close(vz.item_share(uniform, images), torch.ones(2, 3))
+    focused = torch.zeros(2, 1, 4, 4)
+    focused[:, 0, 0, 0] = 1.0  # all the mass on the top-left patch, which is lit in both images
+    torch.testing.assert_close(vz.item_share(focused, images), torch.tensor([[2.0], [16.0]]))
+    away = torch.zeros(2, 1, 4, 4)
+    away[:, 0, 3, 3] = 1.0  # all the mass on the unlit bottom-right patch
+    torch.testing.assert_close(vz.item_share(away, images), torch.zeros(2, 1))
+
+
+def test_item_share_compares_grids_on_the_same_pixels():
+    # a 4x4 map and the same map on a 28x28 grid of 1-pixel patches score the same
+    torch.manual_seed(0)
+    images = (torch.rand(3, 28, 28) > 0.6).to(torch.uint8) * 255
+    coarse = torch.rand(3, 2, 4, 4)
+    coarse = coarse / coarse.sum(dim=(-2, -1), keepdim=True)
+    fine = torch.nn.functional.interpolate(coarse, size=(28, 28), mode="nearest") / 49
+    torch.testing.assert_close(vz.item_share(coarse, images), vz.item_share(fine, images))
+
+
+def test_item_share_refuses_what_it_cannot_score():
+    images = torch.zeros(1, 28, 28)
+    with pytest.raises(ValueError, match="no pixel brighter than lit=0.1"):
+        vz.item_share(torch.full((1, 1, 4, 4), 1 / 16), images)
+    images[0, 0, 0] = 1.0
+    with pytest.raises(ValueError, match="a 3x3 map does not tile a 28x28 image"):
+        vz.item_share(torch.full((1, 1, 3, 3), 1 / 9), images)
+    with pytest.raises(ValueError, match=r"lit=1\.5 must be a brightness threshold"):
+        vz.item_share(torch.full((1, 1, 4, 4), 1 / 16), images, lit=1.5)
+    with pytest.raises(ValueError, match="maps must be"):
+        vz.item_share(torch.full((2, 1, 4, 4), 1 / 16), images)

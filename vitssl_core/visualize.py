@@ -40,6 +40,7 @@ __all__ = [
     "draw_attention_distance",
     "draw_position_similarity",
     "draw_reconstruction",
+    "item_share",
     "layer_attention_distance",
     "load_image",
     "load_mae",
@@ -123,6 +124,37 @@ def attention_mask(maps: Tensor, keep: float = 0.6) -> Tensor:
     kept_sorted = values.cumsum(dim=-1) > 1.0 - keep + 1e-7  # the tail that holds >= keep
     kept = torch.zeros_like(kept_sorted).scatter(-1, order, kept_sorted)
     return kept.reshape(maps.shape)
+
+
+def item_share(maps: Tensor, images: Tensor, lit: float = 0.1) -> Tensor:
+    """How object-centred each map is, at pixel level: (B, h) = mass on lit pixels / lit fraction.
+
+    ``maps`` (B, h, gh, gw) are class-token maps (each summing to 1); ``images`` (B, H, W) or
+    (B, 1, H, W), uint8 or float in [0, 1]. Each patch's mass is spread evenly over its pixels
+    (nearest upsampling to H x W), so maps of any patch grid compare on the same pixels; a pixel
+    brighter than ``lit`` belongs to the item. A map that looks everywhere equally scores 1; one
+    that puts all its mass on the item scores 1 / (lit fraction). Raises ``ValueError`` for an
+    image with no lit pixel.
+    """
+    x = _as_float(images, None)  # (B, C, H, W) in [0, 1]
+    if not isinstance(maps, Tensor) or maps.ndim != 4 or len(maps) != len(x):
+        raise ValueError(
+            f"maps must be (B, h, gh, gw) with B = {len(x)}, got "
+            f"{tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__}"
+        )
+    if isinstance(lit, bool) or not isinstance(lit, (int, float)) or not 0.0 <= lit < 1.0:
+        raise ValueError(f"lit={lit!r} must be a brightness threshold in [0, 1)")
+    H, W = x.shape[-2:]
+    gh, gw = maps.shape[-2:]
+    if H % gh or W % gw:
+        raise ValueError(f"a {gh}x{gw} map does not tile a {H}x{W} image")
+    item = (x.mean(1) > lit).float()  # (B, H, W)
+    fraction = item.flatten(1).mean(1)  # (B,)
+    if (fraction == 0).any():
+        raise ValueError(f"images {(fraction == 0).nonzero().flatten().tolist()} have no pixel brighter than lit={lit}")
+    per_pixel = F.interpolate(maps.float(), size=(H, W), mode="nearest") / ((H // gh) * (W // gw))  # (B, h, H, W)
+    on_item = (per_pixel * item[:, None]).sum(dim=(-2, -1))  # (B, h)
+    return on_item / fraction[:, None]
 
 
 # --------------------------------------------------------------------------- attention distance
@@ -326,8 +358,9 @@ def _image(ax, img: Tensor, title: str = "") -> None:
 
 
 def draw_attention(images: Tensor, maps: Tensor, masks: Tensor | None = None, title: str = "") -> Figure:
-    """One row per image: the image, each head's class-token map (nearest-upsampled), and, when
-    ``masks`` (``attention_mask``) is given, the image shaded by the share of heads that keep each patch."""
+    """One row per image: the image, then each head's class-token map (nearest-upsampled) laid over the
+    image with one colour bar for all; when ``masks`` (``attention_mask``) is given, each head's mask is
+    outlined on its map and a last column shades the image by the share of heads that keep each patch."""
     x = _as_float(images, None)
     if not isinstance(maps, Tensor) or maps.ndim != 4 or len(maps) != len(x):
         raise ValueError(
@@ -336,22 +369,29 @@ def draw_attention(images: Tensor, maps: Tensor, masks: Tensor | None = None, ti
         )
     B, h, gh, gw = maps.shape
     ncols = 1 + h + (masks is not None)
-    fig = Figure(figsize=(1.5 * ncols, 1.5 * B + 0.4), layout="constrained")
+    fig = Figure(figsize=(1.5 * ncols + 0.8, 1.5 * B + 0.4), layout="constrained")
     axes = fig.subplots(B, ncols, squeeze=False)
+    H, W = x.shape[-2:]
+    up = F.interpolate(maps.detach().float().cpu(), size=(H, W), mode="nearest")  # (B, h, H, W)
+    vmax = float(maps.max())  # one scale for every head and image: the colour bar's
     for i in range(B):
         _image(axes[i, 0], x[i], "image" if i == 0 else "")
         for j in range(h):
-            m = maps[i, j].detach().float().cpu().numpy()
-            axes[i, 1 + j].imshow(m, cmap="inferno", vmin=0, extent=(0, x.shape[-1], x.shape[-2], 0))
-            axes[i, 1 + j].set_title(f"head {j}" if i == 0 else "", fontsize=8)
-            axes[i, 1 + j].set_xticks([])
-            axes[i, 1 + j].set_yticks([])
+            ax = axes[i, 1 + j]
+            _image(ax, x[i])
+            shown = ax.imshow(up[i, j].numpy(), cmap="inferno", vmin=0, vmax=vmax, alpha=0.65)
+            if masks is not None:  # the patches that hold 60 % (``keep``) of this head's mass
+                outline = F.interpolate(masks[i : i + 1, j : j + 1].float().cpu(), size=(H, W), mode="nearest")[0, 0]
+                ax.contour(outline.numpy(), levels=[0.5], colors="cyan", linewidths=0.9)
+            ax.set_title(f"head {j}" if i == 0 else "", fontsize=8)
         if masks is not None:
             keep = F.interpolate(masks[i : i + 1].float().cpu(), size=x.shape[-2:], mode="nearest")[0]  # (h, H, W)
             share = keep.mean(0)  # (H, W): the share of heads whose mask keeps each pixel
             _image(axes[i, -1], x[i] * (0.2 + 0.8 * share), "masks: brighter =\nkept by more heads" if i == 0 else "")
+    bar = fig.colorbar(shown, ax=axes[:, 1 : 1 + h].ravel().tolist(), shrink=0.8, pad=0.01)
+    bar.set_label("attention per patch", fontsize=8)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title + ("; cyan outline: each head's mask" if masks is not None else ""), fontsize=10)
     return fig
 
 

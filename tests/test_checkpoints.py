@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 
 from vitssl_core import ViT, load_pretrained
@@ -56,6 +57,53 @@ def test_every_recipe_and_baseline_is_shipped():
     cards = {c.stem for c in CARDS}
     assert IN_TRAINING <= recipes and not IN_TRAINING & cards, "a shipped recipe must leave IN_TRAINING"
     assert cards == (recipes - IN_TRAINING) | {"random", "pixels"}
+
+
+# Settings of a recipe that say where and how a run logs, not what it learns.
+RECIPE_IGNORED = {"out", "progress", "checkpoint_every", "log_every", "precision"}
+RECIPE_OTHER = {"method", "dataset", "model", "method_args", "model_args"}  # compared otherwise, or not per run
+
+
+def recipe_changes(card: dict, recipe: dict) -> list[str]:
+    """The settings ``recipe`` (a configs/results/NAME.yaml, parsed) sets otherwise than the run of ``card``.
+
+    A setting the card lacks counts as changed: the code of the time had no such setting.
+    """
+    ran = {**card["train_config"], "lr": card["train_config"]["blr"], **(card["method_args"] or {})}
+    wanted = {k: v for k, v in recipe.items() if k not in RECIPE_IGNORED | RECIPE_OTHER}
+    wanted.update(recipe.get("method_args") or {})
+    return sorted(k for k, v in wanted.items() if k not in ran or ran[k] != v)
+
+
+TRAINED = [c for c in CARDS if _card(c)["method"] not in ("random", "pixels")]
+
+
+@pytest.mark.parametrize("path", TRAINED, ids=lambda p: p.stem)
+def test_card_was_trained_with_todays_recipe(path):
+    # Every trained card must come from the recipe its file in configs/results/ holds today: edit a
+    # recipe (epochs, learning rate, a method argument...) and this fails until the run is redone
+    # and shipped. Recipes still in training (IN_TRAINING) have no card and are not checked.
+    card = _card(path)
+    recipe_path = ROOT / "configs" / "results" / f"{path.stem}.yaml"
+    assert card["recipe"] == recipe_path.relative_to(ROOT).as_posix(), card["recipe"]
+    recipe = yaml.safe_load(recipe_path.read_text())
+    assert recipe["method"] == card["method"], (recipe["method"], card["method"])
+    assert recipe_changes(card, recipe) == [], f"{path.stem}: trained with an earlier recipe"
+
+
+def test_recipe_changes_names_what_changed():
+    card = _card(FOLDER / "simclr.json")
+    recipe = yaml.safe_load((ROOT / "configs" / "results" / "simclr.yaml").read_text())
+    assert recipe_changes(card, recipe) == []
+    edited = {
+        **recipe,
+        "epochs": card["train_config"]["epochs"] + 1,
+        "warmup_epochs": 99,
+        "brand_new": 1,
+        "log_every": 1,
+        "method_args": {**(recipe.get("method_args") or {}), "temperature": 0.123},
+    }
+    assert recipe_changes(card, edited) == ["brand_new", "epochs", "temperature", "warmup_epochs"]
 
 
 def test_sizes_within_budget():

@@ -29,9 +29,7 @@ MAX_WORDS = 3000
 # Pages over MAX_WORDS today; issue 22 splits them (a split lands with its chapter re-run).
 KNOWN_LONG = {
     "book/algorithms/masked.ipynb",
-    "book/math/infonce.ipynb",
     "book/vit/inside_vit.ipynb",
-    "book/trends.ipynb",
 }
 
 
@@ -98,7 +96,7 @@ def over_limit() -> dict[str, int]:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="four pages still exceed 3,000 words of prose (issue 22 splits them later): "
+    reason="two pages still exceed 3,000 words of prose (issue 22 splits them later): "
     + ", ".join(sorted(KNOWN_LONG))
     + ". When none does, this test passes, strict xfail fails, and this marker must go.",
 )

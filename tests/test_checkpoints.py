@@ -60,7 +60,8 @@ def test_every_recipe_and_baseline_is_shipped():
 
 
 # Settings of a recipe that say where and how a run logs, not what it learns.
-RECIPE_IGNORED = {"out", "progress", "checkpoint_every", "log_every", "precision"}
+RECIPE_IGNORED = {"out", "progress", "checkpoint_every", "log_every", "precision",  # where and how it logs,
+                  "knn_every", "knn_val", "knn_train"}  # and what it monitors: not what it learns
 RECIPE_OTHER = {"method", "dataset", "model", "method_args", "model_args"}  # compared otherwise, or not per run
 
 
@@ -89,6 +90,11 @@ def test_card_was_trained_with_todays_recipe(path):
     recipe = yaml.safe_load(recipe_path.read_text())
     assert recipe["method"] == card["method"], (recipe["method"], card["method"])
     assert recipe_changes(card, recipe) == [], f"{path.stem}: trained with an earlier recipe"
+    # the model: the card's build has the recipe's patch size (7 unless the recipe says otherwise), and a
+    # card that records its model arguments (every card shipped since they were) has exactly the recipe's
+    assert card["model"]["patch_size"] == (recipe.get("model_args") or {}).get("patch_size", 7), path.stem
+    if "model_args" in card:
+        assert (card["model_args"] or {}) == (recipe.get("model_args") or {}), (card["model_args"], recipe)
 
 
 def test_recipe_changes_names_what_changed():

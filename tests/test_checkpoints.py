@@ -60,8 +60,8 @@ def test_every_recipe_and_baseline_is_shipped():
 
 
 # Settings of a recipe that say where and how a run logs, not what it learns.
-RECIPE_IGNORED = {"out", "progress", "checkpoint_every", "log_every", "precision",  # where and how it logs,
-                  "knn_every", "knn_val", "knn_train"}  # and what it monitors: not what it learns
+# (and the kNN monitor's settings: what a run watches, not what it learns)
+RECIPE_IGNORED = {"out", "progress", "checkpoint_every", "log_every", "precision", "knn_every", "knn_val", "knn_train"}
 RECIPE_OTHER = {"method", "dataset", "model", "method_args", "model_args"}  # compared otherwise, or not per run
 
 

@@ -18,6 +18,8 @@ import importlib.util
 import inspect
 import json
 import re
+import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -267,8 +269,12 @@ def test_every_flag_the_gpu_page_names_exists_in_vitssl_or_torchrun():
 
     from vitssl_core.__main__ import build_parser
 
+    ship = subprocess.run(  # the page also ships what the GPU trained, with scripts/ship_checkpoint.py
+        [sys.executable, str(ROOT / "scripts" / "ship_checkpoint.py"), "--help"], capture_output=True, text=True
+    )
     known = option_strings(build_parser()) | option_strings(get_args_parser())
-    assert {"--device", "--precision", "--batch-size", "--nnodes", "--node_rank"} <= known
+    known |= set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", ship.stdout))
+    assert {"--device", "--precision", "--batch-size", "--nnodes", "--node_rank", "--name"} <= known
     text = (ROOT / "book" / "gpus.md").read_text(encoding="utf-8")
     named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", text))
     assert len(named) > 15

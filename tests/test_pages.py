@@ -31,7 +31,6 @@ MAX_WORDS = 3000
 # Pages over MAX_WORDS today; issue 22 splits them (a split lands with its chapter re-run).
 KNOWN_LONG = {
     "book/algorithms/masked.ipynb",
-    "book/vit/inside_vit.ipynb",
 }
 
 
@@ -98,7 +97,7 @@ def over_limit() -> dict[str, int]:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="two pages still exceed 3,000 words of prose (issue 22 splits them later): "
+    reason="a page still exceeds 3,000 words of prose (issue 22 splits it later): "
     + ", ".join(sorted(KNOWN_LONG))
     + ". When none does, this test passes, strict xfail fails, and this marker must go.",
 )

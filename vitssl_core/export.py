@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .mae import DECODER_NAMES, MAE
-from .vit import ViT
+from .vit import ViT, architecture
 
 __all__ = ["FORMATS", "hf_config", "hf_state_dict", "save_hf", "save_timm", "timm_config"]
 
@@ -146,20 +146,8 @@ def timm_config(backbone: ViT, normalize: dict | None = None) -> dict[str, Any]:
     """timm's hub ``config.json``: ``architecture``, ``model_args`` (our ViT keywords) and ``pretrained_cfg``."""
     _check_backbone(backbone)
     size = backbone.img_size[0]
-    model_args = {
-        "img_size": size,
-        "patch_size": backbone.patch_size,
-        "in_chans": backbone.in_chans,
-        "num_classes": 0,
-        "global_pool": backbone.global_pool,
-        "embed_dim": backbone.embed_dim,
-        "depth": len(backbone.blocks),
-        "num_heads": backbone.num_heads,
-        "mlp_ratio": backbone.blocks[0].mlp.fc1.out_features / backbone.embed_dim,
-        "qkv_bias": backbone.blocks[0].attn.qkv.bias is not None,
-        "fc_norm": False,
-        "dynamic_img_size": backbone.dynamic_img_size,
-    }
+    # our ViT keywords are timm's, but for the positions' kind: timm's "learn" table holds ours, learned or sin-cos
+    model_args = {k: v for k, v in architecture(backbone).items() if k != "pos_embed"}
     mean, std = (normalize or {}).get("mean", [0.5]), (normalize or {}).get("std", [0.5])
     return {
         "architecture": "vit_base_patch16_224",  # timm's ViT; model_args override every size

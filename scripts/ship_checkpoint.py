@@ -325,8 +325,9 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "train_config": old.get("train_config"),
                 "method_args": old.get("method_args"),
-                "model_args": old.get("model_args"),
-                "deviations": old.get("deviations"),
+                # cards from before model_args were recorded keep none; their "model" holds the build
+                **({"model_args": old["model_args"]} if old.get("model_args") is not None else {}),
+                "deviations": old.get("deviations") or _deviations({**old, "architecture": old.get("model") or {}}),
                 "remeasured_from_revision": old.get("code_revision"),
             }
         )

@@ -21,7 +21,7 @@ import torch
 from vitssl_core import vit_mini_28
 from vitssl_core.pretrained import load_pretrained
 from vitssl_core.data import NORMALIZE, load_fashion_mnist_tensors
-from vitssl_core.evaluate import finetune
+from vitssl_core.probes import finetune
 
 ROOT = Path(__file__).resolve().parents[1]
 VALIDATION = 10_000

@@ -3,7 +3,7 @@
 For each method the script builds ``vit_mini_28`` with the method's recipe exactly as the CLI
 does (``--batch-size 256``, fp32), trains a few steps with ``vitssl_core.train`` and reads the
 throughput of the last logged step (the first one warms up); an epoch of Fashion-MNIST's 60 000
-images then takes 60 000 / img_per_s seconds. The monitor (``evaluate.KNNMonitor`` with the CLI's
+images then takes 60 000 / img_per_s seconds. The monitor (``features.KNNMonitor`` with the CLI's
 defaults: 2 000 queries against 10 000 bank images, i.e. 12 000 forward passes) is timed once on
 the same backbone; its cost does not depend on the method. Both run in this one process, so load
 from other processes hits both alike.
@@ -40,7 +40,7 @@ import torch
 
 from vitssl_core import __main__ as cli
 from vitssl_core import recipes
-from vitssl_core.evaluate import KNNMonitor
+from vitssl_core.features import KNNMonitor
 from vitssl_core.train import exported_backbone, train
 
 

@@ -21,7 +21,7 @@ images; the training split's 60 000 images give the features and labels):
   (FINETUNE below: layer decay 0.75, drop path 0.1, label smoothing, --finetune-epochs epochs).
 
 The card also keeps, per protocol, which test images were classified right (``correct``: hex
-bits, ``vitssl_core.evaluate.correct_from_hex``), so two rows are compared with a paired test
+bits, ``vitssl_core.paired.correct_from_hex``), so two rows are compared with a paired test
 (``mcnemar``) on the same 10 000 images. A card also records the recipe and command, seed, git
 revision, torch version, the wall time and hardware of every resumed training segment, and the
 evaluation's. tests/test_checkpoints.py re-measures every card's kNN in CI.
@@ -52,17 +52,9 @@ from vitssl_core.checkpoint import (
     save_backbone,
 )
 from vitssl_core.data import NORMALIZE, load_fashion_mnist_tensors
-from vitssl_core.evaluate import (
-    choose_feature_from,
-    class_balanced_subset,
-    correct_to_hex,
-    extract_features,
-    feature_view,
-    finetune,
-    knn_classify,
-    linear_probe,
-    pixel_features,
-)
+from vitssl_core.features import choose_feature_from, extract_features, feature_view, knn_classify, pixel_features
+from vitssl_core.paired import correct_to_hex
+from vitssl_core.probes import class_balanced_subset, finetune, linear_probe
 from vitssl_core.mae import DECODER_NAMES
 from vitssl_core.pretrained import PRETRAINED, load_pretrained, tensor_digest
 from vitssl_core.recipes import dino_local_size

@@ -20,14 +20,9 @@ from safetensors import safe_open
 
 from vitssl_core import ViT, load_pretrained
 from vitssl_core.data import load_fashion_mnist_tensors
-from vitssl_core.evaluate import (
-    FEATURES,
-    correct_from_hex,
-    extract_features,
-    knn_accuracy,
-    linear_probe,
-    pixel_features,
-)
+from vitssl_core.features import extract_features, FEATURES, knn_accuracy, pixel_features
+from vitssl_core.paired import correct_from_hex
+from vitssl_core.probes import linear_probe
 from vitssl_core.mae import DECODER_NAMES, MAE
 from vitssl_core.pretrained import PRETRAINED
 

@@ -17,7 +17,8 @@ from vitssl_core import __main__ as cli
 from vitssl_core.checkpoint import latest_checkpoint, load_backbone, load_checkpoint, save_backbone
 from vitssl_core.pretrained import load_pretrained
 from vitssl_core.data import load_fashion_mnist_tensors
-from vitssl_core.evaluate import FEATURES, extract_features, knn_accuracy, run_protocol
+from vitssl_core.features import extract_features, FEATURES, knn_accuracy
+from vitssl_core.probes import run_protocol
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_ARGS = model_args()

@@ -1,4 +1,4 @@
-"""The --knn-every monitor: evaluate.KNNMonitor, the trainer's epoch_end hook, and the CLI that joins them."""
+"""The --knn-every monitor: features.KNNMonitor, the trainer's epoch_end hook, and the CLI that joins them."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from vitssl_core import ViT, data
 from vitssl_core import __main__ as cli
 from vitssl_core.checkpoint import load_checkpoint
 from vitssl_core.curves import plot_history, read_history
-from vitssl_core.evaluate import KNNMonitor
+from vitssl_core.features import KNNMonitor
 
 
 @pytest.fixture(scope="module")

@@ -86,14 +86,20 @@ def _reach(graph: dict[str, set[str]], start: str) -> set[str]:
     return seen
 
 
+EVALUATION = ("features", "probes", "paired", "interpret")
+
+
 @pytest.mark.parametrize(
     "module, never",
     [
-        ("runtime", {"train", "evaluate", "recipes", "__main__"}),
-        ("schedules", {"train", "evaluate", "recipes", "__main__", "runtime"}),
-        ("evaluate", {"train", "recipes", "__main__"}),  # evaluation needs no trainer
-        ("train", {"evaluate", "recipes", "__main__"}),  # the loop knows no concrete method
-        ("recipes", {"train", "evaluate", "__main__"}),
+        ("validate", {"vit", "data", "train", "features", "probes", "recipes", "__main__"}),  # a leaf
+        ("runtime", {"train", *EVALUATION, "recipes", "__main__"}),
+        ("schedules", {"train", *EVALUATION, "recipes", "__main__", "runtime"}),
+        *[(m, {"train", "recipes", "__main__"}) for m in EVALUATION],  # evaluation needs no trainer
+        ("features", {"probes", "paired", "interpret"}),  # the others read features, not the reverse
+        ("paired", {"features", "probes", "interpret", "vit"}),  # statistics on booleans, no model
+        ("train", {*EVALUATION, "recipes", "__main__"}),  # the loop knows no concrete method
+        ("recipes", {"train", *EVALUATION, "__main__"}),
     ],
 )
 def test_layers_point_one_way(module, never):

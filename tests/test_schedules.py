@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vitssl_core import ViT
-from vitssl_core.evaluate import layer_decay_param_groups
+from vitssl_core.probes import layer_decay_param_groups
 from vitssl_core.schedules import decays, ema_update_
 from vitssl_core.train import param_groups
 

@@ -17,7 +17,7 @@ import torch
 from vitssl_core import load_pretrained
 from vitssl_core.pretrained import PRETRAINED
 from vitssl_core.checkpoint import latest_checkpoint, load_backbone, save_checkpoint
-from vitssl_core.evaluate import correct_from_hex
+from vitssl_core.paired import correct_from_hex
 
 REPO = Path(__file__).resolve().parents[1]
 NEEDS_DATA = {"method_speed.py", "train_speed.py", "finetune_crop.py", "knn_monitor_cost.py"}

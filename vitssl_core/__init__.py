@@ -11,9 +11,11 @@ The public API the book and users import, bottom-up (dependencies point down thi
 4. ``train`` and ``checkpoint``: one loop for every method, checkpoints that survive a crash;
    ``pretrained``: the backbones shipped with the package, loaded by name;
    ``recipes``: each method's small-image defaults, shared by the CLI and Python users.
-5. ``evaluate`` and ``dense``: kNN, linear probe, fine-tuning, attention maps; detection and
-   segmentation heads; ``export``: folders that transformers and timm load; ``curves`` and
-   ``visualize`` (figures; imported on their own, so the package needs matplotlib only for them).
+5. Evaluation, one concern per module: ``features`` (frozen features, kNN), ``probes`` (linear
+   probe, fine-tuning, label efficiency), ``paired`` (McNemar's test), ``interpret`` (attention
+   maps, attention distance, PCA colours); ``dense``: detection and segmentation heads;
+   ``export``: folders that transformers and timm load; ``curves`` and ``visualize`` (figures;
+   imported on their own, so the package needs matplotlib only for them).
 6. ``python -m vitssl_core`` (the ``vitssl`` command) wires them together.
 """
 
@@ -33,23 +35,10 @@ from .dense import (
     train_dense,
 )
 from .dino import DINO, DINOHead
-from .evaluate import (
-    attention_distance,
-    attention_maps,
-    class_balanced_subset,
-    correct_from_hex,
-    correct_to_hex,
-    extract_features,
-    finetune,
-    knn_accuracy,
-    knn_classify,
-    label_efficiency,
-    linear_probe,
-    mcnemar,
-    pca_rgb,
-    pixel_features,
-    run_protocol,
-)
+from .features import choose_feature, extract_features, knn_accuracy, knn_classify, pixel_features
+from .interpret import attention_distance, attention_maps, pca_rgb
+from .paired import correct_from_hex, correct_to_hex, mcnemar
+from .probes import class_balanced_subset, finetune, label_efficiency, linear_probe, run_protocol
 from .export import save_hf, save_timm
 from .losses import info_nce, info_nce_article, moco_infonce
 from .mae import MAE

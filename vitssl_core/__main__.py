@@ -6,8 +6,8 @@ small-image recipe (``vitssl_core.recipes``, which Python users call too), a dat
 ``backbone.safetensors`` (timm keys) and a ``backbone.json`` card next to the checkpoints: the
 backbone the method exports (``train.exported_backbone``; DINO's EMA teacher), named in the
 card's ``"exported"``, and the feature the probes should read (``"feature"``), chosen by kNN on
-held-out training images (``evaluate.choose_feature``). ``vitssl evaluate`` reads that pair back
-and hands the backbone, with that feature, to ``vitssl_core.evaluate.run_protocol``. A run that
+held-out training images (``features.choose_feature``). ``vitssl evaluate`` reads that pair back
+and hands the backbone, with that feature, to ``vitssl_core.probes.run_protocol``. A run that
 is still training has ``run.json`` instead (written at its first logged step): where the
 exported backbone's tensors sit in the training checkpoints, so ``vitssl evaluate`` probes its
 newest checkpoint. The same command runs under ``torchrun``.
@@ -36,7 +36,7 @@ import torch
 import yaml
 from torch.utils.data import Dataset, Subset
 
-from . import data, recipes, vit
+from . import data, recipes, validate, vit
 from ._version import __version__
 from .checkpoint import (
     FolderBusyError,
@@ -48,8 +48,8 @@ from .checkpoint import (
     remove_leftovers,
     save_backbone,
 )
-from .evaluate import FEATURES, PROTOCOLS, KNNMonitor, choose_feature, run_protocol
-from .evaluate import _check_normalize  # the library's own rule for a card's "normalize"
+from .features import FEATURES, KNNMonitor, choose_feature
+from .probes import PROTOCOLS, run_protocol
 from .pretrained import list_pretrained, load_pretrained, resolve_checkpoint
 from .recipes import METHODS, PRESETS, DataInfo, MethodEntry  # noqa: F401 (MethodEntry: tests add methods)
 from .runtime import cleanup_distributed, resolve_device, resolve_precision, seed_everything, setup_distributed
@@ -750,7 +750,7 @@ def _build_method(
 
 
 def _knn_monitor(args: argparse.Namespace, method: torch.nn.Module, base: Dataset, info: DataInfo) -> KNNMonitor:
-    """--knn-every: the epoch-end callback that the trainer runs on rank 0 (evaluate.KNNMonitor)."""
+    """--knn-every: the epoch-end callback that the trainer runs on rank 0 (features.KNNMonitor)."""
     try:
         return KNNMonitor(
             exported_backbone(method)[1],  # DINO: the teacher, as the card will ship
@@ -926,7 +926,7 @@ def _check_card(card: dict[str, Any], where: Path) -> None:
             "or choose with --feature"
         )
     try:
-        _check_normalize(card.get("normalize"))
+        validate.normalize_stats(card.get("normalize"))  # the library's own rule for a card's "normalize"
     except ValueError as err:
         raise _CliError(f'{where}: its "normalize" is unusable: {err}; correct the card') from None
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import validate
 from .losses import info_nce, moco_infonce
 from .schedules import MomentumLog, cosine_momentum, ema_update_, upgrade_momentum_log
 from .vit import ViT
@@ -66,16 +67,11 @@ def _check_backbone(backbone) -> None:
         raise TypeError(f"backbone must be a vitssl_core.ViT, got {type(backbone).__name__}")
 
 
-def _check_positive_int(name: str, v) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise ValueError(f"{name}={v!r} must be a positive int")
-
-
 def _check_common(backbone, proj_dim, hidden_dim, temperature) -> None:
     """The arguments SimCLR and MoCo v3 share."""
     _check_backbone(backbone)
-    _check_positive_int("proj_dim", proj_dim)
-    _check_positive_int("hidden_dim", hidden_dim)
+    validate.positive_int("proj_dim", proj_dim)
+    validate.positive_int("hidden_dim", hidden_dim)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
         raise ValueError(f"temperature={temperature!r} must be a float > 0")
 

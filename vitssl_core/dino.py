@@ -26,34 +26,19 @@ DINO runs unchanged on one CPU with no process group (the reference code does no
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from . import validate
 from .distributed import all_reduce_sum, get_world_size
 from .losses import dino_cross_entropy, sharpen
 from .schedules import MomentumLog, cosine_momentum, ema_update_, upgrade_momentum_log
 from .vit import DropPath, ViT
 
 __all__ = ["DINOHead", "DINO"]
-
-
-def _check_positive_int(name: str, v) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise ValueError(f"{name}={v!r} must be a positive int")
-
-
-def _check_positive_float(name: str, v) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):
-        raise ValueError(f"{name}={v!r} must be a finite float > 0")
-
-
-def _check_unit(name: str, v) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
-        raise ValueError(f"{name}={v!r} must be in [0, 1]")
 
 
 # --------------------------------------------------------------------------- the head
@@ -84,7 +69,7 @@ class DINOHead(nn.Module):
             ("bottleneck_dim", bottleneck_dim),
             ("nlayers", nlayers),
         ):
-            _check_positive_int(name, v)
+            validate.positive_int(name, v)
         if nlayers == 1:
             self.mlp = nn.Linear(in_dim, bottleneck_dim)
         else:
@@ -210,15 +195,15 @@ class DINO(nn.Module):
             ("warmup_teacher_temp", warmup_teacher_temp),
             ("student_temp", student_temp),
         ):
-            _check_positive_float(name, v)
+            validate.positive_number(name, v)
         for name, v in (
             ("warmup_teacher_temp_steps", warmup_teacher_temp_steps),
             ("freeze_last_layer_steps", freeze_last_layer_steps),
         ):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name}={v!r} must be an int >= 0")
-        _check_unit("center_momentum", center_momentum)
-        _check_unit("momentum", momentum)
+        validate.fraction("center_momentum", center_momentum, closed=True)
+        validate.fraction("momentum", momentum, closed=True)
 
         self.backbone = backbone
         self.head = DINOHead(

@@ -25,17 +25,14 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from . import validate
+
 __all__ = ["block_masking", "default_min_block", "patchify", "random_masking", "unit_masking", "unpatchify"]
-
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name}={value!r} must be a positive int")
 
 
 def patchify(imgs: Tensor, patch_size: int) -> Tensor:
     """(B, C, H, W) images -> (B, L, P*P*C) flattened patches, row-major, pixels in (p q c) order."""
-    _check_positive_int("patch_size", patch_size)
+    validate.positive_int("patch_size", patch_size)
     if not isinstance(imgs, Tensor) or imgs.ndim != 4:
         shape = tuple(imgs.shape) if isinstance(imgs, Tensor) else type(imgs).__name__
         raise ValueError(f"imgs must be a (B, C, H, W) tensor, got {shape}")
@@ -50,8 +47,8 @@ def unpatchify(x: Tensor, patch_size: int, channels: int, grid_size: int | tuple
 
     ``grid_size`` (gh, gw) is needed only for non-square grids; by default L must be a square.
     """
-    _check_positive_int("patch_size", patch_size)
-    _check_positive_int("channels", channels)
+    validate.positive_int("patch_size", patch_size)
+    validate.positive_int("channels", channels)
     if not isinstance(x, Tensor) or x.ndim != 3:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"x must be a (B, L, P*P*C) tensor, got {shape}")
@@ -93,8 +90,8 @@ def random_masking(
     Returns ``ids_keep`` (B, L_keep) long, in shuffled order; ``mask`` (B, L) float, 1 = hidden;
     ``ids_restore`` (B, L) long, the inverse permutation of the shuffle.
     """
-    _check_positive_int("batch_size", batch_size)
-    _check_positive_int("num_patches", num_patches)
+    validate.positive_int("batch_size", batch_size)
+    validate.positive_int("num_patches", num_patches)
     _check_ratio(mask_ratio)
     B, L = batch_size, num_patches
     len_keep = int(L * (1 - mask_ratio))
@@ -130,12 +127,12 @@ def unit_masking(
     all its patches. SimMIM hides 32-pixel squares over 16-pixel patches: ``unit=2``.
     Returns a (B, L) float mask, 1 = hidden, in row-major patch order.
     """
-    _check_positive_int("batch_size", batch_size)
-    _check_positive_int("unit", unit)
+    validate.positive_int("batch_size", batch_size)
+    validate.positive_int("unit", unit)
     _check_ratio(mask_ratio)
     gh, gw = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
-    _check_positive_int("grid_size", gh)
-    _check_positive_int("grid_size", gw)
+    validate.positive_int("grid_size", gh)
+    validate.positive_int("grid_size", gw)
     if gh % unit or gw % unit:
         raise ValueError(f"grid_size={gh}x{gw} is not divisible by unit={unit} (patches per side of a mask unit)")
     uh, uw = gh // unit, gw // unit
@@ -231,15 +228,15 @@ def block_masking(
     (BEiT's 16 of 196 patches, rescaled to the grid). Randomness comes from ``generator`` (or
     torch's global RNG).
     """
-    _check_positive_int("batch_size", batch_size)
+    validate.positive_int("batch_size", batch_size)
     gh, gw = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
-    _check_positive_int("grid_size", gh)
-    _check_positive_int("grid_size", gw)
+    validate.positive_int("grid_size", gh)
+    validate.positive_int("grid_size", gw)
     L = gh * gw
     if isinstance(num_masked, bool) or not isinstance(num_masked, int) or not 0 <= num_masked < L:
         raise ValueError(f"num_masked={num_masked!r} must be an int in [0, L={L})")
     min_block = default_min_block((gh, gw)) if min_block is None else min_block
-    _check_positive_int("min_block", min_block)
+    validate.positive_int("min_block", min_block)
     max_block = max(1, num_masked) if max_block is None else max_block
     if isinstance(max_block, bool) or not isinstance(max_block, int) or max_block < 1:
         raise ValueError(f"max_block={max_block!r} must be a positive int or None")

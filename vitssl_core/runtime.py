@@ -1,6 +1,6 @@
 """Where and how code runs: processes, devices, precision, seeds. One rule for each, shared by every loop.
 
-The trainer (``train``), the probes and fine-tuning (``evaluate``) and the CLI read these, so
+The trainer (``train``), the probes and fine-tuning (``probes``) and the CLI read these, so
 "auto" means the same device and the same precision everywhere:
 
 - ``setup_distributed`` / ``cleanup_distributed``: join and leave the process group that

@@ -38,7 +38,7 @@ What a user can count on:
 ``_start_or_resume``, ``_wrap_model``, ``_make_loader``, then ``_run``, which repeats
 ``_train_step`` (``_forward_backward``, one collective, ``_optimizer_step``, ``_log_row``,
 ``_save``). Device, precision and seeding rules come from ``runtime``, the weight-decay rule
-from ``schedules.decays``; both are shared with ``evaluate``.
+from ``schedules.decays``; both are shared with ``probes``.
 """
 
 from __future__ import annotations
@@ -561,7 +561,7 @@ def train(
     ``epoch_end(epoch) -> {name: number} or None`` is called on rank 0 after each full epoch
     (``epoch`` = epochs done), before that step's checkpoint, while the other ranks wait; what it
     returns becomes a row ``{"step", "epoch", **metrics}`` of the history and the progress bar (a
-    monitor such as ``evaluate.KNNMonitor``). The trainer restores every RNG after it and keeps its
+    monitor such as ``features.KNNMonitor``). The trainer restores every RNG after it and keeps its
     time out of ``img_per_s``, so a run's weights do not depend on it.
     """
     _check_train_args(method, dataset, config, callback, batch_transform)

@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from .checkpoint import load_backbone
-from .evaluate import attention_maps
+from .interpret import attention_maps
 from .mae import DECODER_NAMES, MAE
 from .pretrained import load_pretrained, resolve_checkpoint
 from .vit import ViT

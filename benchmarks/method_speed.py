@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Subset
 from vitssl_core import data, vit
 from vitssl_core.__main__ import METHODS, DataInfo, _dino_local_size
 from vitssl_core.augment import MultiCrop, TwoViews, asymmetric_augment, dino_augment, simclr_augment
-from vitssl_core.train import param_groups
+from vitssl_core.optim import param_groups
 
 PARTS = ("data", "views", "forward", "backward", "update")
 # --quick: a smoke test of every code path in seconds, not a measurement.

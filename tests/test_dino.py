@@ -21,7 +21,8 @@ from vitssl_core.checkpoint import load_backbone, load_checkpoint
 from vitssl_core.dino import DINO, DINOHead
 from vitssl_core.schedules import cosine_momentum
 from vitssl_core.supervised import Supervised
-from vitssl_core.train import TrainConfig, clip_grad_per_param_, exported_backbone, param_groups
+from vitssl_core.optim import clip_grad_per_param_, param_groups
+from vitssl_core.train import TrainConfig, exported_backbone
 from vitssl_core.train import train as fit  # train() below is this file's manual loop
 from vitssl_core.vit import DropPath, ViT
 

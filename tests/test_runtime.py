@@ -95,6 +95,7 @@ EVALUATION = ("features", "probes", "paired", "interpret")
         ("validate", {"vit", "data", "train", "features", "probes", "recipes", "__main__"}),  # a leaf
         ("runtime", {"train", *EVALUATION, "recipes", "__main__"}),
         ("schedules", {"train", *EVALUATION, "recipes", "__main__", "runtime"}),
+        ("optim", {"train", *EVALUATION, "vit", "recipes", "__main__"}),  # rules and a loop, no model
         *[(m, {"train", "recipes", "__main__"}) for m in EVALUATION],  # evaluation needs no trainer
         ("features", {"probes", "paired", "interpret"}),  # the others read features, not the reverse
         ("paired", {"features", "probes", "interpret", "vit"}),  # statistics on booleans, no model

@@ -32,7 +32,8 @@ from torch import Tensor, nn
 
 from . import validate
 from .losses import info_nce, moco_infonce
-from .schedules import MomentumLog, cosine_momentum, ema_update_, upgrade_momentum_log
+from .optim import MomentumLog, ema_update_, upgrade_momentum_log
+from .schedules import cosine_momentum
 from .vit import ViT
 
 __all__ = ["SimCLR", "MoCoV3", "mlp_head"]
@@ -186,7 +187,7 @@ class MoCoV3(nn.Module):
       ``ViT.set_img_size`` and the checkpoint cards simple.
     - The patch-projection bound uses the backbone's ``in_chans``; ``vits.py`` writes 3 (RGB).
       For C = 3 the two agree; for grey images ours is xavier's bound, MoCo v3's would be narrower.
-    - Weight decay follows the trainer's rule for every method (``train.param_groups``): no
+    - Weight decay follows the trainer's rule for every method (``optim.param_groups``): no
       decay on biases, 1-D parameters (LayerNorm, BatchNorm) and ``cls_token``. MoCo v3 decays
       every parameter (AdamW over ``model.parameters()``); the exempt ones are a small share
       (biases and norm scales), and one rule keeps the methods comparable.

@@ -57,11 +57,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import batched_nms, generalized_box_iou_loss, sigmoid_focal_loss
-from tqdm import tqdm
 
+from . import optim
 from .scenes import collate_detection
 from .runtime import autocast, to_device
-from .schedules import cosine_schedule, decays
+from .schedules import cosine_schedule
 
 __all__ = [
     "IGNORE_INDEX",
@@ -603,15 +603,6 @@ def _precision(device: torch.device, amp: bool | None) -> str:
     return "bf16" if amp else "fp32"
 
 
-def _param_groups(head: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups under the package's one weight-decay rule (``schedules.decays``)."""
-    trainable = [(name, p) for name, p in head.named_parameters() if p.requires_grad]
-    return [
-        {"params": [p for n, p in trainable if decays(n, p)], "weight_decay": weight_decay},
-        {"params": [p for n, p in trainable if not decays(n, p)], "weight_decay": 0.0},
-    ]
-
-
 def train_dense(
     head: nn.Module,
     dataset: Dataset,
@@ -639,9 +630,7 @@ def train_dense(
     if not lr > 0:
         raise ValueError(f"lr={lr!r} must be > 0")
     _check_dataset_size(head, dataset)
-    params = _param_groups(head, weight_decay)
-    if not any(g["params"] for g in params):
-        raise ValueError("the head has no trainable parameters")
+    params = optim.param_groups(head, weight_decay)  # the package's one weight-decay rule
     device = next(head.parameters()).device
     loader = DataLoader(
         dataset,
@@ -656,27 +645,21 @@ def train_dense(
     schedule = cosine_schedule(lr, lr * 0.01, total, warmup_steps=warm)
     optimizer = torch.optim.AdamW(params, lr=lr)
     precision = _precision(device, amp)
-    history: dict[str, list[float]] = {"loss": [], "lr": [], "epoch_loss": []}
+
+    def loss_of(batch) -> tuple[Tensor, int]:
+        images, targets = batch[0].to(device), to_device(batch[1], device)
+        with autocast(device, precision):
+            outputs = head(images)
+        return head.loss(outputs, targets)["loss"], len(images)
+
     head.train()
-    step = 0
-    for _ in tqdm(range(epochs), desc=f"train {task}", disable=not progress):
-        losses = []
-        for images, targets in loader:
-            for group in optimizer.param_groups:
-                group["lr"] = float(schedule[step])
-            images, targets = images.to(device), to_device(targets, device)
-            with autocast(device, precision):
-                outputs = head(images)
-            loss = head.loss(outputs, targets)["loss"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
-            history["loss"].append(losses[-1])
-            history["lr"].append(float(schedule[step]))
-            step += 1
-        history["epoch_loss"].append(sum(losses) / len(losses))
-    return history
+    steps = optim.fit(optimizer, schedule, epochs, lambda: loader, loss_of, what=f"train {task}", progress=progress)
+    losses = [loss for epoch in steps for loss, _ in epoch]
+    return {
+        "loss": losses,
+        "lr": [float(v) for v in schedule[: len(losses)]],
+        "epoch_loss": [sum(loss for loss, _ in epoch) / len(epoch) for epoch in steps],
+    }
 
 
 def _eval_loader(dataset: Dataset, batch_size: int) -> DataLoader:

@@ -35,7 +35,8 @@ from torch.nn.utils.parametrizations import weight_norm
 from . import validate
 from .distributed import all_reduce_sum, get_world_size
 from .losses import dino_cross_entropy, sharpen
-from .schedules import MomentumLog, cosine_momentum, ema_update_, upgrade_momentum_log
+from .optim import MomentumLog, ema_update_, upgrade_momentum_log
+from .schedules import cosine_momentum
 from .vit import DropPath, ViT
 
 __all__ = ["DINOHead", "DINO"]

@@ -21,16 +21,15 @@ import contextlib
 import copy
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
-from tqdm import tqdm
 
-from . import data, validate
+from . import data, optim, validate
 from .augment import _check_scale
 from .batch_augment import crop_boxes, resized_crop
 from .features import (
@@ -44,7 +43,7 @@ from .features import (
     prepare_images,
 )
 from .runtime import autocast
-from .schedules import cosine_schedule, decays
+from .schedules import cosine_schedule
 from .vit import DropPath, ViT
 
 __all__ = [
@@ -103,7 +102,7 @@ def linear_probe(
     192 features probe for 100 epochs in seconds on a CPU. The optimiser is AdamW by default
     (lr 1e-3, no weight decay: converges in a few dozen epochs), or "sgd" (momentum 0.9, DINO's
     linear eval; give it a larger lr, e.g. 0.1). Cosine lr schedule to 0, shuffled mini-batches.
-    ``weight_decay`` applies to the weight, not the bias (``schedules.decays``, every loop's rule).
+    ``weight_decay`` applies to the weight, not the bias (``optim.decays``, every loop's rule).
     """
     validate.feature_matrix("train_features", train_features)
     validate.feature_matrix("test_features", test_features)
@@ -141,36 +140,27 @@ def linear_probe(
     probe = nn.Sequential(norm, linear).eval()
     with torch.no_grad():
         z_train = norm(x_train)  # (N, F) standardised once; only the linear layer trains
-    groups = [
-        {
-            "params": [p for n, p in linear.named_parameters() if decays(n, p) == d],
-            "weight_decay": weight_decay if d else 0.0,
-        }
-        for d in (True, False)
-    ]  # the package's rule: no bias decay
+    groups = optim.param_groups(linear, weight_decay)  # the package's rule: no bias decay
     if optimizer == "adamw":
         opt = torch.optim.AdamW(groups, lr=lr)
     else:
         opt = torch.optim.SGD(groups, lr=lr, momentum=0.9)
     bs = min(batch_size, n)
-    steps_per_epoch = math.ceil(n / bs)
-    schedule = cosine_schedule(lr, 0.0, epochs * steps_per_epoch).tolist()
     gen = torch.Generator().manual_seed(seed)
-    step, loss_sum = 0, 0.0
+
+    def batches() -> Iterator[tuple[Tensor, Tensor]]:
+        perm = torch.randperm(n, generator=gen).to(device)
+        z, y = z_train[perm], y_train[perm]  # one shuffle per epoch, then contiguous slices (views)
+        for start in range(0, n, bs):
+            yield z[start : start + bs], y[start : start + bs]
+
+    def loss_of(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, int]:
+        z, y = batch
+        return F.cross_entropy(linear(z), y), len(y)
+
+    schedule = cosine_schedule(lr, 0.0, epochs * math.ceil(n / bs))
     with _one_cpu_thread(device, small=dim * C <= 65536):
-        for _ in range(epochs):
-            perm = torch.randperm(n, generator=gen).to(device)
-            z, y = z_train[perm], y_train[perm]  # one shuffle per epoch, then contiguous slices (views)
-            loss_sum = 0.0
-            for start in range(0, n, bs):
-                for group in opt.param_groups:
-                    group["lr"] = schedule[step]
-                step += 1
-                loss = F.cross_entropy(linear(z[start : start + bs]), y[start : start + bs])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_sum += loss.detach() * len(y[start : start + bs])
+        history = optim.fit(opt, schedule, epochs, batches, loss_of, what="linear_probe")
     with eval_mode(probe):
 
         def hits(x: Tensor, y: Tensor) -> Tensor:
@@ -181,7 +171,7 @@ def linear_probe(
         out = {
             "top1": 100.0 * correct.float().mean().item(),
             "train_top1": 100.0 * hits(x_train, y_train).float().mean().item(),
-            "loss": float(loss_sum) / n,
+            "loss": sum(loss * m for loss, m in history[-1]) / n,
         }
     if return_correct:
         out["correct"] = correct
@@ -207,7 +197,7 @@ def layer_decay_param_groups(
     """AdamW parameter groups with layer-wise lr decay (BEiT): lr = base_lr * layer_decay ** (depth + 1 - id).
 
     Layer ids: patch_embed / cls_token / pos_embed 0, block i is i + 1, the final norm and head
-    depth + 1 (full lr). Weight decay follows the trainer's rule (``schedules.decays``): none for
+    depth + 1 (full lr). Weight decay follows the trainer's rule (``optim.decays``): none for
     1-D parameters, biases, pos_embed, cls_token, mask_token and the model's ``no_weight_decay()``.
     Each group carries ``lr_scale`` (to re-apply a schedule), ``layer_id`` and ``param_names``.
     """
@@ -224,7 +214,7 @@ def layer_decay_param_groups(
     for name, param in model.named_parameters():
         if not param.requires_grad:  # e.g. a frozen sin-cos pos_embed
             continue
-        lid, decay = _layer_id(name, depth), decays(name, param, exempt)  # the trainer's weight-decay rule
+        lid, decay = _layer_id(name, depth), optim.decays(name, param, exempt)  # the trainer's weight-decay rule
         scale = layer_decay ** (depth + 1 - lid)
         group = groups.setdefault(
             (lid, decay),
@@ -358,29 +348,19 @@ def finetune(
     schedule = cosine_schedule(lr, min_lr, epochs * len(loader), warmup_epochs * len(loader))
     augment = _finetune_augment(crop_scale, _batch_mixer(mixup, cutmix, num_classes))
     device = next(model.parameters()).device
-    bar = tqdm(total=epochs * len(loader), disable=not progress, desc="finetune")
-    step, epoch_loss = 0, float("nan")
+
+    def loss_of(batch) -> tuple[Tensor, int]:
+        x, y = augment(prepare_images(batch[0], device, normalize), torch.as_tensor(batch[1]).long().to(device))
+        with autocast(device, precision):  # the package's one precision rule (runtime)
+            logits = model(x)  # (B, num_classes)
+        return F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing), len(x)
+
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)  # drop path, crops and MixUp/CutMix draws, without moving the caller's RNG
         model.train()
-        for _ in range(epochs):
-            loss_sum, seen = 0.0, 0
-            for x, y in loader:
-                x, y = augment(prepare_images(x, device, normalize), torch.as_tensor(y).long().to(device))
-                for group in opt.param_groups:
-                    group["lr"] = float(schedule[step]) * group["lr_scale"]
-                with autocast(device, precision):  # the package's one precision rule (runtime)
-                    logits = model(x)  # (B, num_classes)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
-                loss_sum, seen = loss_sum + loss.item() * len(x), seen + len(x)
-                bar.update()
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-            epoch_loss = loss_sum / max(seen, 1)
-    bar.close()
+        history = optim.fit(opt, schedule, epochs, lambda: loader, loss_of, what="finetune", progress=progress)
+    epoch_loss = sum(loss * n for loss, n in history[-1]) / max(sum(n for _, n in history[-1]), 1)
+    step = sum(len(h) for h in history)
     correct = _correct(model, test_set, max(batch_size, 256), normalize, precision)
     out = {"top1": 100.0 * correct.float().mean().item(), "train_loss": epoch_loss, "epochs": epochs, "steps": step}
     if return_correct:

@@ -38,7 +38,7 @@ What a user can count on:
 ``_start_or_resume``, ``_wrap_model``, ``_make_loader``, then ``_run``, which repeats
 ``_train_step`` (``_forward_backward``, one collective, ``_optimizer_step``, ``_log_row``,
 ``_save``). Device, precision and seeding rules come from ``runtime``, the weight-decay rule
-from ``schedules.decays``; both are shared with ``probes``.
+from ``optim.param_groups``; both are shared with ``probes``.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -88,7 +88,8 @@ from .runtime import (
     sync_batchnorm,
     to_device,
 )
-from .schedules import cosine_schedule, decays
+from .optim import clip_grad_per_param_, param_groups
+from .schedules import cosine_schedule
 
 __all__ = [
     "TrainConfig",
@@ -98,12 +99,10 @@ __all__ = [
     "cleanup_distributed",
     "resolve_device",
     "resolve_precision",
-    "param_groups",
     "steps_per_epoch",
     "make_schedules",
     "seed_everything",
     "hardware",
-    "clip_grad_per_param_",
     "exported_backbone",
     "sync_batchnorm",
 ]
@@ -215,37 +214,6 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------------- optimizer and schedules
-def param_groups(method: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups: decayed weights, and undecayed biases / 1-D params / tokens.
-
-    The package's one rule (``schedules.decays``, which fine-tuning applies too): no decay for
-    names ending in ``bias``, parameters with one dimension (norms, LayerScale), names containing
-    ``pos_embed``, ``cls_token`` or ``mask_token``, and the names returned by ``no_weight_decay()``
-    of the method or of its backbone. Frozen parameters (``requires_grad=False``, e.g. an EMA
-    teacher) are left out. Each group lists its ``names``.
-    """
-    if not isinstance(method, nn.Module):
-        raise TypeError(f"method must be an nn.Module, got {type(method).__name__}")
-    skip: set[str] = set()
-    for module in (method, getattr(method, "backbone", None)):
-        if module is not None and callable(getattr(module, "no_weight_decay", None)):
-            skip |= set(module.no_weight_decay())
-    decay: tuple[list, list] = ([], [])
-    no_decay: tuple[list, list] = ([], [])
-    for name, p in method.named_parameters():
-        if not p.requires_grad:
-            continue
-        group = decay if decays(name, p, skip) else no_decay
-        group[0].append(name)
-        group[1].append(p)
-    if not decay[1] and not no_decay[1]:
-        raise ValueError("method has no trainable parameters (every requires_grad is False)")
-    return [
-        {"params": decay[1], "names": decay[0], "weight_decay": weight_decay, "apply_wd": True},
-        {"params": no_decay[1], "names": no_decay[0], "weight_decay": 0.0, "apply_wd": False},
-    ]
-
-
 def steps_per_epoch(num_samples: int, config: TrainConfig, world_size: int = 1) -> int:
     """Optimizer steps in one pass: each process gets num_samples // world_size, in full batches."""
     per_step = config.batch_size * config.accum_steps * world_size
@@ -278,22 +246,6 @@ def make_schedules(
     wd_end = config.weight_decay if config.weight_decay_end is None else config.weight_decay_end
     wd = cosine_schedule(config.weight_decay, wd_end, total_steps)
     return lr, wd
-
-
-def clip_grad_per_param_(params: Iterable[Tensor], max_norm: float) -> Tensor:
-    """Clip each parameter's gradient to L2 norm ``max_norm`` on its own (DINO's ``utils.clip_gradients``).
-
-    g <- g * min(1, max_norm / (||g|| + 1e-6)) for every parameter with a gradient, where
-    ``clip_grad_norm_`` scales all of them by one factor from their joint norm. Returns the joint
-    norm before clipping (a 0-dim tensor), what ``clip_grad_norm_`` returns too.
-    """
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    norms = torch.stack([torch.linalg.vector_norm(g.detach(), 2.0) for g in grads])  # (n,)
-    for g, norm in zip(grads, norms):
-        g.detach().mul_((max_norm / (norm + 1e-6)).clamp(max=1.0))  # a factor of exactly 1 leaves g as it is
-    return torch.linalg.vector_norm(norms, 2.0)
 
 
 # --------------------------------------------------------------------------- small helpers of the loop

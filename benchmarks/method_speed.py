@@ -30,9 +30,9 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from vitssl_core import data, vit
-from vitssl_core.__main__ import METHODS, DataInfo, _dino_local_size
 from vitssl_core.augment import MultiCrop, TwoViews, asymmetric_augment, dino_augment, simclr_augment
 from vitssl_core.optim import param_groups
+from vitssl_core.recipes import METHODS, DataInfo, dino_local_size
 
 PARTS = ("data", "views", "forward", "backward", "update")
 # --quick: a smoke test of every code path in seconds, not a measurement.
@@ -53,7 +53,7 @@ def _per_image_dataset(name: str, base, info: DataInfo, method):
         return TwoViews(base, simclr_augment(info.img_size, info.grayscale, **kw))
     if name == "mocov3":
         return TwoViews(base, *asymmetric_augment(info.img_size, info.grayscale, **kw))
-    local = _dino_local_size(info.img_size, method.backbone.patch_size)
+    local = dino_local_size(info.img_size, method.backbone.patch_size)
     return MultiCrop(base, *dino_augment(info.img_size, local, info.grayscale, **kw), n_local=method.n_local_crops)
 
 

@@ -28,7 +28,8 @@ from torch.utils.data import Subset
 from vitssl_core import vit_tiny_28
 from vitssl_core.data import FashionMNIST, normalize
 from vitssl_core.supervised import Supervised
-from vitssl_core.train import TrainConfig, resolve_precision, train
+from vitssl_core.runtime import resolve_precision
+from vitssl_core.train import TrainConfig, train
 
 
 def timed_step(method: Supervised, optimizer: torch.optim.Optimizer, batch, bf16: bool) -> float:

@@ -32,8 +32,7 @@ def subcommands() -> dict[str, argparse.ArgumentParser]:
     """The ``vitssl`` subcommands' parsers, by name, in the order ``vitssl --help`` lists them."""
     from vitssl_core.__main__ import build_parser
 
-    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return dict(action.choices)
+    return dict(build_parser().commands)
 
 
 def command_help(subcommand: str | None = None) -> str:

@@ -58,7 +58,8 @@ from vitssl_core.probes import class_balanced_subset, finetune, linear_probe
 from vitssl_core.mae import DECODER_NAMES
 from vitssl_core.pretrained import PRETRAINED, load_pretrained, tensor_digest
 from vitssl_core.recipes import dino_local_size
-from vitssl_core.train import CHECKPOINT_DIR, hardware
+from vitssl_core.runtime import hardware
+from vitssl_core.train import CHECKPOINT_DIR
 from vitssl_core.vit import ViT, architecture
 
 ROOT = Path(__file__).resolve().parents[1]

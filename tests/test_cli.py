@@ -1,5 +1,7 @@
 """Tests for the ``vitssl`` command line (vitssl_core/__main__.py)."""
 
+import argparse
+import dataclasses
 import json
 import os
 import re
@@ -16,6 +18,7 @@ from vitssl_core import ViT
 from vitssl_core import __main__ as cli
 from vitssl_core.checkpoint import latest_checkpoint, load_backbone, load_checkpoint, save_backbone
 from vitssl_core.pretrained import load_pretrained
+from vitssl_core.train import TrainConfig
 from vitssl_core.data import load_fashion_mnist_tensors
 from vitssl_core.features import extract_features, FEATURES, knn_accuracy
 from vitssl_core.probes import run_protocol
@@ -267,6 +270,67 @@ def test_example_configs_are_accepted(path, capsys):
     assert cli.main(["pretrain", "--config", str(path), "--print-config"]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)
     assert shown["method"] in cli.METHODS and shown["out"]
+
+
+@pytest.mark.parametrize(
+    "path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: str(p.relative_to(REPO / "configs"))
+)
+def test_every_shipped_config_reaches_train_config(path, tmp_path):
+    recipe = yaml.safe_load(path.read_text())
+    config = cli._train_config(cli.parse_args(["pretrain", "--config", str(path), "--out", str(tmp_path)]))
+    fields = {cli._train_dest(f): f.name for f in dataclasses.fields(TrainConfig)}
+    given = {key.replace("-", "_"): value for key, value in recipe.items() if key.replace("-", "_") in fields}
+    assert given  # every recipe sets some of the training options
+    for key, value in given.items():
+        if key != "out":  # --out on the command line beats the file
+            got = getattr(config, fields[key])
+            assert got == (tuple(value) if isinstance(value, list) else value), (key, got, value)
+    assert config.out_dir == str(tmp_path)
+
+
+def _another_value(action: argparse.Action, name: str, tmp_path: Path) -> tuple[list[str], object]:
+    """(command-line words after the option, the value TrainConfig should then hold): not the CLI's default."""
+    default = cli.PRETRAIN_DEFAULTS[action.dest]
+    if action.nargs == 0:  # --x / --no-x
+        return [], not default
+    if action.choices:
+        return [choice := next(c for c in action.choices if c != default)], choice
+    if action.nargs == 2:  # betas
+        return ["0.8", "0.95"], (0.8, 0.95)
+    if action.type in (cli._positive_int, cli._non_negative_int):
+        return ["7"], 7
+    if action.type is cli._float:
+        return ["0.25"], 0.25
+    text = "cpu" if name == "device" else str(tmp_path / "other")
+    return [text], text
+
+
+@pytest.mark.parametrize("field", dataclasses.fields(TrainConfig), ids=lambda f: f.name)
+def test_every_train_config_field_is_a_pretrain_option_that_reaches_it(field, tmp_path):
+    pretrain = cli.build_parser().commands["pretrain"]
+    by_flag = {flag: action for action in pretrain.options.values() for flag in action.option_strings}
+    flag = field.metadata.get("flag", "--" + field.name.replace("_", "-"))
+    assert flag in by_flag, f"TrainConfig.{field.name} has no option {flag} in 'vitssl pretrain'"
+    action = by_flag[flag]
+    assert action.help and action.dest in cli.PRETRAIN_DEFAULTS  # documented, with a default to fill in
+    words, value = _another_value(action, field.name, tmp_path)
+    if action.nargs == 0 and value is False:
+        flag = f"--no-{flag[2:]}"
+    argv = ["pretrain", "--method", "supervised", "--out", str(tmp_path / "run")]
+    if field.name not in ("epochs", "max_steps"):
+        argv += ["--epochs", "1"]
+    config = cli._train_config(cli.parse_args([*argv, flag, *words]))
+    assert getattr(config, field.name) == value
+    if field.name not in ("epochs", "max_steps", "out_dir"):  # the value came from the flag, not a default
+        assert getattr(cli._train_config(cli.parse_args(argv)), field.name) != value
+
+
+def test_the_training_options_keep_their_names_and_cli_defaults():
+    args = cli.parse_args(["pretrain", "--method", "supervised", "--steps", "3", "--out", "o", "--lr", "0.002"])
+    config = cli._train_config(args)
+    assert (config.max_steps, config.out_dir, config.blr) == (3, "o", 0.002)
+    assert (config.batch_size, config.min_lr, config.betas) == (128, 1e-6, (0.9, 0.999))  # not the library's 64, 0.0
+    assert args.betas == [0.9, 0.999]  # a list: --print-config writes YAML, which has no tuples
 
 
 # --------------------------------------------------------------------------- pretrain end to end

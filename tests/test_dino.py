@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Subset
 
 from helpers import model_args
 from vitssl_core import __main__ as cli
-from vitssl_core import data
+from vitssl_core import data, recipes
 from vitssl_core.augment import MultiCrop, dino_augment
 from vitssl_core.checkpoint import load_backbone, load_checkpoint
 from vitssl_core.dino import DINO, DINOHead
@@ -474,18 +474,18 @@ def test_trainer_clips_each_parameter_or_all_together(crops_data):
         assert together[name] == pytest.approx(norm * limit / joint, rel=1e-4), name
 
 
-# --------------------------------------------------------------------------- the CLI's DINO
+# --------------------------------------------------------------------------- the CLI's DINO (recipes.dino)
 def test_cli_dino_sizes_dinos_epoch_schedules_to_the_run():
-    long = cli._dino(tiny_vit(), epoch_steps=100, total_steps=10_000)  # 100 epochs: DINO's own lengths
+    long = recipes.dino(tiny_vit(), epoch_steps=100, total_steps=10_000)  # 100 epochs: DINO's own lengths
     assert long.teacher_temp_at(0) == pytest.approx(0.04)
     assert long.teacher_temp_at(1500) == pytest.approx(0.055) and long.teacher_temp_at(3000) == pytest.approx(0.07)
     assert long.freeze_last_layer_steps == 100 and long.last_layer_frozen
     assert long.base_momentum == 0.996
-    short = cli._dino(tiny_vit(), epoch_steps=100, total_steps=300)  # 3 epochs: half the run at most
+    short = recipes.dino(tiny_vit(), epoch_steps=100, total_steps=300)  # 3 epochs: half the run at most
     assert short.warmup_teacher_temp_steps == 150 and short.freeze_last_layer_steps == 100
-    tiny = cli._dino(tiny_vit(), epoch_steps=4, total_steps=1)
+    tiny = recipes.dino(tiny_vit(), epoch_steps=4, total_steps=1)
     assert tiny.teacher_temp_at(0) == pytest.approx(0.04) and tiny.freeze_last_layer_steps == 0
-    own = cli._dino(tiny_vit(), epoch_steps=100, total_steps=10_000, freeze_last_layer_steps=7)
+    own = recipes.dino(tiny_vit(), epoch_steps=100, total_steps=10_000, freeze_last_layer_steps=7)
     assert own.freeze_last_layer_steps == 7  # --method-arg still wins
 
 

@@ -27,7 +27,7 @@ from vitssl_core.checkpoint import latest_checkpoint
 from vitssl_core.contrastive import MoCoV3, SimCLR
 from vitssl_core.dino import DINO
 from vitssl_core.losses import info_nce
-from vitssl_core.train import DistInfo, setup_distributed, sync_batchnorm
+from vitssl_core.runtime import DistInfo, setup_distributed, sync_batchnorm
 from vitssl_core.vit import ViT
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ class PerRankBNSimCLR(SimCLR):
     With ``world`` ranks, DistributedSampler gives rank r the samples r, r + world, ... of the
     shuffled order, so a combined micro-batch ``x`` holds rank r's micro-batch at ``x[r::world]``.
     Each rank runs the projection head on its own samples: on CPUs BatchNorm stays per process
-    (``train.sync_batchnorm``), so its batch statistics are per rank, and only rank 0's running
+    (``runtime.sync_batchnorm``), so its batch statistics are per rank, and only rank 0's running
     statistics reach the checkpoint (DDP broadcasts rank 0's buffers). The loss is NT-Xent over the
     projections of every rank, which is what ``info_nce``'s gather computes on each rank, averaged.
     """
@@ -225,7 +225,7 @@ def tiny_vit():
     ids=["simclr", "mocov3", "dino"],
 )
 def test_sync_batchnorm_converts_the_heads_for_cuda_only(build):
-    # Conversion needs no GPU; running a SyncBatchNorm in a process group does (see train.sync_batchnorm).
+    # Conversion needs no GPU; running a SyncBatchNorm in a process group does (see runtime.sync_batchnorm).
     method = build()
     plain = batchnorms(method)
     assert plain and all(type(m) is torch.nn.BatchNorm1d for m in plain)

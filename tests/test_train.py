@@ -4,6 +4,7 @@ Tiny ViTs (28 px, patch 7, D=32, 2 blocks) on the first images of the real Fashi
 split; one torch thread, so runs are fast and bit-reproducible on a busy 2-core machine.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -18,12 +19,12 @@ from torch.utils.data import Subset
 from vitssl_core import ViT
 from vitssl_core.checkpoint import load_checkpoint
 from vitssl_core.data import FashionMNIST
+from vitssl_core.runtime import resolve_precision
 from vitssl_core.supervised import Supervised
 from vitssl_core.train import (
     TrainConfig,
     make_schedules,
     param_groups,
-    resolve_precision,
     steps_per_epoch,
     train,
 )
@@ -177,6 +178,50 @@ def test_config_rejects_bad_values():
             with pytest.raises(ValueError, match=f"{name}={bad} must be a finite number"):
                 TrainConfig(epochs=1, **{name: bad})
     assert TrainConfig(epochs=1, betas=[0.9, 0.95]).betas == (0.9, 0.95)  # a YAML list is fine
+
+
+# name: (whole numbers only, 0 allowed, None allowed): the rules TrainConfig's fields declare
+NUMBER_RULES = {
+    "epochs": (True, False, True),
+    "max_steps": (True, False, True),
+    "batch_size": (True, False, False),
+    "accum_steps": (True, False, False),
+    "log_every": (True, False, False),
+    "checkpoint_every": (True, False, True),
+    "warmup_steps": (True, True, True),
+    "seed": (True, True, False),
+    "num_workers": (True, True, False),
+    "blr": (False, False, False),
+    "min_lr": (False, True, False),
+    "warmup_epochs": (False, True, True),
+    "weight_decay": (False, True, False),
+    "weight_decay_end": (False, True, True),
+    "grad_clip": (False, False, True),
+}
+
+
+def test_every_number_field_has_a_rule_and_is_checked_by_it():
+    declared = {f.name: f.metadata["number"] for f in dataclasses.fields(TrainConfig) if "number" in f.metadata}
+    assert declared == NUMBER_RULES
+
+    def build(name, value):
+        kw = {name: value}
+        if name not in ("epochs", "max_steps"):
+            kw["epochs"] = 1
+        elif value is None:  # the other of the two gives the length
+            kw["max_steps" if name == "epochs" else "epochs"] = 1
+        return TrainConfig(**kw)
+
+    for name, (integer, zero, optional) in NUMBER_RULES.items():
+        assert getattr(build(name, 3), name) == 3
+        for value, allowed in ((0, zero), (None, optional), (2.5, not integer), (-1, False), (True, False)):
+            if allowed:
+                assert getattr(build(name, value), name) == value
+            else:
+                with pytest.raises(ValueError, match=f"^{name}={value!r} must be"):
+                    build(name, value)
+        with pytest.raises(ValueError, match=f"^{name}=inf must be"):
+            build(name, math.inf)
 
 
 def test_auto_precision_is_fp32_on_every_cpu(monkeypatch):

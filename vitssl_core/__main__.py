@@ -55,9 +55,6 @@ from .recipes import METHODS, PRESETS, DataInfo, MethodEntry  # noqa: F401 (Meth
 from .runtime import cleanup_distributed, resolve_device, resolve_precision, seed_everything, setup_distributed
 from .train import CHECKPOINT_DIR, TrainConfig, exported_backbone, steps_per_epoch, train
 
-# The methods' small-image recipes live in the library (recipes.py); these names stay here for older imports.
-_dino, _dino_local_size = recipes.dino, recipes.dino_local_size
-
 
 # --------------------------------------------------------------------------- argument parsing
 class _CliError(Exception):
@@ -70,12 +67,14 @@ class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line (no usage dump) and exceptions, not exits.
 
     ``option(container, *flags, **kw)`` adds an option to this parser or one of its groups and
-    keeps its Action in ``options`` (dest -> Action): argparse's own list of actions is private.
+    keeps its Action in ``options`` (dest -> Action); the top-level parser keeps its subcommands'
+    parsers in ``commands`` (name -> parser): argparse's own lists of both are private.
     """
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.options: dict[str, argparse.Action] = {}
+        self.commands: dict[str, _Parser] = {}
 
     def option(self, container: Any, *flags: str, **kwargs: Any) -> argparse.Action:
         action = container.add_argument(*flags, **kwargs)
@@ -136,31 +135,60 @@ def _float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
 
 
+def _train_flag(f: dataclasses.Field) -> str:
+    """The ``vitssl pretrain`` option of a TrainConfig field: its metadata's "flag", else --name-with-dashes."""
+    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+
+
+def _train_dest(f: dataclasses.Field) -> str:
+    """Where that option lands in the parsed arguments (and its --config key): ``--lr`` -> ``lr``."""
+    return _train_flag(f)[2:].replace("-", "_")
+
+
+def _train_default(f: dataclasses.Field) -> Any:
+    """The CLI's default for a TrainConfig field: its metadata's "cli_default", else the class's default."""
+    default = f.metadata.get("cli_default", f.default)
+    return list(default) if isinstance(default, tuple) else default  # --print-config's YAML has no tuples
+
+
+def _train_option(f: dataclasses.Field) -> dict[str, Any]:
+    """argparse's keywords for a TrainConfig field's option, from the field's metadata (see TrainConfig)."""
+    meta = f.metadata
+    kwargs: dict[str, Any] = {"help": meta.get("help", "").format(default=_train_default(f))}
+    if meta.get("switch"):
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif "choices" in meta:
+        kwargs["choices"] = meta["choices"]
+    elif "number" in meta:
+        integer, zero, _ = meta["number"]
+        kwargs["type"] = (_non_negative_int if zero else _positive_int) if integer else _float
+    elif "nargs" in meta:  # betas: the numbers are checked by TrainConfig
+        kwargs.update(type=_float, nargs=meta["nargs"])
+    if "metavar" in meta:
+        kwargs["metavar"] = meta["metavar"]
+    return kwargs
+
+
+def _rivals() -> dict[str, list[str]]:
+    """dest -> the dests of the options it excludes (``epochs`` -> [``steps``]): the fields' "exclusive"."""
+    groups: dict[str, list[str]] = {}
+    for f in dataclasses.fields(TrainConfig):
+        if "exclusive" in f.metadata:
+            groups.setdefault(f.metadata["exclusive"], []).append(_train_dest(f))
+    return {dest: [d for d in dests if d != dest] for dests in groups.values() for dest in dests}
+
+
+# The defaults of `vitssl pretrain`: its own options', then every TrainConfig field's (by option dest).
 PRETRAIN_DEFAULTS: dict[str, Any] = {
     "dataset": "fashion_mnist",
     "model": "vit_tiny_28",
-    "batch_size": 128,
-    "lr": 5e-4,
-    "min_lr": 1e-6,
-    "weight_decay": 0.05,
-    "betas": [0.9, 0.999],
-    "accum_steps": 1,
-    "precision": "auto",
-    "compile": False,
-    "seed": 0,
-    "num_workers": 0,
-    "device": "auto",
-    "resume": False,
-    "checkpoint_every": 1000,
-    "log_every": 10,
-    "progress": True,
     "model_args": [],
     "method_args": [],
-    "clip_mode": "global",
     "feature_validation": 5000,
     "knn_every": 0,
     "knn_val": 2000,
     "knn_train": 10000,
+    **{_train_dest(f): _train_default(f) for f in dataclasses.fields(TrainConfig)},
 }
 
 PRETRAIN_EPILOG = """\
@@ -214,13 +242,11 @@ exit status:
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``vitssl`` parser with its ``pretrain`` and ``evaluate`` subcommands."""
-    return _build_parsers()[0]
+def build_parser() -> _Parser:
+    """The ``vitssl`` parser; its ``commands`` maps each subcommand's name to that subcommand's parser.
 
-
-def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
-    """(the ``vitssl`` parser, its ``pretrain`` subparser)."""
+    ``vitssl pretrain`` offers one option per ``TrainConfig`` field, made from the field's metadata.
+    """
     parser = _Parser(
         prog="vitssl",
         description="Self-supervised Vision Transformers: pre-train, evaluate, plot and export.",
@@ -286,68 +312,19 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         metavar="KEY=VALUE",
         help="keyword for the method, e.g. label_smoothing=0.1 (repeatable)",
     )
-    how = p.add_argument_group("schedule and optimiser")
-    length = how.add_mutually_exclusive_group()
-    p.option(length, "--epochs", type=_positive_int, metavar="N", help="passes over the data")
-    p.option(length, "--steps", type=_positive_int, metavar="N", help="optimizer steps (instead of --epochs)")
-    p.option(
-        how,
-        "--batch-size",
-        type=_positive_int,
-        metavar="N",
-        help=f"images per step per process (default: {d['batch_size']})",
-    )
-    p.option(
-        how, "--lr", type=_float, metavar="BLR", help=f"base learning rate for a batch of 256 (default: {d['lr']})"
-    )
-    p.option(how, "--min-lr", type=_float, help=f"final learning rate of the cosine (default: {d['min_lr']})")
-    warm = how.add_mutually_exclusive_group()
-    p.option(warm, "--warmup-epochs", type=_float, help="linear warm-up length in epochs (default: none)")
-    p.option(warm, "--warmup-steps", type=_non_negative_int, help="linear warm-up length in steps")
-    p.option(how, "--weight-decay", type=_float, help=f"AdamW weight decay (default: {d['weight_decay']})")
-    p.option(how, "--weight-decay-end", type=_float, help="final weight decay of a cosine schedule (default: constant)")
-    p.option(how, "--betas", type=_float, nargs=2, metavar=("B1", "B2"), help="AdamW betas (default: 0.9 0.999)")
-    p.option(how, "--grad-clip", type=_float, metavar="NORM", help="clip the gradient norm (default: off)")
-    p.option(
-        how,
-        "--clip-mode",
-        choices=("global", "per_param"),
-        help="global: one factor from the joint "
-        "norm of all gradients; per_param: each parameter's gradient on its own, as DINO "
-        "(default: global)",
-    )
-    p.option(
-        how, "--accum-steps", type=_positive_int, metavar="N", help="micro-batches per optimizer step (default: 1)"
-    )
-    run = p.add_argument_group("how to run")
-    p.option(
-        run,
-        "--precision",
-        choices=("auto", "bf16", "fp32"),
-        help="bf16 autocast or fp32; auto: bf16 on a GPU with bf16, fp32 on CPUs, where bf16 slows "
-        "vit_mini_28 to 0.82x (benchmarks/precision_speed.py); bf16 forces it anywhere (default: auto)",
-    )
-    p.option(run, "--compile", action=argparse.BooleanOptionalAction, help="torch.compile the training step")
-    p.option(run, "--seed", type=_non_negative_int, metavar="N", help="seed of every RNG (default: 0)")
-    p.option(
-        run,
-        "--num-workers",
-        type=_non_negative_int,
-        metavar="N",
-        help="DataLoader worker processes; 0 makes a resumed run bit-identical (default: 0)",
-    )
-    p.option(run, "--device", help="auto, cpu, cuda or cuda:N (default: auto = the GPU if there is one)")
-    p.option(
-        run,
-        "--out",
-        metavar="DIR",
-        help="folder for checkpoints, history.jsonl and the backbone (required); one run at a time: "
-        "a second run on a folder in use is refused",
-    )
-    p.option(run, "--resume", action=argparse.BooleanOptionalAction, help="continue the checkpoint in --out")
-    p.option(run, "--checkpoint-every", type=_positive_int, metavar="STEPS", help="default: 1000 (and at the end)")
-    p.option(run, "--log-every", type=_positive_int, metavar="STEPS", help="history row every STEPS (default: 10)")
-    p.option(run, "--progress", action=argparse.BooleanOptionalAction, help="progress bar (default: on)")
+    sections: dict[str, Any] = {}  # one option per TrainConfig field, in the --help section its metadata names
+    exclusive: dict[str, Any] = {}
+    for f in dataclasses.fields(TrainConfig):
+        group = f.metadata.get("group", "how to run")
+        if group not in sections:
+            sections[group] = p.add_argument_group(group)
+        container = sections[group]
+        if "exclusive" in f.metadata:  # --epochs | --steps, --warmup-steps | --warmup-epochs
+            if f.metadata["exclusive"] not in exclusive:
+                exclusive[f.metadata["exclusive"]] = container.add_mutually_exclusive_group()
+            container = exclusive[f.metadata["exclusive"]]
+        p.option(container, _train_flag(f), **_train_option(f))
+    run = sections["how to run"]
     p.option(
         run,
         "--feature-validation",
@@ -470,7 +447,8 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     pl.add_argument("runs", nargs="+", metavar="RUN", help="pretrain --out folders or history.jsonl files")
     pl.add_argument("--out", required=True, metavar="FILE.png", help="where to save the figure (.png, .pdf or .svg)")
     pl.add_argument("--title", help="the figure's title (default: 'Training curves from history.jsonl')")
-    return parser, p
+    parser.commands.update(pretrain=p, evaluate=e, show=s, export=x, plot=pl)
+    return parser
 
 
 def _config_argv(path: str, sub: _Parser, given: argparse.Namespace) -> list[str]:
@@ -484,15 +462,14 @@ def _config_argv(path: str, sub: _Parser, given: argparse.Namespace) -> list[str
     if not isinstance(loaded, dict):
         raise _CliError(f"--config {path}: expected a mapping of option names to values, got {type(loaded).__name__}")
     actions = {dest: a for dest, a in sub.options.items() if dest != "config"}
-    exclusive = {"epochs": "steps", "steps": "epochs", "warmup_epochs": "warmup_steps", "warmup_steps": "warmup_epochs"}
+    rivals = _rivals()
     argv: list[str] = []
     for raw_key, value in loaded.items():
         key = str(raw_key).replace("-", "_")
         if key not in actions:
             raise _CliError(f"--config {path}: unknown key {raw_key!r}; allowed: {', '.join(sorted(actions))}")
         action, flag = actions[key], actions[key].option_strings[0]
-        rival = exclusive.get(key)
-        if value is None or (rival is not None and getattr(given, rival) is not None):
+        if value is None or any(getattr(given, rival) is not None for rival in rivals.get(key, ())):
             continue  # null means "the default"; a flag on the command line beats its rival in the file
         if action.nargs == 0:  # a switch: --resume / --no-resume, --print-config
             if not isinstance(value, bool):
@@ -516,12 +493,12 @@ def _config_argv(path: str, sub: _Parser, given: argparse.Namespace) -> list[str
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse ``vitssl`` arguments, merging ``--config FILE`` under the command line; defaults filled in."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser, pretrain = _build_parsers()
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command != "pretrain":
         return args
     if args.config is not None:
-        file_argv = _config_argv(args.config, pretrain, args)
+        file_argv = _config_argv(args.config, parser.commands["pretrain"], args)
         at = argv.index("pretrain") + 1
         try:
             parser.parse_args(argv[:at] + file_argv)  # the file alone: its errors name the file
@@ -548,32 +525,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of parsed ``pretrain`` arguments: each field from its option (``--lr`` -> ``blr``)."""
     try:
-        return TrainConfig(
-            epochs=args.epochs,
-            max_steps=args.steps,
-            batch_size=args.batch_size,
-            blr=args.lr,
-            min_lr=args.min_lr,
-            warmup_steps=args.warmup_steps,
-            warmup_epochs=args.warmup_epochs,
-            weight_decay=args.weight_decay,
-            weight_decay_end=args.weight_decay_end,
-            betas=tuple(args.betas),
-            grad_clip=args.grad_clip,
-            clip_mode=args.clip_mode,
-            accum_steps=args.accum_steps,
-            precision=args.precision,
-            compile=args.compile,
-            seed=args.seed,
-            num_workers=args.num_workers,
-            out_dir=args.out,
-            checkpoint_every=args.checkpoint_every,
-            log_every=args.log_every,
-            progress=args.progress,
-            resume=args.resume,
-            device=args.device,
-        )
+        return TrainConfig(**{f.name: getattr(args, _train_dest(f)) for f in dataclasses.fields(TrainConfig)})
     except ValueError as err:
         raise _CliError(str(err)) from None
 

@@ -196,7 +196,7 @@ class MoCoV3(nn.Module):
       of the next iteration with m((t + 1) / T), so our m lags by one step, a difference of at
       most (1 - momentum) pi / (2T) (cosmetic).
     - SyncBatchNorm: ``train()`` converts the BatchNorms under DDP on GPUs only; on CPUs (gloo)
-      torch cannot sync them and each process normalises its own batch (``train.sync_batchnorm``).
+      torch cannot sync them and each process normalises its own batch (``runtime.sync_batchnorm``).
     - The recipe lives in ``configs/results/mocov3.yaml``: MoCo v3's weight decay 0.1, no
       gradient clipping, a warm-up of 13 % of the run; the heads (``hidden_dim``), batch, epochs
       and learning rate are sized for Fashion-MNIST on a CPU.

@@ -74,12 +74,9 @@ from .checkpoint import (
     set_rng_state,
 )
 from .distributed import all_reduce_sum, is_distributed
-
-# The runtime helpers lived here before runtime.py; they stay importable from vitssl_core.train.
+from .optim import clip_grad_per_param_, param_groups
 from .runtime import (
     PRECISIONS,
-    DistInfo,
-    cleanup_distributed,
     hardware,
     resolve_device,
     resolve_precision,
@@ -88,23 +85,14 @@ from .runtime import (
     sync_batchnorm,
     to_device,
 )
-from .optim import clip_grad_per_param_, param_groups
 from .schedules import cosine_schedule
 
 __all__ = [
     "TrainConfig",
-    "DistInfo",
     "train",
-    "setup_distributed",
-    "cleanup_distributed",
-    "resolve_device",
-    "resolve_precision",
     "steps_per_epoch",
     "make_schedules",
-    "seed_everything",
-    "hardware",
     "exported_backbone",
-    "sync_batchnorm",
 ]
 
 CLIP_MODES = ("global", "per_param")
@@ -114,6 +102,27 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 # --------------------------------------------------------------------------- configuration
+_SCHEDULE, _RUN = "schedule and optimiser", "how to run"  # TrainConfig's two sections of `vitssl pretrain --help`
+
+
+def _field(default: Any, help: str, **metadata: Any) -> Any:
+    """A TrainConfig field with its default, its check and its CLI option (see the comment in TrainConfig)."""
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+def _check_number(name: str, value: Any, integer: bool, zero: bool, optional: bool) -> None:
+    """Refuse a value that is not a finite number (an int if ``integer``) > 0 (>= 0 if ``zero``), or None if ``optional``."""
+    if value is None and optional:
+        return
+    kinds = int if integer else (int, float)
+    bad = isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value)
+    if bad or not (value >= 0 if zero else value > 0):  # inf passes "> 0": one step at lr=inf
+        raise ValueError(
+            f"{name}={value!r} must be {'an int' if integer else 'a finite number'} "
+            f"{'>=' if zero else '>'} 0{' or None' if optional else ''}"
+        )
+
+
 @dataclass
 class TrainConfig:
     """Everything the loop needs; a run is given by exactly one of ``epochs`` or ``max_steps``.
@@ -129,29 +138,128 @@ class TrainConfig:
     parameter's gradient on its own (DINO, ``clip_grad_per_param_``).
     """
 
-    epochs: int | None = None
-    max_steps: int | None = None
-    batch_size: int = 64
-    blr: float = 5e-4
-    min_lr: float = 0.0
-    warmup_steps: int | None = None
-    warmup_epochs: float | None = None
-    weight_decay: float = 0.05
-    weight_decay_end: float | None = None
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float | None = None
-    clip_mode: str = "global"
-    accum_steps: int = 1
-    precision: str = "auto"
-    compile: bool = False
-    seed: int = 0
-    num_workers: int = 0
-    out_dir: str | None = None
-    checkpoint_every: int | None = 1000
-    log_every: int = 10
-    progress: bool = True
-    resume: bool = False
-    device: str = "auto"
+    # Each field's metadata holds its check and how ``vitssl pretrain`` offers it (the CLI builds
+    # one option per field from it):
+    #   number    (whole numbers only, 0 allowed, None allowed); every number must be finite
+    #   choices   the strings allowed;  switch: a bool (--name / --no-name on the command line)
+    #   help      the option's help; "{default}" in it becomes the CLI's default
+    #   group     the --help section;  exclusive: the options of one name exclude each other
+    #   flag      the option when it is not --name-with-dashes (its dest is a --config key)
+    #   cli_default   the CLI's default where it differs from this class's
+    #   metavar, nargs   as argparse's
+    epochs: int | None = _field(
+        None, "passes over the data", number=(True, False, True), group=_SCHEDULE, exclusive="length", metavar="N"
+    )
+    max_steps: int | None = _field(
+        None,
+        "optimizer steps (instead of --epochs)",
+        number=(True, False, True),
+        group=_SCHEDULE,
+        exclusive="length",
+        flag="--steps",
+        metavar="N",
+    )
+    batch_size: int = _field(
+        64,
+        "images per step per process (default: {default})",
+        number=(True, False, False),
+        group=_SCHEDULE,
+        cli_default=128,
+        metavar="N",
+    )
+    blr: float = _field(
+        5e-4,
+        "base learning rate for a batch of 256 (default: {default})",
+        number=(False, False, False),
+        group=_SCHEDULE,
+        flag="--lr",
+        metavar="BLR",
+    )
+    min_lr: float = _field(
+        0.0,
+        "final learning rate of the cosine (default: {default})",
+        number=(False, True, False),
+        group=_SCHEDULE,
+        cli_default=1e-6,
+    )
+    warmup_steps: int | None = _field(
+        None, "linear warm-up length in steps", number=(True, True, True), group=_SCHEDULE, exclusive="warm-up"
+    )
+    warmup_epochs: float | None = _field(
+        None,
+        "linear warm-up length in epochs (default: none)",
+        number=(False, True, True),
+        group=_SCHEDULE,
+        exclusive="warm-up",
+    )
+    weight_decay: float = _field(
+        0.05, "AdamW weight decay (default: {default})", number=(False, True, False), group=_SCHEDULE
+    )
+    weight_decay_end: float | None = _field(
+        None,
+        "final weight decay of a cosine schedule (default: constant)",
+        number=(False, True, True),
+        group=_SCHEDULE,
+    )
+    betas: tuple[float, float] = _field(
+        (0.9, 0.999), "AdamW betas (default: 0.9 0.999)", group=_SCHEDULE, nargs=2, metavar=("B1", "B2")
+    )  # checked in __post_init__: two numbers in [0, 1)
+    grad_clip: float | None = _field(
+        None, "clip the gradient norm (default: off)", number=(False, False, True), group=_SCHEDULE, metavar="NORM"
+    )
+    clip_mode: str = _field(
+        "global",
+        "global: one factor from the joint norm of all gradients; per_param: each parameter's gradient "
+        "on its own, as DINO (default: {default})",
+        choices=CLIP_MODES,
+        group=_SCHEDULE,
+    )
+    accum_steps: int = _field(
+        1,
+        "micro-batches per optimizer step (default: {default})",
+        number=(True, False, False),
+        group=_SCHEDULE,
+        metavar="N",
+    )
+    precision: str = _field(
+        "auto",
+        "bf16 autocast or fp32; auto: bf16 on a GPU with bf16, fp32 on CPUs, where bf16 slows "
+        "vit_mini_28 to 0.82x (benchmarks/precision_speed.py); bf16 forces it anywhere (default: {default})",
+        choices=PRECISIONS,
+        group=_RUN,
+    )
+    compile: bool = _field(False, "torch.compile the training step", switch=True, group=_RUN)
+    seed: int = _field(0, "seed of every RNG (default: {default})", number=(True, True, False), group=_RUN, metavar="N")
+    num_workers: int = _field(
+        0,
+        "DataLoader worker processes; 0 makes a resumed run bit-identical (default: {default})",
+        number=(True, True, False),
+        group=_RUN,
+        metavar="N",
+    )
+    out_dir: str | None = _field(
+        None,
+        "folder for checkpoints, history.jsonl and the backbone (required); one run at a time: "
+        "a second run on a folder in use is refused",
+        group=_RUN,
+        flag="--out",
+        metavar="DIR",
+    )  # checked in __post_init__: a path or None
+    checkpoint_every: int | None = _field(
+        1000, "default: {default} (and at the end)", number=(True, False, True), group=_RUN, metavar="STEPS"
+    )
+    log_every: int = _field(
+        10,
+        "history row every STEPS (default: {default})",
+        number=(True, False, False),
+        group=_RUN,
+        metavar="STEPS",
+    )
+    progress: bool = _field(True, "progress bar (default: on)", switch=True, group=_RUN)
+    resume: bool = _field(False, "continue the checkpoint in --out", switch=True, group=_RUN)
+    device: str = _field(
+        "auto", "auto, cpu, cuda or cuda:N (default: auto = the GPU if there is one)", group=_RUN
+    )  # checked in __post_init__ by runtime.resolve_device
 
     def __post_init__(self) -> None:
         if (self.epochs is None) == (self.max_steps is None):
@@ -160,46 +268,18 @@ class TrainConfig:
             raise ValueError(
                 f"give at most one of warmup_steps={self.warmup_steps!r} and warmup_epochs={self.warmup_epochs!r}"
             )
-        # name: (whole numbers only, 0 allowed, None allowed)
-        rules = {
-            "epochs": (True, False, True),
-            "max_steps": (True, False, True),
-            "batch_size": (True, False, False),
-            "accum_steps": (True, False, False),
-            "log_every": (True, False, False),
-            "checkpoint_every": (True, False, True),
-            "warmup_steps": (True, True, True),
-            "seed": (True, True, False),
-            "num_workers": (True, True, False),
-            "blr": (False, False, False),
-            "min_lr": (False, True, False),
-            "warmup_epochs": (False, True, True),
-            "weight_decay": (False, True, False),
-            "weight_decay_end": (False, True, True),
-            "grad_clip": (False, False, True),
-        }
-        for name, (integer, zero, optional) in rules.items():
-            value = getattr(self, name)
-            if value is None and optional:
-                continue
-            kinds = int if integer else (int, float)
-            bad = isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value)
-            if bad or not (value >= 0 if zero else value > 0):  # inf passes "> 0": one step at lr=inf
-                raise ValueError(
-                    f"{name}={value!r} must be {'an int' if integer else 'a finite number'} "
-                    f"{'>=' if zero else '>'} 0{' or None' if optional else ''}"
-                )
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if "number" in f.metadata:
+                _check_number(f.name, value, *f.metadata["number"])
+            elif "choices" in f.metadata and value not in f.metadata["choices"]:
+                raise ValueError(f"{f.name}={value!r} is not one of {f.metadata['choices']}")
+            elif f.metadata.get("switch") and not isinstance(value, bool):
+                raise ValueError(f"{f.name}={value!r} must be a bool")
         betas = tuple(self.betas) if isinstance(self.betas, (list, tuple)) else None
         if betas is None or len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas={self.betas!r} must be two numbers in [0, 1), e.g. (0.9, 0.999)")
         self.betas = (float(betas[0]), float(betas[1]))
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision={self.precision!r} is not one of {PRECISIONS}")
-        if self.clip_mode not in CLIP_MODES:
-            raise ValueError(f"clip_mode={self.clip_mode!r} is not one of {CLIP_MODES}")
-        for name in ("compile", "progress", "resume"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
         if self.out_dir is not None and not isinstance(self.out_dir, (str, os.PathLike)):
             raise ValueError(f"out_dir={self.out_dir!r} must be a path or None")
         if self.out_dir is not None:

@@ -33,8 +33,10 @@ __all__ = [
     "vit_base",
     "vit_tiny_28",
     "vit_small_28",
+    "vit_mini_28",
     "vit_tiny_32",
     "vit_small_32",
+    "architecture",
     "sincos_pos_embed_2d",
     "resample_pos_embed",
 ]

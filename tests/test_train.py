@@ -19,15 +19,10 @@ from torch.utils.data import Subset
 from vitssl_core import ViT
 from vitssl_core.checkpoint import load_checkpoint
 from vitssl_core.data import FashionMNIST
+from vitssl_core.optim import param_groups
 from vitssl_core.runtime import resolve_precision
 from vitssl_core.supervised import Supervised
-from vitssl_core.train import (
-    TrainConfig,
-    make_schedules,
-    param_groups,
-    steps_per_epoch,
-    train,
-)
+from vitssl_core.train import TrainConfig, make_schedules, steps_per_epoch, train
 
 
 @pytest.fixture(scope="module")

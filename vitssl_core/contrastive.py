@@ -49,8 +49,7 @@ def mlp_head(
     removed its gamma). (B, in_dim) -> (B, out_dim).
     """
     for name, v in (("num_layers", num_layers), ("in_dim", in_dim), ("hidden_dim", hidden_dim), ("out_dim", out_dim)):
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ValueError(f"{name}={v!r} must be a positive int")
+        validate.positive_int(name, v)
     layers: list[nn.Module] = []
     for i in range(num_layers):
         d_in = in_dim if i == 0 else hidden_dim

@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import batched_nms, generalized_box_iou_loss, sigmoid_focal_loss
 
-from . import optim
+from . import optim, validate
 from .scenes import collate_detection
 from .runtime import autocast, to_device
 from .schedules import cosine_schedule
@@ -195,8 +195,7 @@ class SegmentationHead(_BackboneHead):
         super().__init__(backbone, num_classes, freeze_backbone, n_layers)
         if decoder not in _DECODERS:
             raise ValueError(f"decoder={decoder!r} is not one of {_DECODERS}")
-        if isinstance(hidden_dim, bool) or not isinstance(hidden_dim, int) or hidden_dim < 1:
-            raise ValueError(f"hidden_dim={hidden_dim!r} must be a positive int")
+        validate.positive_int("hidden_dim", hidden_dim)
         self.decoder_type = decoder
         D = self.feature_dim
         if decoder == "linear":
@@ -299,8 +298,7 @@ def mean_iou(
     and target has no IoU (NaN) and is left out of the mean; ``ignore_background`` leaves class 0
     out of the mean too (its IoU is still reported).
     """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes={num_classes!r} must be a positive int")
+    validate.positive_int("num_classes", num_classes)
     cm = confusion_matrix(pred, target, num_classes, ignore_index).cpu().double()  # float64 on the CPU: MPS has none
     return _iou_from_confusion(cm, ignore_background)
 
@@ -408,8 +406,7 @@ class DetectionHead(_BackboneHead):
         focal_gamma: float = 2.0,
     ) -> None:
         super().__init__(backbone, num_classes, freeze_backbone, n_layers)
-        if isinstance(hidden_dim, bool) or not isinstance(hidden_dim, int) or hidden_dim < 1:
-            raise ValueError(f"hidden_dim={hidden_dim!r} must be a positive int")
+        validate.positive_int("hidden_dim", hidden_dim)
         if isinstance(num_convs, bool) or not isinstance(num_convs, int) or num_convs < 0:
             raise ValueError(f"num_convs={num_convs!r} must be an int >= 0")
         if not 0.0 < prior_prob < 1.0:
@@ -529,8 +526,7 @@ class DetectionHead(_BackboneHead):
             raise ValueError(f"score_thresh={score_thresh!r} must be in [0, 1]")
         if not 0.0 <= nms_iou <= 1.0:
             raise ValueError(f"nms_iou={nms_iou!r} must be in [0, 1]")
-        if isinstance(max_det, bool) or not isinstance(max_det, int) or max_det < 1:
-            raise ValueError(f"max_det={max_det!r} must be a positive int")
+        validate.positive_int("max_det", max_det)
         return self.postprocess(self(images), score_thresh, nms_iou, max_det)
 
 
@@ -625,8 +621,7 @@ def train_dense(
     """
     _head_for(head, task)
     for name, v in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name}={v!r} must be a positive int")
+        validate.positive_int(name, v)
     if not lr > 0:
         raise ValueError(f"lr={lr!r} must be > 0")
     _check_dataset_size(head, dataset)
@@ -663,8 +658,7 @@ def train_dense(
 
 
 def _eval_loader(dataset: Dataset, batch_size: int) -> DataLoader:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive int")
+    validate.positive_int("batch_size", batch_size)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_detection)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from . import validate
 from .masking import patchify, random_masking, unpatchify
 from .vit import Block, ViT, sincos_pos_embed_2d
 
@@ -106,8 +107,7 @@ class MAE(nn.Module):
             ("decoder_depth", decoder_depth),
             ("decoder_num_heads", decoder_num_heads),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name}={value!r} must be a positive int")
+            validate.positive_int(name, value)
         if decoder_embed_dim % decoder_num_heads:
             raise ValueError(
                 f"decoder_embed_dim={decoder_embed_dim} is not divisible by decoder_num_heads={decoder_num_heads}"

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import validate
 from .masking import block_masking, default_min_block, patchify, unit_masking, unpatchify
 from .vit import ViT
 
@@ -175,8 +176,7 @@ class PatchTokenizer(nn.Module):
     def __init__(self, patch_size: int, vocab_size: int, in_chans: int = 1, normalize: str = "patch"):
         super().__init__()
         for name, value in (("patch_size", patch_size), ("vocab_size", vocab_size), ("in_chans", in_chans)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name}={value!r} must be a positive int")
+            validate.positive_int(name, value)
         if normalize not in _NORMALIZE:
             raise ValueError(f"normalize={normalize!r} is not one of {_NORMALIZE}")
         self.patch_size, self.vocab_size, self.in_chans, self.normalize = patch_size, vocab_size, in_chans, normalize
@@ -245,8 +245,7 @@ class PatchTokenizer(nn.Module):
             raise ValueError(f"init={init!r} must be 'kmeans++' or 'random'")
         if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
             raise ValueError(f"iters={iters!r} must be an int >= 0")
-        if isinstance(max_patches, bool) or not isinstance(max_patches, int) or max_patches <= 0:
-            raise ValueError(f"max_patches={max_patches!r} must be a positive int")
+        validate.positive_int("max_patches", max_patches)
         if not isinstance(images, Tensor) or images.ndim != 4:
             shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
             raise ValueError(f"images must be an (N, C, H, W) tensor, got {shape}")

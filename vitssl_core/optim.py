@@ -21,6 +21,8 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from . import validate
+
 __all__ = [
     "NO_DECAY_NAMES",
     "decays",
@@ -182,8 +184,7 @@ def fit(
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs <= 0:
-        raise ValueError(f"epochs={epochs!r} must be a positive int")
+    validate.positive_int("epochs", epochs)
     if not callable(batches) or not callable(loss_of):
         raise TypeError("batches and loss_of must be callables: batches() -> batches, loss_of(batch) -> (loss, n)")
     history: list[list[tuple[float, int]]] = []

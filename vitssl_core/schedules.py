@@ -13,6 +13,8 @@ import math
 import torch
 from torch import Tensor
 
+from . import validate
+
 __all__ = ["cosine_schedule", "cosine_momentum"]
 
 
@@ -44,8 +46,7 @@ def cosine_momentum(base: float, step: int, max_steps: int) -> float:
 
     base at t = 0, 1.0 at t = T (BYOL, MoCo v3, DINO).
     """
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps <= 0:
-        raise ValueError(f"max_steps={max_steps!r} must be a positive int")
+    validate.positive_int("max_steps", max_steps)
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= max_steps:
         raise ValueError(f"step={step!r} must be an int in [0, max_steps={max_steps}]")
     return 1.0 - (1.0 - base) * (math.cos(math.pi * step / max_steps) + 1.0) / 2.0

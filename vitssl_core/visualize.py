@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from . import validate
 from .checkpoint import load_backbone
 from .interpret import attention_maps
 from .mae import DECODER_NAMES, MAE
@@ -162,8 +163,7 @@ def patch_distances(grid_size: int | tuple[int, int], patch_size: int) -> Tensor
     """(L, L) pixel distances between patch centres on a gh x gw grid of P-pixel patches."""
     gh, gw = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
     for name, v in (("grid height", gh), ("grid width", gw), ("patch_size", patch_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ValueError(f"{name}={v!r} must be a positive int")
+        validate.positive_int(name, v)
     rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
     centres = torch.stack([rows, cols], -1).reshape(-1, 2).double() * patch_size  # (L, 2) px
     return torch.cdist(centres, centres).float()
@@ -206,8 +206,7 @@ def layer_attention_distance(
     """Mean attention distance (depth, h) in pixels over ``images``; average over heads for one per layer."""
     if not isinstance(backbone, ViT):
         raise TypeError(f"backbone must be a vitssl_core.ViT, got {type(backbone).__name__}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive int")
+    validate.positive_int("batch_size", batch_size)
     x_all = _as_float(images, normalize)
     if len(x_all) == 0:
         raise ValueError("images is empty; attention distance is undefined")

@@ -20,7 +20,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from vitssl_core.checkpoint import load_checkpoint
-from vitssl_core.mae import DECODER_NAMES
+from vitssl_core.mae import decoder_state_dict
 
 FILES = ("backbone.safetensors", "backbone.json", "history.jsonl", "run.json", "config.json", "train.log", "capped.txt")
 LIMIT = 16 * 1024 * 1024  # what one file may weigh on the way back
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{run} has no {need}: the run has not finished")
     if json.loads((run / "backbone.json").read_text()).get("method") == "mae":
         weights, _ = load_checkpoint(run / "checkpoints")
-        decoder = {k: v.contiguous() for k, v in weights.items() if k.split(".", 1)[0] in DECODER_NAMES}
+        decoder = {k: v.contiguous() for k, v in decoder_state_dict(weights).items()}
         save_file(decoder, str(run / "decoder.safetensors"))
     tmp = args.out.with_name(args.out.name + ".tmp")
     with tarfile.open(tmp, "w:gz") as tar:

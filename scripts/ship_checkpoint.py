@@ -55,7 +55,7 @@ from vitssl_core.data import NORMALIZE, load_fashion_mnist_tensors
 from vitssl_core.features import choose_feature_from, extract_features, feature_view, knn_classify, pixel_features
 from vitssl_core.paired import correct_to_hex
 from vitssl_core.probes import class_balanced_subset, finetune, linear_probe
-from vitssl_core.mae import DECODER_NAMES
+from vitssl_core.mae import decoder_state_dict
 from vitssl_core.pretrained import PRETRAINED, load_pretrained, tensor_digest
 from vitssl_core.recipes import dino_local_size
 from vitssl_core.runtime import hardware
@@ -206,7 +206,7 @@ def _ship_decoder(run: Path, out: Path, name: str) -> dict | None:
         if latest is None:
             return None
         weights, _ = load_checkpoint(latest)
-        decoder = {k: v for k, v in weights.items() if k.split(".", 1)[0] in DECODER_NAMES}
+        decoder = decoder_state_dict(weights)
     path = out / f"{name}_decoder.safetensors"
     save_file({k: v.to(torch.float16).contiguous() for k, v in decoder.items()}, str(path))
     return {

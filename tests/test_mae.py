@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vitssl_core.data import NORMALIZE, load_fashion_mnist_tensors
-from vitssl_core.mae import MAE
+from vitssl_core.mae import MAE, decoder_state_dict, is_decoder_key
 from vitssl_core.vit import ViT, sincos_pos_embed_2d
 
 
@@ -98,6 +98,16 @@ def test_official_checkpoint_loads_strict_and_backbone_has_timm_keys():
     assert torch.equal(mae.backbone.cls_token, official["cls_token"])
     assert torch.equal(mae.decoder_blocks[0].mlp.fc2.bias, official["decoder_blocks.0.mlp.fc2.bias"])
     assert torch.equal(mae.mask_token, official["mask_token"])
+
+    # the decoder's keys, by the package's one rule, are the official ones the encoder does not hold
+    decoder = decoder_state_dict(ours)
+    assert set(decoder) == set(expected) - {k for k in expected if k in mae.backbone.state_dict()}
+    assert list(decoder) == [k for k in ours if k.startswith(("decoder_", "mask_token"))]  # in order
+    assert is_decoder_key("decoder_blocks.0.norm1.weight") and not is_decoder_key("blocks.0.norm1.weight")
+    with pytest.raises(TypeError, match="key must be a str"):
+        is_decoder_key(3)
+    with pytest.raises(TypeError, match="state must be a dict"):
+        decoder_state_dict([("mask_token", 1)])
 
     # the backbone exports plain timm keys, which timm's own ViT loads strictly
     timm_vit = pytest.importorskip("timm").models.vision_transformer.VisionTransformer(

@@ -261,6 +261,12 @@ def cifar10(
 
 # PIL modes read as numbers rather than 8-bit colours: 16-bit integers, 32-bit integers, 32-bit floats.
 _WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+# What PIL raises for a file it cannot decode: truncated, not an image, a header that lies, too big.
+_UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def _unreadable(path, err: Exception) -> ValueError:
+    return ValueError(f"{path} is not a readable image ({type(err).__name__}: {err}); remove or replace the file")
 
 
 def read_image(path: str | os.PathLike) -> Image.Image | torch.Tensor:
@@ -279,10 +285,8 @@ def read_image(path: str | os.PathLike) -> Image.Image | torch.Tensor:
                 return img.convert("RGB")
             pixels = np.asarray(img, dtype=np.float64)  # (H, W)
             mode = img.mode
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(
-            f"{path} is not a readable image ({type(err).__name__}: {err}); remove or replace the file"
-        ) from None
+    except _UNREADABLE as err:
+        raise _unreadable(path, err) from None
     if not np.isfinite(pixels).all():
         raise ValueError(f"{path} holds non-finite pixels (NaN or inf); remove or repair the file")
     if mode != "F":
@@ -335,10 +339,8 @@ def image_folder(
             with Image.open(path) as img:
                 wide = img.mode in _WIDE_MODES
                 img.verify()
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-            raise ValueError(
-                f"{path} is not a readable image ({type(err).__name__}: {err}); remove or replace the file"
-            ) from None
+        except _UNREADABLE as err:
+            raise _unreadable(path, err) from None
         if wide:  # NaN or out-of-range values show only in the decoded pixels
             read_image(path)
     return folder

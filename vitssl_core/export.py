@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .mae import DECODER_NAMES, MAE
+from .mae import MAE, decoder_state_dict
 from .vit import ViT, architecture
 
 __all__ = ["FORMATS", "hf_config", "hf_state_dict", "save_hf", "save_timm", "timm_config"]
@@ -129,7 +129,7 @@ def _mae_config(mae: MAE) -> dict[str, Any]:
 
 def _mae_state_dict(mae: MAE) -> dict[str, Tensor]:
     """``ViTMAEForPreTraining``'s (v4) names: the encoder under ``vit.``, the decoder under ``decoder.``."""
-    s = {k: v.detach().float().cpu() for k, v in mae.state_dict().items() if k.split(".", 1)[0] in DECODER_NAMES}
+    s = {k: v.detach().float().cpu() for k, v in decoder_state_dict(mae.state_dict()).items()}
     out = {
         "decoder.mask_token": s["mask_token"],  # (1, 1, Dd)
         "decoder.decoder_pos_embed": s["decoder_pos_embed"],  # (1, 1+L, Dd), fixed sin-cos

@@ -27,7 +27,7 @@ from . import validate
 from .masking import patchify, random_masking, unpatchify
 from .vit import Block, ViT, sincos_pos_embed_2d
 
-__all__ = ["MAE"]
+__all__ = ["MAE", "is_decoder_key", "decoder_state_dict"]
 
 _BACKBONE = "backbone."
 # MAE's own top-level names; every other key belongs to the encoder.
@@ -56,11 +56,25 @@ def _strip_backbone_prefix(module: nn.Module, state_dict: dict, prefix: str, loc
         state_dict[key] = value
 
 
+def is_decoder_key(key: str) -> bool:
+    """Whether a key of MAE's state dict belongs to the decoder (its mask token included), not the encoder."""
+    if not isinstance(key, str):
+        raise TypeError(f"key must be a str (a state-dict key), got {type(key).__name__}")
+    return key.split(".", 1)[0] in DECODER_NAMES
+
+
+def decoder_state_dict(state: dict) -> dict:
+    """The decoder's entries of an MAE state dict (``mask_token``, ``decoder_*``), in their order."""
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict of tensors (a state dict), got {type(state).__name__}")
+    return {k: v for k, v in state.items() if is_decoder_key(k)}
+
+
 def _add_backbone_prefix(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
     """load_state_dict pre-hook: the inverse renaming; keys already under ``backbone.`` are left alone."""
     for key in [k for k in state_dict if k.startswith(prefix)]:
         name = key[len(prefix) :]
-        if name.split(".", 1)[0] not in DECODER_NAMES and not name.startswith(_BACKBONE):
+        if not is_decoder_key(name) and not name.startswith(_BACKBONE):
             state_dict[prefix + _BACKBONE + name] = state_dict.pop(key)
 
 

@@ -976,7 +976,7 @@ def _log_row(setup: _Setup, state: _RunState) -> None:
     )
     if setup.config.grad_clip is not None:
         row["grad_norm"] = interval["grad_norm"] / n
-    state.history.append(row)
+    _append_row(state, row)
     state.interval = _empty_interval()
     state.t_last = now
     state.bar.set_postfix(
@@ -986,9 +986,6 @@ def _log_row(setup: _Setup, state: _RunState) -> None:
         **{k: f"{v:.4g}" for k, v in state.monitor.items()},
         refresh=False,
     )
-    if state.history_file is not None:
-        state.history_file.write(json.dumps(row) + "\n")
-        state.history_file.flush()
     if setup.callback is not None and setup.main:
         setup.callback(row)
     state.rng_snapshot = rng_state()  # a callback may draw random numbers: resume after it
@@ -1008,10 +1005,14 @@ def _epoch_end(setup: _Setup, state: _RunState) -> None:
         dist.barrier()  # the other ranks wait for rank 0's monitor
     if not metrics:
         return
-    row = {"step": state.step, "epoch": round(state.step / setup.epoch_steps, 4), **metrics}
-    state.history.append(row)
+    _append_row(state, {"step": state.step, "epoch": round(state.step / setup.epoch_steps, 4), **metrics})
     state.monitor = dict(metrics)
     state.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
+
+
+def _append_row(state: _RunState, row: dict[str, Any]) -> None:
+    """One history row: kept in memory and appended, flushed, to history.jsonl (when the run writes one)."""
+    state.history.append(row)
     if state.history_file is not None:
         state.history_file.write(json.dumps(row) + "\n")
         state.history_file.flush()

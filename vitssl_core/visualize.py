@@ -30,7 +30,7 @@ from torch import Tensor
 from . import validate
 from .checkpoint import load_backbone
 from .interpret import attention_maps
-from .mae import DECODER_NAMES, MAE
+from .mae import MAE, decoder_state_dict
 from .pretrained import load_pretrained, resolve_checkpoint
 from .vit import ViT
 
@@ -127,6 +127,15 @@ def attention_mask(maps: Tensor, keep: float = 0.6) -> Tensor:
     return kept.reshape(maps.shape)
 
 
+def _check_maps(maps, n: int) -> None:
+    """``maps`` is a (B, h, gh, gw) tensor of attention maps with B = ``n`` images."""
+    if not isinstance(maps, Tensor) or maps.ndim != 4 or len(maps) != n:
+        raise ValueError(
+            f"maps must be (B, h, gh, gw) with B = {n}, got "
+            f"{tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__}"
+        )
+
+
 def item_share(maps: Tensor, images: Tensor, lit: float = 0.1) -> Tensor:
     """How object-centred each map is, at pixel level: (B, h) = mass on lit pixels / lit fraction.
 
@@ -138,11 +147,7 @@ def item_share(maps: Tensor, images: Tensor, lit: float = 0.1) -> Tensor:
     image with no lit pixel.
     """
     x = _as_float(images, None)  # (B, C, H, W) in [0, 1]
-    if not isinstance(maps, Tensor) or maps.ndim != 4 or len(maps) != len(x):
-        raise ValueError(
-            f"maps must be (B, h, gh, gw) with B = {len(x)}, got "
-            f"{tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__}"
-        )
+    _check_maps(maps, len(x))
     if isinstance(lit, bool) or not isinstance(lit, (int, float)) or not 0.0 <= lit < 1.0:
         raise ValueError(f"lit={lit!r} must be a brightness threshold in [0, 1)")
     H, W = x.shape[-2:]
@@ -279,7 +284,7 @@ def load_mae(checkpoint: str | os.PathLike) -> tuple[MAE, dict[str, Any]]:
         init_encoder=False,
     )
     weights = {k: v.float() for k, v in load_backbone(path).items()}
-    expected = {k for k in mae.state_dict() if k.split(".", 1)[0] in DECODER_NAMES}
+    expected = set(decoder_state_dict(mae.state_dict()))
     if set(weights) != expected:
         raise ValueError(
             f"{path.name} does not hold MAE's decoder keys: missing "
@@ -361,11 +366,7 @@ def draw_attention(images: Tensor, maps: Tensor, masks: Tensor | None = None, ti
     image with one colour bar for all; when ``masks`` (``attention_mask``) is given, each head's mask is
     outlined on its map and a last column shades the image by the share of heads that keep each patch."""
     x = _as_float(images, None)
-    if not isinstance(maps, Tensor) or maps.ndim != 4 or len(maps) != len(x):
-        raise ValueError(
-            f"maps must be (B, h, gh, gw) with B = {len(x)}, got "
-            f"{tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__}"
-        )
+    _check_maps(maps, len(x))
     B, h, gh, gw = maps.shape
     ncols = 1 + h + (masks is not None)
     fig = Figure(figsize=(1.5 * ncols + 0.8, 1.5 * B + 0.4), layout="constrained")

@@ -28,10 +28,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_WORDS = 3000
-# Pages over MAX_WORDS today; issue 22 splits them (a split lands with its chapter re-run).
-KNOWN_LONG = {
-    "book/algorithms/masked.ipynb",
-}
 
 
 def toc_pages() -> list[Path]:
@@ -73,7 +69,6 @@ def rel(page: Path) -> str:
 
 def test_toc_has_the_pages_this_file_counts():
     pages = {rel(p) for p in toc_pages()}
-    assert KNOWN_LONG <= pages
     assert {"book/zh_guide.md", "book/gpus.md", "book/api.md", "book/glossary.md"} <= pages
 
 
@@ -95,19 +90,9 @@ def over_limit() -> dict[str, int]:
     return {name: n for name, n in counts.items() if n > MAX_WORDS}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a page still exceeds 3,000 words of prose (issue 22 splits it later): "
-    + ", ".join(sorted(KNOWN_LONG))
-    + ". When none does, this test passes, strict xfail fails, and this marker must go.",
-)
 def test_no_page_exceeds_3000_words_of_prose():
-    assert over_limit() == {}
-
-
-def test_no_page_beyond_the_known_long_ones_exceeds_3000_words():
-    new = {name: n for name, n in over_limit().items() if name not in KNOWN_LONG}
-    assert new == {}, f"pages over {MAX_WORDS} words of prose (split them, STYLE.md): {new}"
+    long = over_limit()
+    assert long == {}, f"pages over {MAX_WORDS} words of prose (split them, STYLE.md): {long}"
 
 
 STALE = re.compile(r"\b(next|previous)\s+chapters?\b", re.IGNORECASE)

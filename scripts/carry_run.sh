@@ -10,6 +10,10 @@
 # work tree are never touched. A vit_mini_28 run is about 20 MB; a clone of main does not need it
 # (git clone --single-branch). Where the runs folder survives anyway (your own machine), you never
 # need this script.
+# The branch lives in the repository it was saved in: it reaches the next machine only if that machine
+# gets this repository's branches (a push to a remote both machines share). Where only main is handed
+# on, as on this project's CI machines, a saved branch is lost with the machine; there, carry a long
+# run by finishing it within one session, or on a GPU (scripts/gpu_family.sh).
 set -euo pipefail
 usage() { echo "usage: $0 save|restore NAME  (NAME: a folder of \$VITSSL_RUNS/results, e.g. simclr)" >&2; exit 2; }
 [[ $# -eq 2 ]] || usage

@@ -315,6 +315,9 @@ def finetune(
     the images as they are. A fixed sin-cos ``pos_embed`` is trained in the copy, as MAE's
     fine-tuning does. ``train_set`` / ``test_set``: Datasets of (image, label) or (images,
     labels) tensors. ``return_correct=True`` adds "correct", a bool tensor (M,) per test image.
+    ``seed`` fixes the batches, drop path, crops and MixUp/CutMix; the new head is drawn from the
+    caller's generator before that, as the shipped fine-tune numbers were, so call
+    ``torch.manual_seed`` first for a run that repeats exactly.
     """
     if not isinstance(backbone, nn.Module) or not hasattr(backbone, "reset_classifier"):
         raise TypeError(f"backbone must be a vitssl_core.ViT, got {type(backbone).__name__}")

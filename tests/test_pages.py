@@ -11,8 +11,11 @@ executed or built, so they take well under a second.
   which go stale whenever the table of contents is reordered.
 - API: every name a chapter imports from ``vitssl_core`` is documented on ``book/api.md``.
 - Glossary: every entry carries its Chinese term.
+- Plotting: a code cell that draws a figure is folded (``hide-input``), so the reader sees the idea
+  cells and the pictures (STYLE.md, "Notebooks").
 """
 
+import ast
 import importlib
 import importlib.util
 import inspect
@@ -113,6 +116,86 @@ def test_stale_phrase_pattern_catches_both_forms():
     assert STALE.search("The next chapter shows both")
     assert STALE.search("the previous\nchapters argued")
     assert not STALE.search("{doc}`concepts` shows both; later chapters train it")
+
+
+# --------------------------------------------------------------------------- plotting is folded
+PLT_DRAWING = {"subplots", "subplot", "figure", "show", "imshow"}
+FIGURE_NAME = re.compile(r"^(ax|axs|axes|fig)(\d+|_\w+)?$")  # ax, axes, fig, ax2, fig_attn, ...
+FOLDED = {"hide-input", "remove-input", "remove-cell"}
+
+
+def drawing_calls(source: str) -> list[str]:
+    """What a code cell draws at its top level: ``plt.subplots(...)``, ``x.imshow``, ``axes[0].set_title``, ...
+
+    Top level means outside any ``def``, ``class`` or ``lambda`` body; loops, ``with`` and ``if``
+    blocks count. Lines that are IPython magics or shell escapes are read as ``pass``.
+    """
+    lines = [
+        line[: len(line) - len(line.lstrip())] + "pass" if line.lstrip().startswith(("%", "!")) else line
+        for line in source.splitlines()
+    ]
+    found = set()
+    stack = list(ast.iter_child_nodes(ast.parse("\n".join(lines))))
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+            continue  # a helper that draws when it is called later
+        stack.extend(ast.iter_child_nodes(node))
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            func = node.func
+            if isinstance(func.value, ast.Name) and func.value.id == "plt" and func.attr in PLT_DRAWING:
+                found.add(f"plt.{func.attr}")
+            elif func.attr == "imshow":
+                found.add(".imshow")
+        if isinstance(node, ast.Attribute):
+            owner = node.value.value if isinstance(node.value, ast.Subscript) else node.value
+            if isinstance(owner, ast.Name) and FIGURE_NAME.match(owner.id):
+                found.add(f"{owner.id}.{node.attr}")
+    return sorted(found)
+
+
+def unfolded_drawing_cells(page: Path) -> list[str]:
+    """'page cell i (id): calls' for each code cell of a notebook that draws and is not folded."""
+    if page.suffix != ".ipynb":
+        return []
+    nb = json.loads(page.read_text(encoding="utf-8"))
+    found = []
+    for i, cell in enumerate(nb["cells"]):
+        if cell["cell_type"] != "code" or FOLDED & set(cell["metadata"].get("tags", [])):
+            continue
+        calls = drawing_calls("".join(cell["source"]))
+        if calls:
+            found.append(f"{rel(page)} cell {i} ({cell.get('id')}): {', '.join(calls[:5])}")
+    return found
+
+
+def test_every_cell_that_draws_is_folded():
+    """A code cell that draws at its top level carries ``hide-input`` (or ``remove-input``/``remove-cell``).
+
+    The rule: a cell draws when, outside any ``def``/``class``/``lambda`` body, it calls
+    ``plt.subplots``, ``plt.subplot``, ``plt.figure``, ``plt.show`` or ``plt.imshow``, calls
+    ``.imshow(`` on anything, or uses an attribute of a name ``ax``, ``axs``, ``axes`` or ``fig``
+    (also ``axes[i].``, ``ax2.``, ``fig_attn.``). Such a cell is plumbing: split the computation the
+    prose teaches (asserts and printed numbers included) into a visible cell and put the drawing in
+    a folded cell right after it. A set-up cell that only defines a helper which draws when called
+    later (``def show_figure(fig): fig.savefig(...)``) does not draw and may stay visible.
+    ``hide-cell`` does not count: it folds the picture too, and the reader should see the pictures.
+    """
+    found = [line for page in toc_pages() for line in unfolded_drawing_cells(page)]
+    assert found == [], "move the plotting into a cell tagged hide-input (STYLE.md):\n" + "\n".join(found)
+
+
+def test_drawing_calls_finds_top_level_plotting_and_skips_helpers():
+    assert drawing_calls("fig, axes = plt.subplots(1, 2)\nx = 1") == ["plt.subplots"]
+    assert drawing_calls("for ax, img in zip(grid.flat, images):\n    ax.set_title('a')") == ["ax.set_title"]
+    assert drawing_calls("axes[0].scatter(a, b)\nshow(fig)") == ["axes.scatter"]
+    assert drawing_calls("panel.imshow(img)") == [".imshow"]
+    assert drawing_calls("%matplotlib inline\nplt.show()") == ["plt.show"]
+    helper = (
+        "def show_figure(fig):\n    fig.savefig(buf)\n    plt.close(fig)\n\n\nlabel = lambda ax: ax.set_xlabel('x')"
+    )
+    assert drawing_calls(helper) == []
+    assert drawing_calls("loss = model(images)\nprint(f'{loss:.3f}')\naxis = 1\nplt.rcParams.update({})") == []
 
 
 # --------------------------------------------------------------------------- the API page

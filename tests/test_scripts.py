@@ -188,3 +188,23 @@ def test_a_dino_card_records_its_resampled_positions_as_a_deviation():
     (note,) = module._deviations({"method": "dino", "architecture": dict(arch, patch_size=7)})
     assert "4x4" in note and "to 2x2" in note  # the 16-token card: 14-px local crops
     assert module._deviations({"method": "mae", "architecture": arch}) == []
+
+
+def test_timm_knn_agrees_with_the_package_on_a_subset(tmp_path, needs_fashion_mnist):
+    """scripts/timm_knn.py (timm's ViT, its own vote) against extract_features + knn_accuracy on the same images."""
+    pytest.importorskip("timm")
+    from vitssl_core import extract_features, knn_accuracy
+    from vitssl_core.data import load_fashion_mnist_tensors
+
+    done = run(REPO / "scripts" / "timm_knn.py", "random_p4", "--max-train", "1000", "--max-test", "250", cwd=tmp_path)
+    top1 = float(done.stdout.split("timm kNN ")[1].split()[0])
+    backbone, card = load_pretrained("random_p4")
+    (x_train, y_train), (x_test, y_test) = (load_fashion_mnist_tensors(train=t) for t in (True, False))
+    kw = dict(feature=card["feature"], normalize=card["normalize"], precision="fp32")
+    ours = knn_accuracy(
+        extract_features(backbone, x_train[:1000], **kw),
+        y_train[:1000],
+        extract_features(backbone, x_test[:250], **kw),
+        y_test[:250],
+    )
+    assert abs(top1 - ours) <= 0.5, (top1, ours)  # 250 queries: one image is 0.4 points

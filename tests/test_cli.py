@@ -1014,6 +1014,9 @@ def test_ctrl_c_exits_130_with_one_line_and_a_checkpoint(tmp_path, needs_fashion
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A shell that starts the test suite in the background (`pytest &`) ignores SIGINT, and its
+        # children inherit that; a terminal's Ctrl-C reaches a process whose SIGINT is the default.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     wait_for((out / "run.json").exists, proc, "it logged its first step")  # written at the first logged row
     proc.send_signal(signal.SIGINT)

@@ -190,14 +190,21 @@ def test_a_dino_card_records_its_resampled_positions_as_a_deviation():
     assert module._deviations({"method": "mae", "architecture": arch}) == []
 
 
-def test_timm_knn_agrees_with_the_package_on_a_subset(tmp_path, needs_fashion_mnist):
+def test_timm_knn_agrees_with_the_package_on_a_subset(capsys, needs_fashion_mnist):
     """scripts/timm_knn.py (timm's ViT, its own vote) against extract_features + knn_accuracy on the same images."""
     pytest.importorskip("timm")
     from vitssl_core import extract_features, knn_accuracy
     from vitssl_core.data import load_fashion_mnist_tensors
 
-    done = run(REPO / "scripts" / "timm_knn.py", "random_p4", "--max-train", "1000", "--max-test", "250", cwd=tmp_path)
-    top1 = float(done.stdout.split("timm kNN ")[1].split()[0])
+    spec = importlib.util.spec_from_file_location("timm_knn", REPO / "scripts" / "timm_knn.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    threads = torch.get_num_threads()
+    try:
+        assert script.main(["random_p4", "--max-train", "1000", "--max-test", "250"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    top1 = float(capsys.readouterr().out.split("timm kNN ")[1].split()[0])
     backbone, card = load_pretrained("random_p4")
     (x_train, y_train), (x_test, y_test) = (load_fashion_mnist_tensors(train=t) for t in (True, False))
     kw = dict(feature=card["feature"], normalize=card["normalize"], precision="fp32")

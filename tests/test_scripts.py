@@ -215,3 +215,60 @@ def test_timm_knn_agrees_with_the_package_on_a_subset(capsys, needs_fashion_mnis
         y_test[:250],
     )
     assert abs(top1 - ours) <= 0.5, (top1, ours)  # 250 queries: one image is 0.4 points
+
+
+def test_executed_notebooks_reach_the_book_cache(tmp_path, capsys):
+    """book/conftest.py keeps what nbval ran; scripts/cache_notebooks.py lets the build find it by hash."""
+    import nbformat
+    from jupyter_cache import get_cache
+
+    book = tmp_path / "book"
+    book.mkdir()
+    shutil.copy(REPO / "book" / "conftest.py", book)
+
+    def notebook(name: str, *sources: str) -> Path:
+        nb = nbformat.v4.new_notebook(
+            cells=[nbformat.v4.new_markdown_cell("# A page")] + [nbformat.v4.new_code_cell(s) for s in sources]
+        )
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nbformat.write(nb, str(book / name))
+        return book / name
+
+    glued = "from IPython.display import display\ndisplay({'text/plain': '7'}, raw=True, metadata={'scrapbook': {'name': 'n'}})"
+    ok = notebook("ok.ipynb", "x = 6 * 7\nprint(x)", glued, "x")
+    notebook("failing.ipynb", "print('before')", "raise ValueError('a failing cell')")
+    edited = notebook("edited.ipynb", "y = 1")
+    executed = tmp_path / "executed"
+    env = {**os.environ, "VITSSL_EXECUTED_DIR": str(executed), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("PYTEST_ADDOPTS", None)  # CI's workers and durations are not this run's
+    pytest_args = ["-q", "-p", "no:cacheprovider", "-o", "addopts=", "--nbval-lax", "--nbval-current-env", "book"]
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", *pytest_args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "1 failed" in done.stdout, done.stdout[-3000:]
+    # the failing notebook is not kept: the build must execute it and show its error
+    assert sorted(p.name for p in executed.rglob("*.ipynb")) == ["edited.ipynb", "ok.ipynb"]
+    notebook("edited.ipynb", "y = 2")  # changed after it ran
+
+    spec = importlib.util.spec_from_file_location("cache_notebooks", REPO / "scripts" / "cache_notebooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main([str(executed), str(tmp_path / "cache"), "--root", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "cached 1 executed notebook(s)" in printed and "book/edited.ipynb" in printed, printed
+
+    cache = get_cache(str(tmp_path / "cache"))  # what myst-nb does in execute_notebooks: cache mode
+    cache.match_cache_notebook(nbformat.read(str(ok), as_version=4))
+    _, merged = cache.merge_match_into_notebook(nbformat.read(str(ok), as_version=4))
+    code = [c for c in merged.cells if c.cell_type == "code"]
+    assert [c.execution_count for c in code] == [1, 2, 3]
+    assert code[0].outputs[0].text == "42\n"
+    assert code[1].outputs[0].metadata == {"scrapbook": {"name": "n"}}  # myst-nb's glue reads this metadata
+    assert code[2].outputs[0].data["text/plain"] == "42" and code[2].outputs[0].execution_count == 3
+    with pytest.raises(KeyError):
+        cache.match_cache_notebook(nbformat.read(str(edited), as_version=4))

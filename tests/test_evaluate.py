@@ -613,3 +613,12 @@ def test_choose_feature_errors():
         features.choose_feature(tiny(), images)
     with pytest.raises(ValueError, match="validation=0"):
         features.choose_feature(tiny(), images, labels, validation=0)
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), True, "0.05"])
+def test_weight_decay_is_a_finite_non_negative_number(bad):
+    x, y = torch.randn(8, 4), torch.arange(8) % 2
+    with pytest.raises(ValueError, match=r"weight_decay=.* must be a finite number >= 0"):
+        probes.linear_probe(x, y, x, y, epochs=1, weight_decay=bad)
+    with pytest.raises(ValueError, match=r"weight_decay=.* must be a finite number >= 0"):
+        probes.layer_decay_param_groups(tiny(), 1e-3, bad, 0.75)

@@ -116,8 +116,7 @@ def linear_probe(
     for name, v in (("epochs", epochs), ("batch_size", batch_size)):
         validate.positive_int(name, v)
     validate.positive_number("lr", lr)
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
-        raise ValueError(f"weight_decay={weight_decay!r} must be a number >= 0")
+    validate.non_negative_number("weight_decay", weight_decay)
     if optimizer not in ("adamw", "sgd"):
         raise ValueError(f"optimizer={optimizer!r} is not one of ('adamw', 'sgd')")
     n = len(train_features)
@@ -204,8 +203,7 @@ def layer_decay_param_groups(
     if not hasattr(model, "blocks"):
         raise TypeError(f"model must have a .blocks list of Transformer blocks (a ViT), got {type(model).__name__}")
     validate.positive_number("base_lr", base_lr)
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
-        raise ValueError(f"weight_decay={weight_decay!r} must be a number >= 0")
+    validate.non_negative_number("weight_decay", weight_decay)
     if isinstance(layer_decay, bool) or not isinstance(layer_decay, (int, float)) or not 0 < layer_decay <= 1:
         raise ValueError(f"layer_decay={layer_decay!r} must be in (0, 1] (1 disables the decay)")
     depth = len(model.blocks)

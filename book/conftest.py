@@ -8,10 +8,11 @@ there with its outputs (same relative path as in the repository), and
 finds them by the hash of their code cells. A notebook that failed, was skipped or was edited
 since is not found there, and the build executes it itself, as before.
 
-Without the variable this file does nothing.
+Without the variable this file only keeps each notebook's cells together under pytest-xdist.
 """
 
 import os
+import re
 from pathlib import Path
 
 import nbformat
@@ -59,3 +60,13 @@ def pytest_runtest_teardown(item, nextitem):
     target = Path(OUT) / Path(str(notebook.fspath)).resolve().relative_to(Path(str(notebook.config.rootpath)).resolve())
     target.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(notebook.nb, str(target))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist's ``--dist loadgroup``: all cells of a notebook on one worker, in order."""
+    if IPyNbCell is None or not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        if isinstance(item, IPyNbCell):
+            item.add_marker(pytest.mark.xdist_group(re.sub(r"\W", "_", item.parent.nodeid)))  # a plain name

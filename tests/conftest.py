@@ -11,6 +11,7 @@ the data is installed on purpose and its absence is a failure.
 """
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,21 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+TESTS = Path(__file__).resolve().parent
+SPREAD = {"test_checkpoints.py"}  # files of minute-long independent tests: one group per test
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist's ``--dist loadgroup`` (CI): a test file runs on one worker, so its module
+    fixtures are built once, except the card checks (a minute or more each), which spread over both.
+    book/conftest.py keeps each notebook on one worker (its cells share a kernel)."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        path = Path(str(item.fspath)).resolve()
+        if path.parent == TESTS:
+            group = item.nodeid if path.name in SPREAD else path.name
+            item.add_marker(pytest.mark.xdist_group(re.sub(r"\W", "_", group)))  # a plain name

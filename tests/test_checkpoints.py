@@ -199,9 +199,10 @@ def fashion_mnist(needs_fashion_mnist):
 
 @pytest.fixture
 def two_threads():
-    """Feature extraction of 70 000 images is the one place in the tests where a second thread pays."""
+    """Feature extraction of 70 000 images is the one place in the tests where a second thread pays,
+    unless pytest-xdist already runs a worker per core (then a second thread would only wait)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
     yield
     torch.set_num_threads(before)
 

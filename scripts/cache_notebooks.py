@@ -21,10 +21,6 @@ from jupyter_cache.base import CacheBundleIn
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def code_cells(nb) -> list[tuple[str, dict]]:
-    return [(c.source, dict(c.metadata)) for c in nb.cells if c.cell_type == "code"]
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("executed", type=Path, help="the folder book/conftest.py wrote ($VITSSL_EXECUTED_DIR)")
@@ -38,7 +34,8 @@ def main(argv=None) -> int:
     for path in sorted(args.executed.rglob("*.ipynb")):
         source = args.root / path.relative_to(args.executed)
         executed = nbformat.read(str(path), as_version=4)
-        if not source.is_file() or code_cells(nbformat.read(str(source), as_version=4)) != code_cells(executed):
+        key = cache.create_hashed_notebook  # the key the build looks a notebook up by
+        if not source.is_file() or key(nbformat.read(str(source), as_version=4))[1] != key(executed)[1]:
             stale.append(str(path.relative_to(args.executed)))
             continue
         cache.cache_notebook_bundle(CacheBundleIn(executed, str(source)), check_validity=True, overwrite=True)

@@ -18,7 +18,9 @@ images; the training split's 60 000 images give the features and labels):
   (seed 0); for the `supervised` baseline, instead, a ViT trained from scratch end to end on
   that 1 % / 10 % (what the labels alone buy);
 - finetune: the whole network trained end to end on all labels under one protocol for every row
-  (FINETUNE below: layer decay 0.75, drop path 0.1, label smoothing, --finetune-epochs epochs).
+  (FINETUNE below: layer decay 0.75, drop path 0.1, label smoothing, --finetune-epochs epochs);
+  with ``--own-head``, for a supervised run, instead the run's own classifier on the shipped backbone:
+  a network trained end to end on all labels from scratch, which has nothing to be fine-tuned from.
 
 The card also keeps, per protocol, which test images were classified right (``correct``: hex
 bits, ``vitssl_core.paired.correct_from_hex``), so two rows are compared with a paired test
@@ -52,13 +54,23 @@ from vitssl_core.checkpoint import (
     save_backbone,
 )
 from vitssl_core.data import NORMALIZE, load_fashion_mnist_tensors
-from vitssl_core.features import choose_feature_from, extract_features, feature_view, knn_classify, pixel_features
+from vitssl_core.features import (
+    choose_feature_from,
+    eval_mode,
+    extract_features,
+    feature_view,
+    image_batches,
+    knn_classify,
+    pixel_features,
+    prepare_images,
+)
 from vitssl_core.paired import correct_to_hex
 from vitssl_core.probes import class_balanced_subset, finetune, linear_probe
 from vitssl_core.mae import decoder_state_dict
 from vitssl_core.pretrained import PRETRAINED, load_pretrained, tensor_digest
 from vitssl_core.recipes import dino_local_size
 from vitssl_core.runtime import hardware
+from vitssl_core.supervised import head_state_dict
 from vitssl_core.train import CHECKPOINT_DIR
 from vitssl_core.vit import ViT, architecture
 
@@ -181,6 +193,32 @@ def _finetune(backbone, x_train, y_train, x_test, y_test, normalize, epochs: int
     )["correct"]
 
 
+def _own_head(run: Path, run_card: dict, backbone: ViT, x_test, y_test, normalize) -> torch.Tensor:
+    """Per-image correctness of a supervised run's own classifier, read on the shipped backbone: the head of
+    the run's head.safetensors (scripts/pack_run.py) or of its newest checkpoint, which must be the step
+    the backbone was exported at."""
+    if (run / "head.safetensors").is_file():
+        head = load_file(str(run / "head.safetensors"))
+    else:
+        latest = latest_checkpoint(run / CHECKPOINT_DIR)
+        if latest is None:
+            raise SystemExit(f"--own-head: {run} has neither head.safetensors nor a checkpoint holding the classifier")
+        weights, state = load_checkpoint(latest)
+        if state["step"] != run_card.get("steps"):
+            raise SystemExit(
+                f"--own-head: the newest checkpoint is step {state['step']}, the backbone step {run_card.get('steps')}"
+            )
+        head = head_state_dict(weights)
+    classifier = torch.nn.Linear(backbone.embed_dim, head["weight"].shape[0])
+    classifier.load_state_dict({k: v.float() for k, v in head.items()})
+    hits = []
+    with eval_mode(backbone), torch.no_grad():
+        for x in image_batches(x_test, 1000):
+            tokens = backbone.forward_features(prepare_images(x, torch.device("cpu"), normalize))
+            hits.append(classifier(backbone.forward_head(tokens, pre_logits=True)).argmax(1))
+    return torch.cat(hits) == y_test
+
+
 def _deviations(run_card: dict) -> list[str]:
     """What the run did differently from its reference that the card itself must say (not only the recipe)."""
     notes = []
@@ -240,6 +278,13 @@ def main(argv: list[str] | None = None) -> int:
         help="default: 20; 0 leaves the card's "
         "fine-tuning column empty (a row the CPU could not afford under the common protocol)",
     )
+    parser.add_argument(
+        "--own-head",
+        action="store_true",
+        help="a supervised run only: the fine-tuning column holds the "
+        "run's own classifier (trained end to end from scratch) instead of a further fine-tune; "
+        "needs --finetune-epochs 0",
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument(
         "--quick",
@@ -250,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick and Path(args.out).resolve() == PRETRAINED:
         parser.error("--quick writes a throwaway card: give --out DIR outside vitssl_core/pretrained/")
+    if args.own_head and (not args.run or args.finetune_epochs != 0):
+        parser.error("--own-head reads a supervised run's classifier: give RUN and --finetune-epochs 0")
     if not args.name.isidentifier():
         parser.error(f"--name {args.name!r} must be a plain identifier such as simclr")
     torch.set_num_threads(args.threads)
@@ -341,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         card["method_args"] = run_card.get("method_args")
         card["model_args"] = run_card.get("model_args")  # patch_size, drop_path_rate: what the recipe guard checks
         card["deviations"] = _deviations(run_card)
+        if args.own_head and run_card["method"] != "supervised":
+            parser.error(f"--own-head needs a supervised run; {run} was trained with {run_card['method']}")
 
     # How the backbone was made, assembled before the evaluation (the long part) so that a card
     # lacking a field fails in seconds, not after an hour of fine-tuning.
@@ -371,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
         card["knn_check"] = _knn_check(f_train, y_train, f_test, y_test)
     if run_card["method"] == "supervised":
         correct.update(_scratch_on_fractions(model, x_train, y_train, x_test, y_test, normalize))
+    if args.own_head:
+        correct["finetune"] = _own_head(Path(args.run), run_card, backbone, x_test, y_test, normalize)
     if args.finetune_epochs > 0:
         correct["finetune"] = _finetune(backbone, x_train, y_train, x_test, y_test, normalize, args.finetune_epochs)
     metrics = {k: 100.0 * c.float().mean().item() for k, c in correct.items()}
@@ -394,7 +445,18 @@ def main(argv: list[str] | None = None) -> int:
                     if run_card["method"] == "supervised"
                     else "linear_probe on a class-balanced subset of the labels (seed 0)"
                 ),
-                "finetune": {"epochs": args.finetune_epochs, **FINETUNE} if args.finetune_epochs > 0 else None,
+                "finetune": (
+                    {"epochs": args.finetune_epochs, **FINETUNE}
+                    if args.finetune_epochs > 0
+                    else {
+                        "own_head": True,
+                        "epochs": (run_card.get("train_config") or {}).get("epochs"),
+                        "what": "the run's own classifier, trained end to end from scratch on all labels; "
+                        "no further fine-tuning",
+                    }
+                    if args.own_head
+                    else None
+                ),
             },
             "correct": {k: correct_to_hex(c) for k, c in correct.items()},
             **provenance,

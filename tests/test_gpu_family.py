@@ -56,6 +56,7 @@ def test_the_family_comes_back_in_at_most_8_small_files(family):
             names = {Path(n).name for n in tar.getnames()}
         assert {"backbone.safetensors", "backbone.json", "history.jsonl", "run.json"} <= names, (m, names)
         assert ("decoder.safetensors" in names) == (m == "mae")
+        assert ("head.safetensors" in names) == (m == "supervised")  # its own classifier: ship_checkpoint --own-head
 
 
 def test_a_pack_ships_as_a_card(family, tmp_path):

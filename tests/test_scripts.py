@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from vitssl_core import load_pretrained
+from vitssl_core import Supervised, load_pretrained
 from vitssl_core.pretrained import PRETRAINED
-from vitssl_core.checkpoint import latest_checkpoint, load_backbone, save_checkpoint
+from vitssl_core.checkpoint import latest_checkpoint, load_backbone, load_checkpoint, save_checkpoint
+from vitssl_core.data import load_fashion_mnist_tensors
+from vitssl_core.features import prepare_images
 from vitssl_core.paired import correct_from_hex
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,6 +127,69 @@ def test_ship_checkpoint_quick_refuses_the_shipped_folder(capsys):
 def test_offline_site_quick_builds_a_page(tmp_path):
     done = run(REPO / "scripts" / "offline_site.py", "--quick", cwd=tmp_path)
     assert "loads Mermaid without ES modules" in done.stdout
+
+
+def test_own_head_scores_the_supervised_run_as_it_classifies(tmp_path, needs_fashion_mnist):
+    # A supervised run's fine-tuning column with --own-head is the run's own classifier on the shipped
+    # backbone: the per-image record must equal what the Supervised module itself predicts, whether the
+    # head is read from the run's checkpoint or from the head.safetensors that scripts/pack_run.py writes.
+    run_dir = tmp_path / "sup"
+    cmd = [sys.executable, "-m", "vitssl_core", "pretrain", "--method", "supervised", "--subset", "256"]
+    cmd += ["--batch-size", "32", "--steps", "6", "--device", "cpu", "--precision", "fp32", "--no-progress"]
+    cmd += [
+        "--model-arg",
+        "depth=1",
+        "--model-arg",
+        "embed_dim=32",
+        "--model-arg",
+        "num_heads=2",
+        "--out",
+        str(run_dir),
+    ]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ship = ["--own-head", "--finetune-epochs", "0", "--quick", "--threads", "1"]
+    run(
+        REPO / "scripts" / "ship_checkpoint.py",
+        str(run_dir),
+        "--name",
+        "sup",
+        *ship,
+        "--out",
+        str(tmp_path),
+        cwd=tmp_path,
+    )
+    card = json.loads((tmp_path / "sup.json").read_text())
+    assert card["protocols"]["finetune"]["own_head"] and card["protocols"]["finetune"]["epochs"] is None
+    backbone, _ = load_pretrained(tmp_path / "sup.json")  # the float16 weights that ship
+    model = Supervised(backbone, num_classes=10)
+    weights, _ = load_checkpoint(run_dir / "checkpoints")
+    model.head.load_state_dict({"weight": weights["head.weight"], "bias": weights["head.bias"]})
+    x_test, y_test = load_fashion_mnist_tensors(train=False)
+    with torch.no_grad():
+        expected = model.eval()(prepare_images(x_test[:200], torch.device("cpu"), card["normalize"])).argmax(1)
+    assert torch.equal(correct_from_hex(card["correct"]["finetune"], 200), expected == y_test[:200])
+    # the packed run: no checkpoints, the head in head.safetensors; the same record
+    run(REPO / "scripts" / "pack_run.py", str(run_dir), str(tmp_path / "sup.tar.gz"), cwd=tmp_path)
+    shutil.unpack_archive(tmp_path / "sup.tar.gz", tmp_path / "unpacked", filter="data")
+    run(
+        REPO / "scripts" / "ship_checkpoint.py",
+        str(tmp_path / "unpacked" / "sup"),
+        "--name",
+        "sup2",
+        *ship,
+        "--out",
+        str(tmp_path),
+        cwd=tmp_path,
+    )
+    assert json.loads((tmp_path / "sup2.json").read_text())["correct"]["finetune"] == card["correct"]["finetune"]
+
+
+def test_own_head_refuses_a_self_supervised_run_or_a_fine_tune(capsys):
+    module = _ship_module()
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["some_run", "--name", "x", "--own-head"])  # --finetune-epochs defaults to 20
+    assert exit_info.value.code == 2 and "--finetune-epochs 0" in capsys.readouterr().err
 
 
 def test_carry_run_saves_a_run_to_a_branch_and_restores_it_byte_for_byte(tmp_path):

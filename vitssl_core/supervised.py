@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .vit import ViT
 
-__all__ = ["Supervised"]
+__all__ = ["Supervised", "head_state_dict"]
 
 
 class Supervised(nn.Module):
@@ -77,3 +77,16 @@ class Supervised(nn.Module):
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
         acc = (logits.argmax(dim=-1) == labels).float().mean()
         return loss, {"acc": acc.item()}
+
+
+def head_state_dict(state: dict) -> dict:
+    """The classifier's entries of a ``Supervised`` state dict, as ``{"weight", "bias"}`` of its
+    ``nn.Linear``: what a run keeps besides the backbone, so its own predictions can be measured."""
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict of tensors (a state dict), got {type(state).__name__}")
+    head = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
+    if set(head) != {"weight", "bias"}:
+        raise ValueError(
+            f"state holds no Supervised classifier (head.weight, head.bias); its head keys: {sorted(head)}"
+        )
+    return head

@@ -232,7 +232,12 @@ def test_vitssl_show_draws_both_pictures(tmp_path, needs_fashion_mnist):
     from PIL import Image
 
     image = _png(tmp_path / "boot.png")
-    for kind, name in (("attention", "dino"), ("reconstruction", str(CHECKPOINTS / "mae.safetensors"))):
+    shown = [
+        ("attention", "dino"),
+        ("attention", "simmim_p4"),
+        ("reconstruction", str(CHECKPOINTS / "mae.safetensors")),
+    ]
+    for kind, name in shown:  # simmim_p4: a 7x7-grid card, 49 tokens
         out = tmp_path / f"{kind}.png"
         done = _show(kind, "--checkpoint", name, "--image", str(image), "--out", str(out), cwd=tmp_path)
         assert done.returncode == 0, done.stderr

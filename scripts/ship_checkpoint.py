@@ -70,7 +70,7 @@ from vitssl_core.mae import decoder_state_dict
 from vitssl_core.pretrained import PRETRAINED, load_pretrained, tensor_digest
 from vitssl_core.recipes import dino_local_size
 from vitssl_core.runtime import hardware
-from vitssl_core.supervised import head_state_dict
+from vitssl_core.supervised import Supervised, head_state_dict
 from vitssl_core.train import CHECKPOINT_DIR
 from vitssl_core.vit import ViT, architecture
 
@@ -209,13 +209,12 @@ def _own_head(run: Path, run_card: dict, backbone: ViT, x_test, y_test, normaliz
                 f"--own-head: the newest checkpoint is step {state['step']}, the backbone step {run_card.get('steps')}"
             )
         head = head_state_dict(weights)
-    classifier = torch.nn.Linear(backbone.embed_dim, head["weight"].shape[0])
-    classifier.load_state_dict({k: v.float() for k, v in head.items()})
+    model = Supervised(backbone, num_classes=head["weight"].shape[0])  # the module's own forward, not a copy
+    model.head.load_state_dict({k: v.float() for k, v in head.items()})
     hits = []
-    with eval_mode(backbone), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for x in image_batches(x_test, 1000):
-            tokens = backbone.forward_features(prepare_images(x, torch.device("cpu"), normalize))
-            hits.append(classifier(backbone.forward_head(tokens, pre_logits=True)).argmax(1))
+            hits.append(model(prepare_images(x, torch.device("cpu"), normalize)).argmax(1))
     return torch.cat(hits) == y_test
 
 

@@ -185,7 +185,7 @@ def test_own_head_scores_the_supervised_run_as_it_classifies(tmp_path, needs_fas
     assert json.loads((tmp_path / "sup2.json").read_text())["correct"]["finetune"] == card["correct"]["finetune"]
 
 
-def test_own_head_refuses_a_self_supervised_run_or_a_fine_tune(capsys):
+def test_own_head_refuses_a_fine_tune(capsys):
     module = _ship_module()
     with pytest.raises(SystemExit) as exit_info:
         module.main(["some_run", "--name", "x", "--own-head"])  # --finetune-epochs defaults to 20

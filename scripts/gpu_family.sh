@@ -50,6 +50,10 @@ train_one() {  # train_one METHOD: train, finish a capped run, pack
   OMP_NUM_THREADS=$threads timeout --signal=TERM --kill-after=60 "$cap" "${cmd[@]}" >>"$run/train.log" 2>&1 || status=$?
   if [[ $status -eq 124 && ! -f $run/backbone.safetensors ]]; then  # the cap stopped it: finish at the last checkpoint
     local step
+    if [[ ! -f $run/checkpoints/last.json ]]; then
+      echo "$m: the ${cap} s cap stopped it before its first checkpoint: raise VITSSL_GPU_CAP (log: $run/train.log)" >&2
+      return 124
+    fi
     step=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['step'])" "$run/checkpoints/last.json")
     echo "capped after ${cap} s at step $step of the recipe's schedule" > "$run/capped.txt"
     OMP_NUM_THREADS=$threads "${cmd[@]}" --resume --steps "$step" >>"$run/train.log" 2>&1 || status=$?

@@ -94,3 +94,26 @@ def test_version_is_the_distributions(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0 and capsys.readouterr().out.startswith(f"vitssl {vitssl_core.__version__} ")
+
+
+def test_compare_cards_pairs_two_cards_by_their_per_image_records(tmp_path):
+    from vitssl_core import compare_cards
+
+    cards = {n: json.loads((PRETRAINED / f"{n}.json").read_text()) for n in ("simclr", "pixels")}
+    t = compare_cards("simclr", "pixels", "linear")
+    # a_only - b_only is the difference in correct images, so it must agree with the two cards' accuracies
+    assert t["difference"] == pytest.approx(
+        cards["simclr"]["metrics"]["linear"] - cards["pixels"]["metrics"]["linear"], abs=0.011
+    )
+    assert t["p_value"] < 1e-6 and t["a_only"] > t["b_only"] > 0
+    swapped = compare_cards(PRETRAINED / "pixels.json", "simclr", "linear")  # a path works as well as a name
+    assert (swapped["a_only"], swapped["b_only"]) == (t["b_only"], t["a_only"])
+    assert swapped["p_value"] == t["p_value"]
+    with pytest.raises(ValueError, match="pixels.json keeps no per-image record for protocol='finetune'; it has: knn"):
+        compare_cards("simclr", "pixels", "finetune")
+    with pytest.raises(TypeError, match="protocol must be a string"):
+        compare_cards("simclr", "pixels", 3)
+    short = dict(cards["pixels"], protocols={"knn": {"n_test": 9_992}})
+    (tmp_path / "short.json").write_text(json.dumps(short))
+    with pytest.raises(ValueError, match="scored on 10000 test images and short.json on 9992"):
+        compare_cards("simclr", tmp_path / "short.json", "knn")

@@ -44,7 +44,7 @@ from .losses import info_nce, info_nce_article, moco_infonce
 from .mae import MAE
 from .masked import BEiT, PatchTokenizer, SimMIM, masked_token_cross_entropy
 from .masking import block_masking, default_min_block, patchify, random_masking, unit_masking, unpatchify
-from .pretrained import list_pretrained, load_pretrained, resolve_checkpoint
+from .pretrained import compare_cards, list_pretrained, load_pretrained, resolve_checkpoint
 from .schedules import cosine_momentum, cosine_schedule
 from .supervised import Supervised
 from .train import TrainConfig, train

@@ -8,6 +8,7 @@ what it scored and how it was trained. They ship wherever the package is install
 
     backbone, card = load_pretrained("dino")      # eval mode, float32, on the CPU
     list_pretrained()                             # every name, its method, grid and metrics
+    compare_cards("simclr", "mae", "finetune")    # McNemar's test from the cards' per-image records
 
 **How a checkpoint argument is resolved** (``resolve_checkpoint``; ``load_pretrained`` and every
 ``vitssl ... --checkpoint`` go through it):
@@ -36,9 +37,10 @@ from typing import Any
 import torch
 
 from .checkpoint import load_backbone
+from .paired import correct_from_hex, mcnemar
 from .vit import ViT
 
-__all__ = ["PRETRAINED", "list_pretrained", "load_pretrained", "resolve_checkpoint", "tensor_digest"]
+__all__ = ["PRETRAINED", "compare_cards", "list_pretrained", "load_pretrained", "resolve_checkpoint", "tensor_digest"]
 
 PRETRAINED = Path(__file__).resolve().parent / "pretrained"  # the shipped cards and weights
 _NAME = re.compile(r"[A-Za-z0-9_\-]+")
@@ -92,6 +94,50 @@ def list_pretrained() -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def _read_card(checkpoint: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    path = resolve_checkpoint(checkpoint)
+    card_path = path if path.suffix == ".json" else path.with_suffix(".json")
+    if not card_path.is_file():
+        raise FileNotFoundError(f"checkpoint={str(checkpoint)!r}: no card {card_path.name}")
+    try:
+        card = json.loads(card_path.read_text())
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{card_path} is not valid JSON ({err}); a card is a JSON object") from err
+    if not isinstance(card, dict):
+        raise ValueError(f"{card_path}: a card is a JSON object, got {type(card).__name__}")
+    return card_path, card
+
+
+def compare_cards(a: str | os.PathLike, b: str | os.PathLike, protocol: str) -> dict[str, float]:
+    """McNemar's test of card ``a`` against card ``b`` under one protocol, from the per-image records the cards keep.
+
+    ``a``, ``b``: shipped names or card paths (``resolve_checkpoint``); ``protocol``: a key both
+    cards hold in ``"correct"`` (``knn``, ``linear``, ``label_1pct``, ``label_10pct``, ``finetune``).
+    Nothing is re-run. Returns ``mcnemar``'s dict: ``difference`` is A − B in points.
+    Raises ``ValueError`` when a card keeps no record for ``protocol`` or the two cards were scored
+    on test sets of different sizes.
+    """
+    if not isinstance(protocol, str):
+        raise TypeError(f"protocol must be a string such as 'knn', got {type(protocol).__name__}")
+    records = []
+    for checkpoint in (a, b):
+        card_path, card = _read_card(checkpoint)
+        correct = card.get("correct") or {}
+        if protocol not in correct:
+            raise ValueError(
+                f"{card_path.name} keeps no per-image record for protocol={protocol!r}; "
+                f"it has: {', '.join(sorted(correct)) or 'none (a card written before per-image records)'}"
+            )
+        n_test = ((card.get("protocols") or {}).get("knn") or {}).get("n_test")
+        records.append(
+            (card_path.name, correct[protocol], n_test if isinstance(n_test, int) else 4 * len(correct[protocol]))
+        )
+    (name_a, hex_a, n_a), (name_b, hex_b, n_b) = records
+    if n_a != n_b:
+        raise ValueError(f"{name_a} was scored on {n_a} test images and {name_b} on {n_b}: not a paired comparison")
+    return mcnemar(correct_from_hex(hex_a, n_a), correct_from_hex(hex_b, n_b))
 
 
 def tensor_digest(state: dict[str, torch.Tensor]) -> str:

@@ -100,7 +100,9 @@ def _read_card(checkpoint: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     path = resolve_checkpoint(checkpoint)
     card_path = path if path.suffix == ".json" else path.with_suffix(".json")
     if not card_path.is_file():
-        raise FileNotFoundError(f"checkpoint={str(checkpoint)!r}: no card {card_path.name}")
+        raise FileNotFoundError(
+            f"checkpoint={str(checkpoint)!r}: no card {card_path.name} (a NAME.json beside NAME.safetensors)"
+        )
     try:
         card = json.loads(card_path.read_text())
     except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
@@ -177,19 +179,11 @@ def load_pretrained(path: str | os.PathLike) -> tuple[ViT, dict[str, Any]]:
     mean and std applied to pixels in [0, 1], and ``"metrics"`` what the backbone scored. Names
     resolve as ``resolve_checkpoint`` says.
     """
-    path = resolve_checkpoint(path)
-    card_path = path if path.suffix == ".json" else path.with_suffix(".json")
-    if not card_path.is_file():
-        raise FileNotFoundError(f"path={str(path)!r}: no card {card_path.name} (a NAME.json beside NAME.safetensors)")
-    try:
-        card = json.loads(card_path.read_text())
-    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
-        raise ValueError(f"{card_path} is not valid JSON ({err}); a card is a JSON object") from err
-    model = None
-    if isinstance(card, dict):  # a shipped card's "model", or the "architecture" of `vitssl pretrain`'s backbone.json
-        model = card.get("model") if isinstance(card.get("model"), dict) else card.get("architecture")
+    card_path, card = _read_card(path)
+    # a shipped card's "model", or the "architecture" of `vitssl pretrain`'s backbone.json
+    model = card.get("model") if isinstance(card.get("model"), dict) else card.get("architecture")
     if not isinstance(model, dict):
-        baseline = isinstance(card, dict) and "weights" in card and card["weights"] is None
+        baseline = "weights" in card and card["weights"] is None
         raise ValueError(
             f'{card_path}: the card has no "model" mapping of ViT keyword arguments '
             '(nor the "architecture" of a backbone.json from vitssl pretrain)'

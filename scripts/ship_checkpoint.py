@@ -2,6 +2,7 @@
 vitssl_core/pretrained/NAME.{safetensors,json} (loaded by name: ``load_pretrained("NAME")``).
 
     python scripts/ship_checkpoint.py runs/results/simclr --name simclr   # a `vitssl pretrain` --out folder
+    python scripts/ship_checkpoint.py runs/dino --name dino_gpu --recipe configs/gpu/dino.yaml --out cards/
     python scripts/ship_checkpoint.py --random --name random              # the untrained baseline (seed 0)
     python scripts/ship_checkpoint.py --pixels --name pixels              # raw pixels: a card, no weights
     python scripts/ship_checkpoint.py --remeasure vitssl_core/pretrained/dino.json --name dino   # today's protocols
@@ -43,6 +44,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from vitssl_core import vit_mini_28
@@ -218,6 +220,59 @@ def _own_head(run: Path, run_card: dict, backbone: ViT, x_test, y_test, normaliz
     return torch.cat(hits) == y_test
 
 
+# Settings of a recipe that say where and how a run logs or which arithmetic it uses, not what it
+# learns (and the kNN monitor's settings: what a run watches).
+RECIPE_IGNORED = {"out", "progress", "checkpoint_every", "log_every", "precision", "knn_every", "knn_val", "knn_train"}
+RECIPE_OTHER = {"method", "dataset", "model", "method_args", "model_args"}  # compared below, or not per run
+
+
+def recipe_changes(record: dict, recipe: dict) -> dict[str, list]:
+    """The settings ``recipe`` (a parsed recipe YAML) sets otherwise than the run ``record`` (a card or a
+    run's backbone.json): {setting: [the recipe's value, the run's]}, sorted by name.
+
+    A training setting the record lacks counts as changed (the code of the time had no such setting).
+    ``method_args`` are compared one by one; ``model_args`` as a whole, where the record has them
+    (cards from before they were recorded do not).
+    """
+    train = record.get("train_config") or {}
+    ran = {**train, "lr": train.get("blr"), **(record.get("method_args") or {})}
+    wanted = {k: v for k, v in recipe.items() if k not in RECIPE_IGNORED | RECIPE_OTHER}
+    wanted.update(recipe.get("method_args") or {})
+    changes = {k: [v, ran.get(k)] for k, v in wanted.items() if k not in ran or ran[k] != v}
+    if recipe.get("method") != record.get("method"):
+        changes["method"] = [recipe.get("method"), record.get("method")]
+    if record.get("model_args") is not None and (recipe.get("model_args") or {}) != record["model_args"]:
+        changes["model_args"] = [recipe.get("model_args") or {}, record["model_args"]]
+    return dict(sorted(changes.items()))
+
+
+def _recipe_of(run: Path, run_card: dict, given: str | None) -> tuple[str | None, dict[str, list]]:
+    """The recipe a run was trained from, as its card names it, and what the run changed from it.
+
+    ``given`` is --recipe: a YAML (recorded with whatever the run changed from it, say a smoke test's
+    batch size), or "none". Without it, configs/results/RUN.yaml (RUN: the run folder's name) is the
+    recipe when that file exists and describes the run exactly; one that exists and does not (a GPU
+    pack unpacked to runs/dino is not configs/results/dino.yaml) is an error, never a wrong record.
+    """
+    if given == "none":
+        return None, {}
+    path = Path(given) if given else ROOT / "configs" / "results" / f"{run.name}.yaml"
+    if not path.is_file():
+        if given:
+            raise ValueError(f"--recipe {given}: no such file; give the YAML the run was trained from, or 'none'")
+        return None, {}
+    path = path.resolve()
+    shown = path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path)
+    changes = recipe_changes(run_card, yaml.safe_load(path.read_text()))
+    if changes and not given:
+        raise ValueError(
+            f"{run} was not trained from {shown}, which its folder's name points to: they differ in "
+            f"{', '.join(changes)}. Pass --recipe with the YAML the run was trained from (for a "
+            "scripts/gpu_family.sh pack, configs/gpu/METHOD.yaml), or --recipe none"
+        )
+    return shown, changes
+
+
 def _deviations(run_card: dict) -> list[str]:
     """What the run did differently from its reference that the card itself must say (not only the recipe)."""
     notes = []
@@ -284,6 +339,12 @@ def main(argv: list[str] | None = None) -> int:
         "run's own classifier (trained end to end from scratch) instead of a further fine-tune; "
         "needs --finetune-epochs 0",
     )
+    parser.add_argument(
+        "--recipe",
+        help="RUN only: the recipe YAML the run was trained from, recorded on the card with any setting "
+        "the run changed from it, or 'none' (default: configs/results/RUN.yaml, RUN the run folder's "
+        "name, if that file exists; it must then describe the run exactly)",
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument(
         "--quick",
@@ -296,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--quick writes a throwaway card: give --out DIR outside vitssl_core/pretrained/")
     if args.own_head and (not args.run or args.finetune_epochs != 0):
         parser.error("--own-head reads a supervised run's classifier: give RUN and --finetune-epochs 0")
+    if args.recipe is not None and not args.run:
+        parser.error("--recipe names the YAML a run was trained from: give RUN")
     if not args.name.isidentifier():
         parser.error(f"--name {args.name!r} must be a plain identifier such as simclr")
     torch.set_num_threads(args.threads)
@@ -368,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                 **({"model_args": old["model_args"]} if old.get("model_args") is not None else {}),
                 "deviations": old.get("deviations") or _deviations({**old, "architecture": old.get("model") or {}}),
                 "remeasured_from_revision": old.get("code_revision"),
+                **({"recipe_changes": old["recipe_changes"]} if old.get("recipe_changes") else {}),
             }
         )
         if old.get("decoder"):  # MAE's decoder file stays as shipped beside the encoder
@@ -378,10 +442,13 @@ def main(argv: list[str] | None = None) -> int:
         backbone = ViT(**run_card["architecture"])
         backbone.load_state_dict(load_backbone(run / "backbone.safetensors"))
         normalize = run_card["normalize"]
-        recipe = f"configs/results/{run.name}.yaml"
-        if not (ROOT / recipe).is_file():
-            recipe = None
+        try:
+            recipe, changed = _recipe_of(run, run_card, args.recipe)
+        except ValueError as err:
+            parser.error(str(err))
         command = f"vitssl pretrain --config {recipe}" if recipe else "see train_config"
+        if changed:  # the run overrode the recipe (command-line flags): the card says which settings, and how
+            card["recipe_changes"] = changed
         wall = run_card.get("train_wall_seconds") or _wall_seconds(run)
         card["train_config"] = run_card.get("train_config")
         card["method_args"] = run_card.get("method_args")

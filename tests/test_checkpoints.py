@@ -9,6 +9,7 @@ must add up to its metrics, and MAE's shipped decoder must rebuild images with i
 """
 
 import hashlib
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -27,6 +28,10 @@ from vitssl_core.mae import MAE, decoder_state_dict
 from vitssl_core.pretrained import PRETRAINED
 
 ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("ship_checkpoint", ROOT / "scripts" / "ship_checkpoint.py")
+ship_checkpoint = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ship_checkpoint)
+recipe_changes = ship_checkpoint.recipe_changes  # one rule for the script that writes a card and the guard here
 FOLDER = PRETRAINED  # the cards shipped inside the package
 CARDS = sorted(FOLDER.glob("*.json"))
 WEIGHTED = [c for c in CARDS if json.loads(c.read_text()).get("weights")]
@@ -54,23 +59,6 @@ def test_every_recipe_and_baseline_is_shipped():
     assert cards == (recipes - IN_TRAINING) | {"random", "random_p4", "pixels"}  # baselines: no recipe
 
 
-# Settings of a recipe that say where and how a run logs, not what it learns.
-# (and the kNN monitor's settings: what a run watches, not what it learns)
-RECIPE_IGNORED = {"out", "progress", "checkpoint_every", "log_every", "precision", "knn_every", "knn_val", "knn_train"}
-RECIPE_OTHER = {"method", "dataset", "model", "method_args", "model_args"}  # compared otherwise, or not per run
-
-
-def recipe_changes(card: dict, recipe: dict) -> list[str]:
-    """The settings ``recipe`` (a configs/results/NAME.yaml, parsed) sets otherwise than the run of ``card``.
-
-    A setting the card lacks counts as changed: the code of the time had no such setting.
-    """
-    ran = {**card["train_config"], "lr": card["train_config"]["blr"], **(card["method_args"] or {})}
-    wanted = {k: v for k, v in recipe.items() if k not in RECIPE_IGNORED | RECIPE_OTHER}
-    wanted.update(recipe.get("method_args") or {})
-    return sorted(k for k, v in wanted.items() if k not in ran or ran[k] != v)
-
-
 TRAINED = [c for c in CARDS if _card(c)["method"] not in ("random", "pixels")]
 
 
@@ -84,7 +72,8 @@ def test_card_was_trained_with_todays_recipe(path):
     assert card["recipe"] == recipe_path.relative_to(ROOT).as_posix(), card["recipe"]
     recipe = yaml.safe_load(recipe_path.read_text())
     assert recipe["method"] == card["method"], (recipe["method"], card["method"])
-    assert recipe_changes(card, recipe) == [], f"{path.stem}: trained with an earlier recipe"
+    assert recipe_changes(card, recipe) == {}, f"{path.stem}: trained with an earlier recipe"
+    assert not card.get("recipe_changes"), f"{path.stem}: the run overrode its recipe: {card['recipe_changes']}"
     # the model: the card's build has the recipe's patch size (7 unless the recipe says otherwise), and a
     # card that records its model arguments (every card shipped since they were) has exactly the recipe's
     assert card["model"]["patch_size"] == (recipe.get("model_args") or {}).get("patch_size", 7), path.stem
@@ -95,7 +84,7 @@ def test_card_was_trained_with_todays_recipe(path):
 def test_recipe_changes_names_what_changed():
     card = _card(FOLDER / "simclr.json")
     recipe = yaml.safe_load((ROOT / "configs" / "results" / "simclr.yaml").read_text())
-    assert recipe_changes(card, recipe) == []
+    assert recipe_changes(card, recipe) == {}
     edited = {
         **recipe,
         "epochs": card["train_config"]["epochs"] + 1,
@@ -104,7 +93,15 @@ def test_recipe_changes_names_what_changed():
         "log_every": 1,
         "method_args": {**(recipe.get("method_args") or {}), "temperature": 0.123},
     }
-    assert recipe_changes(card, edited) == ["brand_new", "epochs", "temperature", "warmup_epochs"]
+    assert recipe_changes(card, edited) == {
+        "brand_new": [1, None],
+        "epochs": [card["train_config"]["epochs"] + 1, card["train_config"]["epochs"]],
+        "temperature": [0.123, card["method_args"]["temperature"]],
+        "warmup_epochs": [99, card["train_config"]["warmup_epochs"]],
+    }
+    other = {**recipe, "method": "mocov3", "model_args": {"patch_size": 4}}
+    assert list(recipe_changes({**card, "model_args": {}}, other)) == ["method", "model_args"]
+    assert "model_args" not in recipe_changes({**card, "model_args": None}, other)  # not recorded: not compared
 
 
 def test_sizes_within_budget():

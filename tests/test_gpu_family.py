@@ -65,14 +65,21 @@ def test_a_pack_ships_as_a_card(family, tmp_path):
         tar.extractall(tmp_path / "unpacked", filter="data")
     card_dir = tmp_path / "cards"
     ship = [sys.executable, str(REPO / "scripts" / "ship_checkpoint.py"), str(tmp_path / "unpacked" / "mae")]
-    result = subprocess.run(
-        [*ship, "--name", "mae_gpu", "--out", str(card_dir), "--quick", "--finetune-epochs", "0", "--threads", "1"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    quick = ["--name", "mae_gpu", "--out", str(card_dir), "--quick", "--finetune-epochs", "0", "--threads", "1"]
+    # the folder is named mae, but configs/results/mae.yaml is the 16-token recipe: never recorded as this run's
+    refused = subprocess.run([*ship, *quick], capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "--recipe" in refused.stderr and "configs/results/mae.yaml" in refused.stderr
+    assert not (card_dir / "mae_gpu.json").exists()
+    recipe = REPO / "configs" / "gpu" / "mae.yaml"
+    result = subprocess.run([*ship, *quick, "--recipe", str(recipe)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     card = json.loads((card_dir / "mae_gpu.json").read_text())
+    assert (
+        card["recipe"] == "configs/gpu/mae.yaml" and card["command"] == "vitssl pretrain --config configs/gpu/mae.yaml"
+    )
+    # the tiny mode's overrides are on the card, each with the recipe's value and the run's
+    assert card["recipe_changes"]["batch_size"] == [yaml.safe_load(recipe.read_text())["batch_size"], 16]
+    assert card["recipe_changes"]["model_args"][1]["depth"] == 1
     assert card["model"]["patch_size"] == 4 and card["steps"] == 4 and card["model_args"]["patch_size"] == 4
     assert card["history"] == "mae_gpu_history.jsonl" and (card_dir / card["history"]).read_text().count("\n") >= 4
     check = card["knn_check"]  # a 49-token card stores the subset that CI re-measures (--quick: 1000 / 200)

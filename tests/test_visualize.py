@@ -235,10 +235,11 @@ def test_vitssl_show_draws_both_pictures(tmp_path, needs_fashion_mnist):
     shown = [
         ("attention", "dino"),
         ("attention", "simmim_p4"),
+        ("attention", "dino_p4"),
         ("reconstruction", str(CHECKPOINTS / "mae.safetensors")),
         ("reconstruction", "mae_p4"),
     ]
-    for kind, name in shown:  # simmim_p4, mae_p4: 7x7-grid cards, 49 tokens
+    for kind, name in shown:  # the _p4 cards: 7x7 grid, 49 tokens
         out = tmp_path / f"{kind}.png"
         done = _show(kind, "--checkpoint", name, "--image", str(image), "--out", str(out), cwd=tmp_path)
         assert done.returncode == 0, done.stderr
